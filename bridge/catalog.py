@@ -8,8 +8,8 @@ from dataclasses import dataclass
 __all__ = [
     "CATALOG",
     "CHANNEL_PATTERN",
-    "KNOWN_CHANNELS",
     "EXAMPLE_BINDINGS",
+    "KNOWN_CHANNELS",
     "EventSpec",
     "lookup",
     "metric_label",

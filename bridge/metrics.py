@@ -24,7 +24,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-class DisconnectReason(str, enum.Enum):
+class DisconnectReason(enum.StrEnum):
     """Why a stream connection ended (bounded label values)."""
 
     CLOSED = "closed"  # the server closed the WebSocket
@@ -35,7 +35,7 @@ class DisconnectReason(str, enum.Enum):
     SHUTDOWN = "shutdown"  # the bridge is stopping
 
 
-class PublishFailure(str, enum.Enum):
+class PublishFailure(enum.StrEnum):
     """Why a publish was not confirmed (bounded label values)."""
 
     NACK = "nack"

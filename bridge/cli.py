@@ -1,0 +1,257 @@
+"""The ``orangepill-bridge`` command line: arguments become settings, then the app runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from bridge import __version__
+from bridge.catalog import CATALOG, EXAMPLE_BINDINGS
+from bridge.config import Settings, add_arguments, load_settings
+from bridge.errors import ConfigError
+from bridge.logs import setup_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("bridge.cli")
+
+_BROKER_ONLY = ("amqp_url", "exchange", "unroutable", "log_format", "log_level")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orangepill-bridge",
+        description="Republish the Orangepill notification stream to a RabbitMQ topic exchange.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the bridge (the main job)")
+    add_arguments(run)
+
+    from bridge.simulator import add_simulate_arguments
+
+    simulate = sub.add_parser("simulate", help="serve a fake Orangepill stream on ws://127.0.0.1:8765")
+    add_simulate_arguments(simulate)
+
+    demo = sub.add_parser(
+        "demo", help="simulator + bridge + live tail in one process, against the AMQP URL given"
+    )
+    add_arguments(demo, only=(*_BROKER_ONLY, "metrics_addr", "spool"))
+    demo.add_argument("--rate", type=float, default=5.0, help="simulated events per second [5]")
+    demo.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds (0 = Ctrl-C)")
+
+    tail = sub.add_parser("tail", help="bind a temporary queue to the exchange and print events live")
+    tail.add_argument("patterns", nargs="*", default=["#"], metavar="PATTERN", help="binding keys [#]")
+    tail.add_argument("--json", action="store_true", help="print each message body as received")
+    add_arguments(tail, only=_BROKER_ONLY)
+
+    events = sub.add_parser("events", help="list the documented events and example binding patterns")
+    events.add_argument("--infobip", action="store_true", help="only events that need the Infobip extension")
+
+    check = sub.add_parser(
+        "check", help="pre-flight: stream reachable, realm key accepted, broker reachable, topology declared"
+    )
+    add_arguments(check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command: str = args.command
+    if command == "events":
+        return _events(args)
+    try:
+        if command == "simulate":
+            return _simulate(args)
+        settings = load_settings(args, require_realm=command in ("run", "check"))
+    except ConfigError as exc:
+        print(f"orangepill-bridge {command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format, settings.secrets)
+    if command == "run":
+        from bridge.app import run_bridge
+
+        return _run_until_signal(lambda stop: run_bridge(settings, stop))
+    if command == "demo":
+        return _run_until_signal(lambda stop: _demo(settings, args, stop))
+    if command == "tail":
+        return _run_until_signal(lambda stop: _tail(settings, args.patterns, args.json, stop))
+    if command == "check":
+        return _run_until_signal(lambda stop: _check(settings))
+    parser.error(f"unknown command {command}")  # pragma: no cover - argparse rejects it first
+    return 2  # pragma: no cover
+
+
+def _run_until_signal(factory: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run a coroutine with SIGTERM/SIGINT setting its stop event (a second signal forces exit)."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.error("second signal: exiting at once")
+                os._exit(1)
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        return await factory(stop)
+
+    return _asyncio_run(runner())
+
+
+def _asyncio_run(coro: Awaitable[int]) -> int:
+    async def wrap() -> int:
+        return await coro
+
+    if os.environ.get("BRIDGE_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(wrap())
+    return asyncio.run(wrap())
+
+
+def _events(args: argparse.Namespace) -> int:
+    width = max(len(spec.name) for spec in CATALOG)
+    for spec in CATALOG:
+        if args.infobip and not spec.infobip:
+            continue
+        mark = "*" if spec.infobip else " "
+        print(f"{spec.name:<{width}} {mark} {spec.description}")
+    print("\n* needs the Infobip extension. CHANNEL is sms, whatsapp, html or any other enabled channel.")
+    print("\nExample binding patterns (routing key = event name):")
+    for pattern, meaning in EXAMPLE_BINDINGS:
+        print(f"  {pattern:<16} {meaning}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from bridge.simulator import config_from_args, serve
+
+    config = config_from_args(args)
+    setup_logging(os.environ.get("BRIDGE_LOG_LEVEL", "INFO"), os.environ.get("BRIDGE_LOG_FORMAT", "auto"))
+
+    async def go(stop: asyncio.Event) -> int:
+        await serve(config, stop)
+        return 0
+
+    return _run_until_signal(go)
+
+
+async def _demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """Simulator + bridge + tail in one process: the whole product on one screen."""
+    from dataclasses import replace
+
+    from bridge.app import run_bridge
+    from bridge.config import Realm
+    from bridge.simulator import Simulator, SimulatorConfig
+
+    key = "demo-realm-key"
+    sim = Simulator(SimulatorConfig(port=0, realm_keys=(key,), rate=args.rate))
+    await sim.start()
+    spool = settings.spool
+    if args.spool is None and not os.environ.get("BRIDGE_SPOOL"):
+        spool = os.path.join(tempfile.gettempdir(), f"orangepill-bridge-demo-{os.getpid()}.db")
+    demo_settings = replace(
+        settings,
+        stream_url=sim.url,
+        realms=(Realm(label="demo", key=key),),
+        spool=spool,
+        metrics_addr=settings.metrics_addr if args.metrics_addr else "127.0.0.1:9180",
+    )
+    print(
+        f"demo: simulator on {sim.url}, bridge -> {settings.exchange} on the broker, "
+        f"metrics on http://{demo_settings.metrics_addr}/metrics. Ctrl-C stops.",
+        file=sys.stderr,
+    )
+    bridge_stop = asyncio.Event()
+    bridge = asyncio.create_task(run_bridge(demo_settings, bridge_stop))
+    tail_stop = asyncio.Event()
+    tail = asyncio.create_task(_tail(settings, ["#"], False, tail_stop))
+    try:
+        if args.seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=args.seconds)
+        else:
+            stop_wait = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({stop_wait, bridge}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+    finally:
+        bridge_stop.set()
+        code = await bridge
+        tail_stop.set()
+        with contextlib.suppress(Exception):
+            await tail
+        await sim.stop()
+    print(f"demo: simulator sent {len(sim.sent)} events", file=sys.stderr)
+    return code
+
+
+async def _tail(settings: Settings, patterns: Sequence[str], raw: bool, stop: asyncio.Event) -> int:
+    """Print every event matching the patterns until stopped (the Event Stream Explorer, on RabbitMQ)."""
+    import aio_pika
+    import orjson
+
+    from bridge.publisher import declare_topology
+
+    try:
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    except Exception as exc:
+        print(f"tail: cannot reach the broker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    async with connection:
+        channel, exchange, _ = await declare_topology(connection, settings, confirms=False)
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        for pattern in patterns:
+            await queue.bind(exchange, routing_key=pattern)
+        print(f"tail: bound to {settings.exchange} with {', '.join(patterns)}", file=sys.stderr)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                if raw:
+                    print(message.body.decode("utf-8", "replace"), flush=True)
+                    return
+                headers: dict[str, Any] = dict(message.headers or {})
+                try:
+                    body = orjson.loads(message.body)
+                    data = body.get("data") if isinstance(body, dict) else None
+                except orjson.JSONDecodeError:
+                    data = None
+                stamp = time.strftime("%H:%M:%S")
+                print(
+                    f"{stamp} {message.routing_key:<28} data={data!s:<26} realm={headers.get('realm')} "
+                    f"id={(message.message_id or '')[:12]}",
+                    flush=True,
+                )
+
+        await queue.consume(on_message)
+        await stop.wait()
+    return 0
+
+
+async def _check(settings: Settings) -> int:
+    """Pre-flight: each step prints one line; exit 0 when all pass."""
+    from bridge.preflight import preflight
+
+    return await preflight(settings)

@@ -1,0 +1,82 @@
+"""Logging set-up: JSON lines off a terminal, readable text on one, secrets scrubbed."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from bridge.protocol import redact
+
+__all__ = ["setup_logging"]
+
+_STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class _Scrub(logging.Filter):
+    """Last line of defence: no realm key or password leaves through a log line."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        super().__init__()
+        self._secrets = tuple(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = record.getMessage()
+            scrubbed = redact(message, self._secrets)
+            if scrubbed != message:
+                record.msg, record.args = scrubbed, None
+            if record.exc_info and record.exc_info[1] is not None:
+                text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+                record.exc_text = redact(text, self._secrets)
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STD_ATTRS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup_logging(level: str = "INFO", fmt: str = "auto", secrets: tuple[str, ...] = ()) -> None:
+    """Configure the root logger once for the process.
+
+    Args:
+        level: DEBUG, INFO, WARNING or ERROR.
+        fmt: ``json``, ``text`` or ``auto`` (text when stderr is a terminal).
+        secrets: strings scrubbed from every record.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    if use_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    handler.addFilter(_Scrub(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Library chatter at INFO would be one line per reconnect attempt; ours says it once.
+    for noisy in ("aio_pika", "aiormq", "websockets", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,409 @@
+"""The RabbitMQ side: topology, and publishing from the spool with pipelined confirms.
+
+A message leaves the spool only when RabbitMQ confirmed it. Anything else (a
+nack, a timeout, a channel closed by a broker outage) puts it back for a retry.
+Reconnection is aio-pika's robust connection; this module only adds the
+first-connect retry (``connect_robust`` raises when the broker is down at start)
+and the gate that stops publishing while the link is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractRobustConnection,
+    DeliveryMode,
+    ExchangeType,
+)
+from aiormq.abc import DeliveredMessage
+
+from bridge.catalog import metric_labels
+from bridge.config import Settings, redact_url
+from bridge.errors import TopologyError
+from bridge.metrics import Metrics, PublishFailure
+from bridge.protocol import KIND_EVENT, Outbound
+from bridge.stream import Backoff
+
+__all__ = ["MessageSource", "Publisher", "Topology", "build_message"]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_POLL_INTERVAL = 10.0
+_APP_ID = "orangepill-bridge"
+
+
+class Spooled(Protocol):
+    """A message handed out by the spool: its spool id and the message."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def msg(self) -> Outbound: ...
+
+
+class MessageSource(Protocol):
+    """The spool, as the publisher sees it."""
+
+    async def get_batch(self, max_n: int) -> list[Any]:
+        """Wait for committed messages and hand out up to ``max_n`` in order."""
+
+    def ack(self, ids: Iterable[int]) -> None:
+        """Confirmed: remove for good."""
+
+    def release(self, items: Iterable[Any]) -> None:
+        """Not confirmed: hand out again first."""
+
+
+class Topology:
+    """Names of everything the bridge declares on RabbitMQ."""
+
+    def __init__(self, exchange: str) -> None:
+        self.exchange = exchange
+        self.unrouted = f"{exchange}.unrouted"
+        self.quarantine = f"{exchange}.quarantine"
+
+
+def build_message(msg: Outbound) -> aio_pika.Message:
+    """The AMQP message of the contract: persistent, JSON, deterministic message_id."""
+    is_event = msg.kind == KIND_EVENT
+    return aio_pika.Message(
+        msg.body,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        content_type="application/json" if is_event else "text/plain",
+        content_encoding="utf-8",
+        message_id=msg.message_id,
+        timestamp=datetime.fromtimestamp(msg.received_at, tz=UTC),
+        type=msg.routing_key if is_event else "quarantine",
+        app_id=_APP_ID,
+        headers=dict(msg.headers),
+    )
+
+
+async def declare_topology(
+    connection: AbstractConnection, settings: Settings, *, confirms: bool
+) -> tuple[AbstractChannel, AbstractExchange, bool]:
+    """Declare the exchange, the quarantine queue and (with ``keep``) the alternate exchange and queue.
+
+    Returns:
+        The channel to publish on, the topic exchange, and whether the
+        alternate exchange is attached (False when the exchange already existed
+        without it: returned events are then moved to the unrouted queue by us).
+
+    Raises:
+        TopologyError: the exchange cannot be used at all.
+    """
+    names = Topology(settings.exchange)
+    keep = settings.unroutable == "keep"
+    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=False)
+    await channel.declare_queue(names.quarantine, durable=True)
+    arguments: dict[str, Any] = {}
+    if keep:
+        unrouted_x = await channel.declare_exchange(names.unrouted, ExchangeType.FANOUT, durable=True)
+        unrouted_q = await channel.declare_queue(names.unrouted, durable=True)
+        await unrouted_q.bind(unrouted_x)
+        arguments["alternate-exchange"] = names.unrouted
+    try:
+        exchange = await channel.declare_exchange(
+            names.exchange, ExchangeType.TOPIC, durable=True, arguments=arguments or None
+        )
+        return channel, exchange, keep
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        # The exchange exists with other arguments (no alternate exchange, or another type).
+        log.warning(
+            "exchange %s already exists with different arguments; using it as it is. Unroutable "
+            "events are still kept: the bridge publishes with mandatory and moves returned events "
+            "to queue %s itself. To attach the alternate exchange on the broker instead, use a "
+            "policy: rabbitmqctl set_policy AE '^%s$' '{\"alternate-exchange\":\"%s\"}' "
+            "--apply-to exchanges",
+            names.exchange, names.unrouted, names.exchange.replace(".", "\\."), names.unrouted,
+        )  # fmt: skip
+    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=False)
+    try:
+        exchange = await channel.get_exchange(names.exchange, ensure=True)
+    except aiormq.exceptions.AMQPError as exc:
+        raise TopologyError(f"exchange {names.exchange} cannot be used: {_describe(exc)}") from None
+    return channel, exchange, False
+
+
+class Publisher:
+    """Moves messages from the spool to RabbitMQ with a window of unconfirmed publishes."""
+
+    def __init__(self, settings: Settings, source: MessageSource, metrics: Metrics) -> None:
+        self._settings = settings
+        self._source = source
+        self._metrics = metrics
+        self.topology = Topology(settings.exchange)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._default: AbstractExchange | None = None
+        self._alternate_active = False
+        self._up = asyncio.Event()
+        self._window = asyncio.Semaphore(settings.confirm_window)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._failure_pause = 0.0
+        self._published = {label: metrics.events_published.labels(label) for label in metric_labels()}
+        self._failures = {f: metrics.publish_failures.labels(f.value) for f in PublishFailure}
+        self.last_error = "not connected yet"
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection and channel are open."""
+        return self._up.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes awaiting a confirm."""
+        return len(self._in_flight)
+
+    # -- connection ---------------------------------------------------------------
+
+    async def connect(self, stop: asyncio.Event) -> bool:
+        """Connect (retrying with backoff while the broker is down) and declare the topology.
+
+        Returns:
+            False when ``stop`` was set before a connection was made.
+
+        Raises:
+            TopologyError: RabbitMQ refused the layout in a way a retry cannot fix.
+        """
+        backoff = Backoff(self._settings.reconnect_min, self._settings.reconnect_max, float("inf"))
+        url = self._settings.amqp_url
+        while not stop.is_set():
+            try:
+                connection = await aio_pika.connect_robust(
+                    url,
+                    reconnect_interval=1.0,
+                    client_properties={"connection_name": _APP_ID},
+                    timeout=10,
+                )
+            except (aiormq.exceptions.AMQPError, OSError, ConnectionError, TimeoutError) as exc:
+                delay = backoff.next_delay(None)
+                self.last_error = f"broker unreachable at {redact_url(url)}: {_describe(exc)}"
+                log.warning("broker down: %s; retrying in %.1fs", self.last_error, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                continue
+            self._connection = connection
+            connection.close_callbacks.add(self._on_connection_lost)
+            connection.reconnect_callbacks.add(self._on_reconnected)
+            try:
+                await self._declare(connection)
+            except BaseException:
+                await connection.close()
+                raise
+            self._metrics.amqp_connects.inc()
+            self._set_up(True)
+            log.info(
+                "broker up url=%s exchange=%s alternate_exchange=%s",
+                redact_url(url), self.topology.exchange, self._alternate_active,
+            )  # fmt: skip
+            return True
+        return False
+
+    async def _declare(self, connection: AbstractRobustConnection) -> None:
+        channel, exchange, alternate = await declare_topology(connection, self._settings, confirms=True)
+        self._channel, self._exchange, self._alternate_active = channel, exchange, alternate
+        self._default = channel.default_exchange
+
+    def _set_up(self, up: bool) -> None:
+        if up:
+            self._up.set()
+            self.last_error = ""
+        else:
+            self._up.clear()
+        self._metrics.amqp_connected.set(1 if up else 0)
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
+        if self._up.is_set():
+            self.last_error = f"broker connection lost: {_describe(exc) if exc else 'closed'}"
+            log.warning("broker down: %s; aio-pika reconnects every 1s", self.last_error)
+        self._set_up(False)
+
+    def _on_reconnected(self, _sender: object) -> None:
+        self._metrics.amqp_connects.inc()
+        self._set_up(True)
+        log.info("broker up again url=%s", redact_url(self._settings.amqp_url))
+
+    # -- publishing ---------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish from the spool until ``stop`` is set (the caller then calls ``drain``)."""
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                if not self._up.is_set():
+                    await _first(self._up.wait(), stop_wait)
+                    continue
+                if self._failure_pause:
+                    await _first(asyncio.sleep(self._failure_pause), stop_wait)
+                    if stop.is_set():
+                        break
+                await _first(self._window.acquire(), stop_wait)
+                if stop.is_set():
+                    break
+                free = 1 + _free_slots(self._window)
+                get = asyncio.ensure_future(self._source.get_batch(free))
+                await _first(get, stop_wait)
+                if not get.done():
+                    get.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await get
+                    self._window.release()
+                    break
+                batch = get.result()
+                # One slot is held already; take one more per extra message (free by construction).
+                for _ in batch[1:]:
+                    await self._window.acquire()
+                for item in batch:
+                    task = asyncio.create_task(self._publish(item))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
+                if not batch:
+                    self._window.release()
+        finally:
+            stop_wait.cancel()
+
+    async def _publish(self, item: Spooled) -> None:
+        msg = item.msg
+        exchange = self._exchange
+        failure: PublishFailure | None = None
+        try:
+            if exchange is None or self._default is None:
+                raise ConnectionError("not connected")
+            if msg.kind == KIND_EVENT:
+                result = await exchange.publish(
+                    build_message(msg),
+                    msg.routing_key,
+                    mandatory=True,
+                    timeout=self._settings.publish_timeout,
+                )
+                if isinstance(result, DeliveredMessage):
+                    # Returned: no queue and no alternate exchange took it.
+                    self._metrics.events_unroutable.inc()
+                    if self._settings.unroutable == "keep":
+                        await self._keep_unrouted(msg)
+            else:
+                await self._default.publish(
+                    build_message(msg),
+                    self.topology.quarantine,
+                    mandatory=True,
+                    timeout=self._settings.publish_timeout,
+                )
+                self._metrics.events_quarantined.inc()
+        except aiormq.exceptions.DeliveryError:
+            failure = PublishFailure.NACK
+        except TimeoutError:
+            failure = PublishFailure.TIMEOUT
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError):
+            failure = PublishFailure.CHANNEL
+        except asyncio.CancelledError:
+            self._source.release([item])
+            raise
+        finally:
+            self._window.release()
+        if failure is not None:
+            self._failures[failure].inc()
+            self._failure_pause = min(5.0, max(0.05, self._failure_pause * 2))
+            self._source.release([item])
+            return
+        self._failure_pause = 0.0
+        self._source.ack([item.id])
+        self._metrics.publish_latency.observe(max(0.0, time.time() - msg.received_at))
+        if msg.kind == KIND_EVENT:
+            child = self._published.get(msg.label)
+            if child is None:
+                child = self._published[msg.label] = self._metrics.events_published.labels(msg.label)
+            child.inc()
+
+    async def _keep_unrouted(self, msg: Outbound) -> None:
+        """Move a returned event to the unrouted queue, keeping its original routing key."""
+        if self._default is None:
+            raise ConnectionError("not connected")
+        message = build_message(msg)
+        message.headers = {**(message.headers or {}), "original_routing_key": msg.routing_key}
+        result = await self._default.publish(
+            message, self.topology.unrouted, mandatory=True, timeout=self._settings.publish_timeout
+        )
+        if isinstance(result, DeliveredMessage):
+            raise aiormq.exceptions.DeliveryError(None, None)  # type: ignore[arg-type]
+
+    async def drain(self, grace: float) -> int:
+        """Wait for outstanding confirms; what is still unconfirmed stays in the spool.
+
+        Returns:
+            How many publishes were still unconfirmed when the timeout ran out.
+        """
+        pending = set(self._in_flight)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+            return len(still)
+        return 0
+
+    async def close(self) -> None:
+        """Close the RabbitMQ connection."""
+        connection = self._connection
+        self._connection = None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        self._set_up(False)
+
+    async def poll_queues(self, stop: asyncio.Event) -> None:
+        """Export the depth of the unrouted and quarantine queues, on a channel of its own."""
+        names = (self.topology.unrouted, self.topology.quarantine)
+        while not stop.is_set():
+            if self._up.is_set() and self._connection is not None:
+                try:
+                    channel = await self._connection.channel()
+                    try:
+                        for name in names:
+                            if name == self.topology.unrouted and self._settings.unroutable != "keep":
+                                continue
+                            queue = await channel.declare_queue(name, passive=True)
+                            count = queue.declaration_result.message_count or 0
+                            self._metrics.queue_depth.labels(name.rsplit(".", 1)[1]).set(count)
+                    finally:
+                        await channel.close()
+                except Exception:  # a depth gauge must never take the bridge down
+                    log.debug("queue depth poll failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=_QUEUE_POLL_INTERVAL)
+
+
+def _free_slots(semaphore: asyncio.Semaphore) -> int:
+    return max(0, semaphore._value)
+
+
+async def _first(awaitable: Any, stop_wait: asyncio.Task[Any]) -> None:
+    """Wait for ``awaitable`` or for stop, whichever comes first (the other keeps running)."""
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
