@@ -40,10 +40,8 @@ class Bridge:
         reasons: list[str] = []
         for label, subscribed in self.state.subscribed.items():
             if not subscribed:
-                connected = self.state.connected.get(label, False)
-                reasons.append(
-                    f"realm {label} not subscribed ({'connected, awaiting answer' if connected else 'stream disconnected'})"
-                )
+                why = "awaiting answer" if self.state.connected.get(label) else "stream disconnected"
+                reasons.append(f"realm {label} not subscribed ({why})")
         if not self.publisher.connected:
             reasons.append(f"broker not connected: {self.publisher.last_error or 'connecting'}")
         if self.spool.full:
@@ -74,7 +72,9 @@ class Bridge:
                 raise ConfigError(
                     f"--metrics-addr {settings.metrics_addr}: cannot listen ({exc.strerror or exc})"
                 ) from None
-        streams = [asyncio.create_task(c.run(stream_stop), name=f"stream-{c.realm.label}") for c in self.clients]
+        streams = [
+            asyncio.create_task(c.run(stream_stop), name=f"stream-{c.realm.label}") for c in self.clients
+        ]
         publisher = asyncio.create_task(self._publish(publish_stop), name="publisher")
         poller = asyncio.create_task(self.publisher.poll_queues(publish_stop), name="queue-poll")
         stop_wait = asyncio.create_task(stop.wait(), name="stop")
@@ -155,7 +155,10 @@ async def run_bridge(
         log.error("%s", exc)
         return exc.exit_code
     if spool.depth:
-        log.info("spool %s holds %d events from an earlier run; publishing them first", settings.spool, spool.depth)
+        log.info(
+            "spool %s holds %d events from an earlier run; publishing them first",
+            settings.spool, spool.depth,
+        )  # fmt: skip
     bridge = Bridge(settings, metrics, spool)
     try:
         return await bridge.run(stop)

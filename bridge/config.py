@@ -209,7 +209,7 @@ def parse_realm(text: str) -> Realm:
     value = text.strip()
     label = ""
     head, sep, tail = value.partition("=")
-    if sep and tail and _LABEL.match(head):
+    if sep and tail.strip("=") and _LABEL.match(head):
         label, value = head, tail
     if not value:
         raise ValueError("a realm key is empty")

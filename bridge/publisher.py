@@ -155,6 +155,7 @@ class Publisher:
         self._window = asyncio.Semaphore(settings.confirm_window)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._failure_pause = 0.0
+        self._closing = False
         self._published = {label: metrics.events_published.labels(label) for label in metric_labels()}
         self._failures = {f: metrics.publish_failures.labels(f.value) for f in PublishFailure}
         self.last_error = "not connected yet"
@@ -228,7 +229,7 @@ class Publisher:
         self._metrics.amqp_connected.set(1 if up else 0)
 
     def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
-        if self._up.is_set():
+        if self._up.is_set() and not self._closing:
             self.last_error = f"broker connection lost: {_describe(exc) if exc else 'closed'}"
             log.warning("broker down: %s; aio-pika reconnects every 1s", self.last_error)
         self._set_up(False)
@@ -359,6 +360,7 @@ class Publisher:
 
     async def close(self) -> None:
         """Close the RabbitMQ connection."""
+        self._closing = True
         connection = self._connection
         self._connection = None
         if connection is not None and not connection.is_closed:

@@ -1,0 +1,138 @@
+"""Settings: flags > environment > TOML > defaults, validated once, secrets never shown."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from bridge.config import Settings, add_arguments, load_settings, parse_realm, redact_url
+from bridge.errors import ConfigError
+
+KEY = "c9d4744c-0eae-4457-a665-2c18b9ac132b"
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_match_the_design_table() -> None:
+    """The defaults are those of the design card."""
+    s = load_settings(_args("--realm-key", KEY), {})
+    assert s.stream_url == "wss://stream.orangepill.cloud"
+    assert s.amqp_url == "amqp://guest:guest@localhost:5672/"
+    assert s.exchange == "orangepill.events"
+    assert s.spool == "./bridge-spool.db"
+    assert s.metrics_addr == "0.0.0.0:9180"
+    assert s.ping_interval == 10.0
+
+
+def test_flag_beats_env_beats_file(tmp_path: Path) -> None:
+    """A flag overrides the environment, which overrides the TOML file."""
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text('exchange = "from.file"\nping_interval = 3\nrealm_keys = ["filekey"]\nspool = "memory"\n')
+    env = {"BRIDGE_EXCHANGE": "from.env", "BRIDGE_PING_INTERVAL": "4", "BRIDGE_CONFIG": str(cfg)}
+    s = load_settings(_args("--exchange", "from.flag"), env)
+    assert s.exchange == "from.flag"
+    assert s.ping_interval == 4.0
+    assert s.spool == "memory"
+    assert [r.key for r in s.realms] == ["filekey"]
+
+
+def test_env_realm_keys_are_comma_separated() -> None:
+    """ORANGEPILL_REALM_KEY holds several keys separated by commas, with optional labels."""
+    s = load_settings(None, {"ORANGEPILL_REALM_KEY": f"{KEY}, eu=other-key"})
+    assert [r.key for r in s.realms] == [KEY, "other-key"]
+    assert s.realms[1].label == "eu"
+    assert s.realms[0].label.startswith("fp-")
+
+
+def test_repeatable_realm_flag() -> None:
+    """--realm-key can be given several times."""
+    s = load_settings(_args("--realm-key", "a", "--realm-key", "b"), {})
+    assert [r.key for r in s.realms] == ["a", "b"]
+
+
+def test_missing_realm_key_names_the_setting() -> None:
+    """run without a realm key fails naming --realm-key and ORANGEPILL_REALM_KEY."""
+    with pytest.raises(ConfigError, match="ORANGEPILL_REALM_KEY"):
+        load_settings(None, {})
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"BRIDGE_PING_INTERVAL": "soon"}, "BRIDGE_PING_INTERVAL"),
+        ({"BRIDGE_PING_INTERVAL": "-1"}, "BRIDGE_PING_INTERVAL"),
+        ({"ORANGEPILL_STREAM_URL": "http://x"}, "ORANGEPILL_STREAM_URL"),
+        ({"BRIDGE_AMQP_URL": "redis://x"}, "BRIDGE_AMQP_URL"),
+        ({"BRIDGE_EXCHANGE": "amq.topic"}, "BRIDGE_EXCHANGE"),
+        ({"BRIDGE_METRICS_ADDR": "9180"}, "BRIDGE_METRICS_ADDR"),
+        ({"BRIDGE_SPOOL_MAX_BYTES": "lots"}, "BRIDGE_SPOOL_MAX_BYTES"),
+        ({"BRIDGE_CONFIRM_WINDOW": "0"}, "BRIDGE_CONFIRM_WINDOW"),
+        ({"BRIDGE_UNROUTABLE": "maybe"}, "BRIDGE_UNROUTABLE"),
+        ({"BRIDGE_CONFIG": "/nonexistent/bridge.toml"}, "--config"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], named: str) -> None:
+    """Each invalid value is refused with a message naming where it came from."""
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_settings(None, {"ORANGEPILL_REALM_KEY": KEY, **env})
+
+
+def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
+    """A typo in the config file is an error, not silently ignored."""
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text("exchnage = 'x'\n")
+    with pytest.raises(ConfigError, match="exchnage"):
+        load_settings(_args("--config", str(cfg), "--realm-key", KEY), {})
+
+
+def test_idle_timeout_must_exceed_ping_interval() -> None:
+    """An idle timeout not longer than the ping interval is refused."""
+    with pytest.raises(ConfigError, match="idle-timeout"):
+        load_settings(None, {"ORANGEPILL_REALM_KEY": KEY, "BRIDGE_IDLE_TIMEOUT": "5", "BRIDGE_PING_INTERVAL": "10"})
+
+
+def test_errors_and_repr_never_show_secrets() -> None:
+    """Neither the settings' repr, describe(), nor an error message shows a key or password."""
+    s = load_settings(None, {"ORANGEPILL_REALM_KEY": KEY, "BRIDGE_AMQP_URL": "amqp://u:hunter2@h:5672/"})
+    assert KEY not in repr(s) and "hunter2" not in repr(s)
+    assert KEY not in str(s.describe()) and "hunter2" not in str(s.describe())
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"ORANGEPILL_REALM_KEY": f"{KEY},{KEY}"})
+    assert KEY not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"ORANGEPILL_REALM_KEY": "bad key with spaces"})
+    assert "bad key" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"ORANGEPILL_REALM_KEY": KEY, "BRIDGE_AMQP_URL": "amqp://u:hunter2@h:notaport/"})
+    assert "hunter2" not in str(info.value)
+
+
+def test_sizes_accept_units() -> None:
+    """Spool sizes accept units such as GiB and MB."""
+    s = load_settings(None, {"ORANGEPILL_REALM_KEY": KEY, "BRIDGE_SPOOL_MAX_BYTES": "2GiB"})
+    assert s.spool_max_bytes == 2 * 1024**3
+
+
+def test_realm_label_parsing() -> None:
+    """LABEL=KEY gives a label; a bare key gets its fingerprint as label."""
+    assert parse_realm("eu=abc").label == "eu"
+    assert parse_realm("abc").label.startswith("fp-")
+    assert parse_realm("YWJj==").key == "YWJj=="  # base64 padding is part of the key
+
+
+def test_redact_url_hides_password() -> None:
+    """redact_url hides the password and keeps the rest."""
+    assert redact_url("amqp://guest:guest@localhost:5672/") == "amqp://guest:***@localhost:5672/"
+
+
+def test_settings_is_frozen() -> None:
+    """Settings cannot be changed after start."""
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.exchange = "x"  # type: ignore[misc]

@@ -1,0 +1,252 @@
+"""End to end: the simulator on loopback, the bridge, the real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from bridge.catalog import metric_label
+from bridge.protocol import key_fingerprint, message_id
+from bridge.spool import Spool
+from tests.conftest import (
+    KEY,
+    BridgeProcess,
+    bind_queue,
+    bridge_settings,
+    collect,
+    process_args,
+    queue_of,
+    running_bridge,
+    seqs,
+    simulator,
+    wait_until,
+)
+
+pytestmark = pytest.mark.broker
+
+
+async def test_binding_receives_exactly_its_events_in_order(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """A queue bound to transaction.# gets exactly the transaction events, in order; one bound to # gets all."""
+    async with simulator(rate=0, count=300) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        tx = await bind_queue(amqp, settings, "transaction.#")
+        every = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_sent(300, timeout=30)
+            all_msgs = await collect(every, 300, timeout=30, settle=0.3)
+            expected_tx = [e.seq for e in sim.sent if e.event.startswith("transaction.")]
+            tx_msgs = await collect(tx, len(expected_tx), timeout=10, settle=0.3)
+            assert await bridge.finish() == 0
+    assert seqs(all_msgs) == [e.seq for e in sim.sent]
+    assert expected_tx, "the simulator sent no transaction events"
+    assert seqs(tx_msgs) == expected_tx
+    assert all(m.routing_key is not None and m.routing_key.startswith("transaction.") for m in tx_msgs)
+
+
+async def test_message_contract(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """Body, routing key, message_id, persistence, properties and headers follow the contract."""
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            sent = await sim.send_event("deposit.received", "63967141191e9023f356df9f", timestamp="162553625262")
+            (msg,) = await collect(queue, 1, timeout=10)
+            assert await bridge.finish() == 0
+    body = orjson.loads(msg.body)
+    assert msg.routing_key == "deposit.received"
+    assert body["type"] == "notification"
+    assert (body["event"], body["data"], body["timestamp"]) == ("deposit.received", sent.data, "162553625262")
+    assert msg.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert msg.content_type == "application/json"
+    assert msg.type == "deposit.received"
+    assert msg.app_id == "orangepill-bridge"
+    assert msg.timestamp is not None
+    assert msg.message_id == message_id(key_fingerprint(KEY), "deposit.received", sent.data, "162553625262")
+    headers = dict(msg.headers or {})
+    assert headers["realm"] == "test"
+    assert headers["entity_id"] == sent.data
+    assert abs(int(headers["received_at"]) - time.time() * 1000) < 60_000  # type: ignore[call-overload]
+    everything = repr(msg.properties) + repr(headers) + msg.body.decode()
+    assert KEY not in everything
+
+
+async def test_nested_and_flat_envelopes_give_the_same_message(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """The same event in the flat and the nested envelope produces the same body and message_id."""
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            await sim.send_raw('{"type":"notification","event":"account.created","data":"abc","timestamp":"1700000000000"}')
+            await sim.send_raw(
+                '{"type":"notification","data":{"event":"account.created","data":"abc","timestamp":"1700000000000"}}'
+            )
+            flat, nested = await collect(queue, 2, timeout=10)
+            assert await bridge.finish() == 0
+    assert flat.body == nested.body
+    assert flat.message_id == nested.message_id
+    assert flat.routing_key == nested.routing_key == "account.created"
+
+
+async def test_name_outside_catalogue_is_routed(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """An event name the seed does not list (its own example's transaction.processed) is still routed."""
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "transaction.*")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            await sim.send_event("transaction.processed", "63967141191e9023f356df9f")
+            (msg,) = await collect(queue, 1, timeout=10)
+            await wait_until(lambda: bridge.metric("orangepill_bridge_events_received_total", {"event": "other"}) == 1)
+            assert bridge.metric("orangepill_bridge_events_received_total", {"event": "other"}) == 1
+            assert await bridge.finish() == 0
+    assert msg.routing_key == "transaction.processed"
+    assert metric_label("transaction.processed") == "other"
+
+
+async def test_rejected_realm_key_exits_2_without_showing_the_key(exchange_name: str) -> None:
+    """A key the stream refuses makes run exit 2 within seconds, and its output never shows the key."""
+    async with simulator(realm_keys=("some-other-key",)) as sim:
+        proc = BridgeProcess(process_args(sim.url, exchange_name, "memory"))
+        try:
+            started = time.monotonic()
+            code = await asyncio.to_thread(proc.wait, 20)
+            elapsed = time.monotonic() - started
+            out = proc.output()
+        finally:
+            proc.close()
+        assert sim.rejected >= 1
+        assert sim.subscribes == 0
+    assert code == 2, out
+    assert elapsed < 15
+    assert "Invalid Realm Key" in out
+    assert "rejected the realm key" in out
+    assert KEY not in out
+    assert sim.connections == 1, "a rejected key must not be retried"
+
+
+async def test_reconnects_and_resubscribes_after_drops(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """When the server drops the link mid-stream the bridge reconnects, resubscribes, and every event arrives."""
+    async with simulator(rate=500, count=400, drop_every=60) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_sent(400, timeout=60)
+            msgs = await collect(queue, 400, timeout=30, settle=0.3)
+            assert sim.subscribes >= 6
+            assert bridge.metric("orangepill_bridge_stream_connects_total") >= 6
+            assert bridge.metric("orangepill_bridge_stream_disconnects_total", {"reason": "closed"}) >= 6
+            assert await bridge.finish() == 0
+    assert sorted(set(seqs(msgs))) == list(range(1, 401))
+
+
+async def test_silent_link_is_detected_and_redialled(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """A link that goes silent (no frames, no pongs) is dropped after the idle timeout and redialled."""
+    async with simulator(rate=50, count=0, silent_after=20) as sim:
+        settings = bridge_settings(sim.url, exchange_name, ping_interval=0.3, idle_timeout=1.5)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(3, timeout=30)
+            assert bridge.metric("orangepill_bridge_stream_disconnects_total", {"reason": "silent"}) >= 1
+            sim.pause()
+            n = len(sim.sent)
+            msgs = await collect(queue, n, timeout=20, settle=0.3)
+            assert await bridge.finish() == 0
+    assert sorted(set(seqs(msgs))) == [e.seq for e in sim.sent]
+
+
+async def test_unroutable_event_is_kept(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """An event no queue is bound to ends up in <exchange>.unrouted, not dropped."""
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        bound = await bind_queue(amqp, settings, "deposit.#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            await sim.send_event("currency.issued", "c0ffee00c0ffee00c0ffee00")
+            await sim.send_event("deposit.received", "d0d0d0d0d0d0d0d0d0d0d0d0")
+            got = await collect(bound, 1, timeout=10)
+            unrouted = await queue_of(amqp, f"{exchange_name}.unrouted")
+            kept = await collect(unrouted, 1, timeout=10)
+            assert await bridge.finish() == 0
+    assert [m.routing_key for m in got] == ["deposit.received"]
+    assert [m.routing_key for m in kept] == ["currency.issued"]
+    assert orjson.loads(kept[0].body)["data"] == "c0ffee00c0ffee00c0ffee00"
+
+
+async def test_existing_exchange_without_alternate_still_keeps_unroutable(
+    amqp: AbstractRobustConnection, exchange_name: str
+) -> None:
+    """If the exchange already exists without an alternate exchange, returned events still reach .unrouted."""
+    channel = await amqp.channel()
+    await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            await sim.send_event("alias.deleted", "a11a5a11a5a11a5a11a5a11a")
+            await wait_until(lambda: bridge.metric("orangepill_bridge_events_unroutable_total") >= 1)
+            unrouted = await queue_of(amqp, f"{exchange_name}.unrouted")
+            kept = await collect(unrouted, 1, timeout=10)
+            assert bridge.metric("orangepill_bridge_events_unroutable_total") == 1
+            assert await bridge.finish() == 0
+    assert len(kept) == 1
+    assert dict(kept[0].headers or {})["original_routing_key"] == "alias.deleted"
+
+
+async def test_malformed_frames_are_quarantined_and_bridge_lives(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """Malformed frames land in <exchange>.quarantine with a reason, and valid events keep flowing."""
+    async with simulator(rate=0, count=50, malformed_every=10) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_sent(50)
+            events = await collect(queue, 50, timeout=20)
+            quarantine = await queue_of(amqp, f"{exchange_name}.quarantine")
+            bad = await collect(quarantine, len(sim.malformed), timeout=20, settle=0.3)
+            rejected = sum(
+                bridge.metric("orangepill_bridge_events_rejected_total", {"reason": r})
+                for r in ("bad_json", "not_object", "missing_event", "invalid_routing_key", "oversize")
+            )
+            assert not bridge.task.done()
+            assert await bridge.finish() == 0
+    assert sorted(seqs(events)) == list(range(1, 51))
+    assert len(sim.malformed) >= 4
+    assert len(bad) == len(sim.malformed) == rejected
+    assert sorted(m.body.decode() for m in bad) == sorted(frame for _, frame in sim.malformed)
+    reasons = {dict(m.headers or {})["reason"] for m in bad}
+    assert {"bad_json", "missing_event", "invalid_routing_key", "not_object"} <= reasons
+
+
+async def test_sigterm_exits_0_with_nothing_outstanding(amqp: AbstractRobustConnection, exchange_name: str, tmp_path: Path) -> None:
+    """SIGTERM unsubscribes, waits for confirms and exits 0; every event read is on RabbitMQ, the spool empty."""
+    spool = tmp_path / "spool.db"
+    async with simulator(rate=200, count=0) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "#")
+        proc = BridgeProcess(process_args(sim.url, exchange_name, str(spool)))
+        try:
+            await sim.wait_sent(200, timeout=30)
+            proc.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 30)
+            out = proc.output()
+        finally:
+            proc.close()
+        assert sim.unsubscribes == 1
+        sim.pause()
+        sent = [e.seq for e in sim.sent]
+    msgs = await collect(queue, len(sent), timeout=20, settle=0.3)
+    assert code == 0, out
+    assert sorted(set(seqs(msgs))) == sent
+    reopened = await Spool.open(str(spool))
+    try:
+        assert reopened.depth == 0
+    finally:
+        await reopened.close()
