@@ -135,6 +135,7 @@ class Notification:
     timestamp: Timestamp
     body: bytes
     shape: Literal["flat", "nested"]
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def entity_id(self) -> str | None:
@@ -270,7 +271,9 @@ def _notification(obj: dict[str, Any]) -> Notification:
         body = orjson.dumps(flat)
     except TypeError as exc:  # pragma: no cover - orjson.loads output always dumps
         raise ProtocolError("bad_json", _short(str(exc))) from None
-    return Notification(event=event, data=data, timestamp=_ts(timestamp), body=body, shape=shape)
+    return Notification(
+        event=event, data=data, timestamp=_ts(timestamp), body=body, shape=shape, extra=dict(extras)
+    )
 
 
 def validate_routing_key(name: str) -> str:
@@ -335,12 +338,19 @@ def _norm_ts(value: Timestamp) -> str | None:
     return str(value).strip()
 
 
-def message_id(realm_fp: str, event: str, data: Any, timestamp: Timestamp) -> str:
+def message_id(
+    realm_fp: str, event: str, data: Any, timestamp: Timestamp, extra: dict[str, Any] | None = None
+) -> str:
     """Deterministic id of an event: the same event always gets the same id.
 
     The timestamp counts by value, so ``"1671547687"`` and ``1671547687`` agree.
+    Extra upstream fields count too (when there are any), so two different
+    events that share entity and millisecond still get different ids.
     """
-    canonical = orjson.dumps([realm_fp, event, data, _norm_ts(timestamp)], option=orjson.OPT_SORT_KEYS)
+    parts: list[Any] = [realm_fp, event, data, _norm_ts(timestamp)]
+    if extra:
+        parts.append(extra)
+    canonical = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
@@ -394,7 +404,7 @@ def event_message(note: Notification, *, realm: str, realm_fp: str, received_at:
     return Outbound(
         kind=KIND_EVENT,
         routing_key=note.event,
-        message_id=message_id(realm_fp, note.event, note.data, note.timestamp),
+        message_id=message_id(realm_fp, note.event, note.data, note.timestamp, note.extra),
         body=note.body,
         headers=headers,
         received_at=received_at,

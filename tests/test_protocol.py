@@ -275,3 +275,14 @@ def test_parser_on_json_objects_never_raises_unexpected(obj: dict[str, object]) 
         return
     if isinstance(frame, Notification):
         assert orjson.loads(frame.body)["event"] == frame.event
+
+
+def test_message_id_tells_apart_events_that_differ_only_in_extra_fields() -> None:
+    """Two events of one entity in the same millisecond but with different extra fields get different ids."""
+    a = parse_frame('{"type":"notification","event":"account.updated","data":"x","timestamp":"1","seq":1}')
+    b = parse_frame('{"type":"notification","event":"account.updated","data":"x","timestamp":"1","seq":2}')
+    c = parse_frame('{"type":"notification","data":{"event":"account.updated","data":"x","timestamp":1,"seq":1}}')
+    assert isinstance(a, Notification) and isinstance(b, Notification) and isinstance(c, Notification)
+    ids = [event_message(n, realm="r", realm_fp="fp", received_at=0.0).message_id for n in (a, b, c)]
+    assert ids[0] != ids[1]
+    assert ids[0] == ids[2]
