@@ -98,7 +98,8 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await self.spool.flush()
             publish_stop.set()
-            for task in (publisher, poller, stop_wait):
+            stop_wait.cancel()
+            for task in (publisher, poller):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, timeout=settings.drain_timeout + 2)
             unconfirmed = await self.publisher.drain(settings.drain_timeout)

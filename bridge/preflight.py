@@ -15,8 +15,9 @@ from bridge.errors import BridgeError, ProtocolError
 from bridge.protocol import (
     ErrorFrame,
     Info,
+    Notification,
     Subscribed,
-    parse_frame,
+    parse_frames,
     redact,
     subscribe_frame,
     unsubscribe_frame,
@@ -44,22 +45,26 @@ async def check_realm(settings: Settings, realm: Realm) -> tuple[bool | None, st
             async with asyncio.timeout(settings.subscribe_timeout):
                 while True:
                     try:
-                        frame = parse_frame(await ws.recv(), max_bytes=settings.max_frame_bytes)
+                        frames = parse_frames(await ws.recv(), max_bytes=settings.max_frame_bytes)
                     except ProtocolError:
                         continue
-                    if isinstance(frame, ErrorFrame):
-                        return False, redact(frame.message, settings.secrets)
-                    if isinstance(frame, Info) and not frame.accepted:
-                        refused = True
-                        continue
-                    if isinstance(frame, (Info, Subscribed)):
-                        await ws.send(unsubscribe_frame(realm.key))
-                        return True, "subscribed and unsubscribed"
+                    for frame in frames:
+                        if isinstance(frame, ErrorFrame):
+                            return False, redact(frame.message, settings.secrets)
+                        if isinstance(frame, Info) and not frame.accepted:
+                            refused = True
+                        elif isinstance(frame, (Info, Subscribed, Notification)) and not refused:
+                            await ws.send(unsubscribe_frame(realm.key))
+                            return True, "subscribed and unsubscribed"
+    except ConnectionClosed:
+        if refused:
+            return False, "the server answered info NONE and closed the connection"
+        return None, "the server closed the connection before answering"
     except TimeoutError:
         if refused:
             return False, "the server answered info NONE"
         return None, f"no answer to subscribe within {settings.subscribe_timeout:g}s"
-    except (OSError, InvalidHandshake, ConnectionClosed) as exc:
+    except (OSError, InvalidHandshake) as exc:
         return None, redact(f"{type(exc).__name__}: {exc}", settings.secrets)
 
 

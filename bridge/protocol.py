@@ -7,6 +7,7 @@ which ``message_id`` it carries lives here, so it can be tested without sockets.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
@@ -34,6 +35,7 @@ __all__ = [
     "key_fingerprint",
     "message_id",
     "parse_frame",
+    "parse_frames",
     "quarantine_message",
     "redact",
     "subscribe_frame",
@@ -194,6 +196,66 @@ def parse_frame(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
         raise ProtocolError("bad_json", f"frame is not valid JSON ({_short(str(exc))})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("not_object", f"frame is JSON {type(obj).__name__}, not an object")
+    return _from_object(obj)
+
+
+def parse_frames(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Frame]:
+    """Parse a frame, tolerating the variations the seed itself shows.
+
+    Besides what ``parse_frame`` accepts: several JSON objects in one frame
+    (the seed prints its info + error answer as two objects), and a control
+    frame followed by stray closing braces (the seed's own examples end in
+    ``} }``). A notification with trailing junk is still refused: its data
+    goes to quarantine for a person to look at.
+
+    Raises:
+        ProtocolError: as ``parse_frame``.
+    """
+    try:
+        return [parse_frame(raw, max_bytes=max_bytes)]
+    except ProtocolError as exc:
+        if exc.reason != "bad_json":
+            raise
+        objects = _lenient_objects(raw)
+        if objects is None:
+            raise
+    return [_from_object(obj) for obj in objects]
+
+
+_CONTROL_TYPES: Final = frozenset({"info", "error", "subscribe", "unsubscribe"})
+
+
+def _lenient_objects(raw: str | bytes) -> list[dict[str, Any]] | None:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        return None
+    decoder = json.JSONDecoder()
+    objects: list[dict[str, Any]] = []
+    index, end = 0, len(text)
+    while True:
+        while index < end and text[index].isspace():
+            index += 1
+        if index >= end or text[index] != "{":
+            break
+        try:
+            value, index = decoder.raw_decode(text, index)
+        except (ValueError, RecursionError):
+            break
+        if not isinstance(value, dict):
+            return None
+        objects.append(value)
+    rest = text[index:].strip()
+    if not objects:
+        return None
+    if not rest and len(objects) > 1:
+        return objects
+    if rest and set(rest) <= {"}"} and all(obj.get("type") in _CONTROL_TYPES for obj in objects):
+        return objects
+    return None
+
+
+def _from_object(obj: dict[str, Any]) -> Frame:
     kind = obj.get("type")
     if kind == "info":
         return Info(accepted=obj.get("realm") != _NONE_REALM, timestamp=_ts(obj.get("timestamp")))

@@ -26,6 +26,7 @@ from bridge.metrics import DisconnectReason, Metrics
 from bridge.protocol import (
     PING,
     ErrorFrame,
+    Frame,
     Info,
     Notification,
     Other,
@@ -33,7 +34,7 @@ from bridge.protocol import (
     Subscribed,
     Unsubscribed,
     event_message,
-    parse_frame,
+    parse_frames,
     quarantine_message,
     redact,
     subscribe_frame,
@@ -243,24 +244,28 @@ class StreamClient:
                 raw = await asyncio.wait_for(ws.recv(), timeout=min(remaining, 0.25))
             except TimeoutError:
                 continue
-            frame = await self._handle(raw)
-            if isinstance(frame, ErrorFrame):
-                self._reject(redact(frame.message, self._secrets) or "error frame")
-            if isinstance(frame, Info) and not frame.accepted:
-                # The seed sends info NONE and then error; wait briefly for the error's text.
-                refused = True
-                deadline = min(deadline, time.monotonic() + _REJECT_GRACE)
-                continue
-            if isinstance(frame, (Info, Subscribed)):
-                self._state.set(label, connected=True, subscribed=True)
-                log.info("stream subscribed realm=%s", label)
-                self._last_heard = time.monotonic()
-                return time.monotonic()
+            except ConnectionClosed:
+                if refused:
+                    self._reject("the server answered info NONE and closed the connection")
+                raise
+            for frame in await self._handle(raw):
+                if isinstance(frame, ErrorFrame):
+                    self._reject(redact(frame.message, self._secrets) or "error frame")
+                if isinstance(frame, Info) and not frame.accepted:
+                    # The seed sends info NONE and then error; wait briefly for the error's text.
+                    refused = True
+                    deadline = min(deadline, time.monotonic() + _REJECT_GRACE)
+                elif isinstance(frame, (Info, Subscribed, Notification)) and not refused:
+                    # A notification before any answer means the server is delivering: subscribed.
+                    self._state.set(label, connected=True, subscribed=True)
+                    log.info("stream subscribed realm=%s", label)
+                    self._last_heard = time.monotonic()
+                    return time.monotonic()
 
     def _reject(self, why: str) -> None:
         raise RealmRejected(
             f"the stream rejected the realm key of realm {self._realm.label!r} "
-            f"({self._realm.fingerprint}): {why}. Check ORANGEPILL_REALM_KEY / --realm-key; "
+            f"({self._realm.fingerprint}): {why.rstrip('.')}. Check ORANGEPILL_REALM_KEY / --realm-key; "
             "the bridge does not retry a key the server refuses."
         )
 
@@ -272,9 +277,9 @@ class StreamClient:
         closed: ConnectionClosed | None = None
         try:
             async for raw in ws:
-                frame = await self._handle(raw)
-                if self._stopping and isinstance(frame, (Unsubscribed, Info)):
-                    self._unsubscribed.set()
+                for frame in await self._handle(raw):
+                    if self._stopping and isinstance(frame, (Unsubscribed, Info)):
+                        self._unsubscribed.set()
         except ConnectionClosed as exc:
             closed = exc
         finally:
@@ -340,12 +345,12 @@ class StreamClient:
         except ConnectionClosed:
             pass
 
-    async def _handle(self, raw: str | bytes) -> object:
-        """Parse one frame and hand what must be kept to the sink; return the parsed frame."""
+    async def _handle(self, raw: str | bytes) -> list[Frame]:
+        """Parse one frame and hand what must be kept to the sink; return the parsed frames."""
         now = time.time()
         self._last_heard = time.monotonic()
         try:
-            frame = parse_frame(raw, max_bytes=self._settings.max_frame_bytes)
+            frames = parse_frames(raw, max_bytes=self._settings.max_frame_bytes)
         except ProtocolError as exc:
             self._metrics.events_rejected.labels(exc.reason).inc()
             msg = quarantine_message(
@@ -359,26 +364,27 @@ class StreamClient:
                 self._realm.label, exc.reason, redact(exc.detail, self._secrets),
             )  # fmt: skip
             await self._sink.put(msg)
-            return None
-        if isinstance(frame, Notification):
-            msg = event_message(
-                frame, realm=self._realm.label, realm_fp=self._realm.fingerprint, received_at=now
-            )
-            await self._sink.put(msg)
-            child = self._received.get(msg.label)
-            if child is None:
-                child = self._received[msg.label] = self._metrics.events_received.labels(msg.label)
-            child.inc()
-            self._metrics.last_event_timestamp.set(now)
-        elif isinstance(frame, Other):
-            self._metrics.frames_other.labels(frame.kind).inc()
-        elif isinstance(frame, ErrorFrame) and self._state.subscribed.get(self._realm.label):
-            self._metrics.stream_errors.inc()
-            log.warning(
-                "stream error frame realm=%s message=%s",
-                self._realm.label, redact(frame.message, self._secrets),
-            )  # fmt: skip
-        return frame
+            return []
+        for frame in frames:
+            if isinstance(frame, Notification):
+                msg = event_message(
+                    frame, realm=self._realm.label, realm_fp=self._realm.fingerprint, received_at=now
+                )
+                await self._sink.put(msg)
+                child = self._received.get(msg.label)
+                if child is None:
+                    child = self._received[msg.label] = self._metrics.events_received.labels(msg.label)
+                child.inc()
+                self._metrics.last_event_timestamp.set(now)
+            elif isinstance(frame, Other):
+                self._metrics.frames_other.labels(frame.kind).inc()
+            elif isinstance(frame, ErrorFrame) and self._state.subscribed.get(self._realm.label):
+                self._metrics.stream_errors.inc()
+                log.warning(
+                    "stream error frame realm=%s message=%s",
+                    self._realm.label, redact(frame.message, self._secrets),
+                )  # fmt: skip
+        return frames
 
 
 def _close_detail(exc: ConnectionClosed | None) -> str:

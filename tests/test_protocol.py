@@ -286,3 +286,60 @@ def test_message_id_tells_apart_events_that_differ_only_in_extra_fields() -> Non
     ids = [event_message(n, realm="r", realm_fp="fp", received_at=0.0).message_id for n in (a, b, c)]
     assert ids[0] != ids[1]
     assert ids[0] == ids[2]
+
+
+def test_seed_literal_control_frames_with_stray_brace_are_tolerated() -> None:
+    """The seed's subscribe and error examples, stray closing brace included, still parse as control frames."""
+    from bridge.protocol import parse_frames
+
+    assert parse_frames(f'{{ "type":"subscribe", "realm":"{KEY}", "timestamp": 1671547687 }} }}') == [
+        Subscribed(timestamp=1671547687)
+    ]
+    assert parse_frames('{ "type":"error", "realm":"Invalid Realm Key.", "timestamp": 1671547687 } }') == [
+        ErrorFrame(message="Invalid Realm Key.", timestamp=1671547687)
+    ]
+
+
+def test_info_and_error_in_one_frame() -> None:
+    """The failure answer printed as two objects in one frame yields both frames, in order."""
+    from bridge.protocol import parse_frames
+
+    raw = (
+        '{ "type":"info", "realm":"NONE", "timestamp": 1671547687 }\n'
+        '{ "type":"error", "realm":"Invalid Realm Key.", "timestamp": 1671547687 } }'
+    )
+    assert parse_frames(raw) == [
+        Info(accepted=False, timestamp=1671547687),
+        ErrorFrame(message="Invalid Realm Key.", timestamp=1671547687),
+    ]
+
+
+def test_notification_with_stray_brace_is_still_quarantined() -> None:
+    """A notification with trailing junk is refused (its data goes to quarantine), not guessed at."""
+    from bridge.protocol import parse_frames
+
+    with pytest.raises(ProtocolError) as info:
+        parse_frames('{"type":"notification","event":"deposit.received","data":"x","timestamp":"1"} }')
+    assert info.value.reason == "bad_json"
+
+
+def test_two_notifications_in_one_frame_are_both_read() -> None:
+    """Two complete notification objects in one frame are both delivered."""
+    from bridge.protocol import parse_frames
+
+    frames = parse_frames('{"type":"notification","event":"a.b","data":"1"}\n{"type":"notification","event":"a.c","data":"2"}')
+    assert [f.event for f in frames if isinstance(f, Notification)] == ["a.b", "a.c"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='{}[]":, \\nab1', max_size=120))
+def test_lenient_parser_never_raises_anything_but_protocol_error(raw: str) -> None:
+    """The tolerant parser, fed brace soup, returns frames or raises ProtocolError only."""
+    from bridge.protocol import parse_frames
+
+    reason = None
+    try:
+        parse_frames(raw)
+    except ProtocolError as exc:
+        reason = exc.reason
+    assert reason is None or reason in REJECT_REASONS

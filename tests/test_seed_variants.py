@@ -1,0 +1,126 @@
+"""Stream servers written from the seed alone may answer in any way the seed shows; the bridge copes with each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from websockets.asyncio.server import ServerConnection, serve
+
+from tests.conftest import bind_queue, bridge_settings, collect, running_bridge
+
+pytestmark = pytest.mark.broker
+
+Handler = Callable[[ServerConnection, str], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def seed_server(on_subscribe: Handler) -> AsyncIterator[str]:
+    """A minimal hand-written server: calls on_subscribe with the realm of each subscribe frame."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in ws:
+                if raw == "PING":
+                    continue
+                frame = json.loads(raw)
+                if frame.get("type") == "subscribe":
+                    await on_subscribe(ws, frame["realm"])
+                    await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}"
+
+
+def notification(seq: int, *, nested: bool = False) -> str:
+    inner = {"event": "deposit.received", "data": f"{seq:024x}", "timestamp": 1671547687000 + seq, "seq": seq}
+    if nested:
+        return json.dumps({"type": "notification", "data": inner})
+    return json.dumps({"type": "notification", **inner})
+
+
+async def _events_arrive(amqp: AbstractRobustConnection, exchange: str, on_subscribe: Handler, n: int) -> list[int]:
+    async with seed_server(on_subscribe) as url:
+        settings = bridge_settings(url, exchange)
+        queue = await bind_queue(amqp, settings, "deposit.#")
+        async with running_bridge(settings) as bridge:
+            msgs = await collect(queue, n, timeout=15)
+            assert bridge.metric("orangepill_bridge_subscribed", {"realm": "test"}) == 1
+            assert await bridge.finish() == 0
+    return [json.loads(m.body)["seq"] for m in msgs]
+
+
+async def test_seed_literal_subscribe_reply_with_stray_brace(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """A server answering with the seed's subscribe example verbatim (stray brace included) is understood."""
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        await ws.send(f'{{ "type":"subscribe", "realm":"{realm}", "timestamp": 1671547687 }} }}')
+        for seq in range(1, 4):
+            await ws.send(notification(seq))
+
+    assert await _events_arrive(amqp, exchange_name, on_subscribe, 3) == [1, 2, 3]
+
+
+async def test_server_that_never_answers_but_streams(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """A server that sends notifications without answering subscribe is taken as subscribed."""
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        for seq in range(1, 4):
+            await ws.send(notification(seq, nested=True))
+
+    assert await _events_arrive(amqp, exchange_name, on_subscribe, 3) == [1, 2, 3]
+
+
+async def _rejected_exit_code(exchange: str, on_subscribe: Handler) -> int:
+    async with seed_server(on_subscribe) as url:
+        settings = bridge_settings(url, exchange)
+        async with running_bridge(settings) as bridge:
+            return await asyncio.wait_for(bridge.task, timeout=15)
+
+
+async def test_info_none_and_error_in_one_frame_is_a_rejection(exchange_name: str) -> None:
+    """info NONE and error sent together in one frame still reject the key (exit 2)."""
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        await ws.send(
+            '{ "type":"info", "realm":"NONE", "timestamp": 1671547687 }\n'
+            '{ "type":"error", "realm":"Invalid Realm Key.", "timestamp": 1671547687 } }'
+        )
+
+    assert await _rejected_exit_code(exchange_name, on_subscribe) == 2
+
+
+async def test_info_none_then_close_is_a_rejection(exchange_name: str) -> None:
+    """info NONE followed by the server closing the connection rejects the key instead of looping."""
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        await ws.send('{"type":"info","realm":"NONE","timestamp":1671547687}')
+        await ws.close()
+
+    assert await _rejected_exit_code(exchange_name, on_subscribe) == 2
+
+
+async def test_error_frame_alone_is_a_rejection(exchange_name: str) -> None:
+    """An error frame without the info NONE before it rejects the key."""
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        await ws.send('{"type":"error","realm":"Invalid Realm Key.","timestamp":1671547687}')
+
+    assert await _rejected_exit_code(exchange_name, on_subscribe) == 2
+
+
+async def test_info_only_answer_and_numeric_timestamps(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """An info-only success answer, a PONG text reply and numeric timestamps are all accepted."""
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        await ws.send(json.dumps({"type": "info", "realm": realm, "timestamp": 1671547687}))
+        await ws.send("PONG")
+        for seq in range(1, 3):
+            await ws.send(notification(seq))
+
+    assert await _events_arrive(amqp, exchange_name, on_subscribe, 2) == [1, 2]
