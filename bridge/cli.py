@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orangepill-bridge {command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, settings.log_format, settings.secrets)
+    setup_logging(settings.log_level, settings.log_format, settings.realm_keys, settings.passwords)
     if command == "run":
         from bridge.app import run_bridge
 

@@ -65,13 +65,20 @@ class Settings:
     log_level: str = "INFO"
 
     @property
+    def realm_keys(self) -> tuple[str, ...]:
+        """The realm keys, which must never be printed."""
+        return tuple(realm.key for realm in self.realms)
+
+    @property
+    def passwords(self) -> tuple[str, ...]:
+        """Passwords inside the configured URLs, which must never be printed."""
+        found = (urlsplit(self.amqp_url).password, urlsplit(self.stream_url).password)
+        return tuple(p for p in found if p)
+
+    @property
     def secrets(self) -> tuple[str, ...]:
-        """Values that must never be printed: realm keys and the AMQP password."""
-        values = [realm.key for realm in self.realms]
-        password = urlsplit(self.amqp_url).password
-        if password:
-            values.append(password)
-        return tuple(values)
+        """Strings to scrub from text taken from the outside (server frames): the realm keys."""
+        return self.realm_keys
 
     @property
     def metrics_host_port(self) -> tuple[str, int] | None:

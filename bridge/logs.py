@@ -17,22 +17,34 @@ _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "as
 
 
 class _Scrub(logging.Filter):
-    """Last line of defence: no realm key or password leaves through a log line."""
+    """Last line of defence: no realm key or password leaves through a log line.
 
-    def __init__(self, secrets: tuple[str, ...]) -> None:
+    Realm keys are replaced wherever they appear (by their fingerprint); a
+    password only where it stands in a URL (``:password@``), so that a
+    password such as ``guest`` does not also rewrite the user name.
+    """
+
+    def __init__(self, realm_keys: tuple[str, ...], passwords: tuple[str, ...]) -> None:
         super().__init__()
-        self._secrets = tuple(s for s in secrets if s)
+        self._keys = tuple(k for k in realm_keys if k)
+        self._passwords = tuple(p for p in passwords if p)
+
+    def _clean(self, text: str) -> str:
+        text = redact(text, self._keys)
+        for password in self._passwords:
+            text = text.replace(f":{password}@", ":***@")
+        return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
+        if self._keys or self._passwords:
             message = record.getMessage()
-            scrubbed = redact(message, self._secrets)
+            scrubbed = self._clean(message)
             if scrubbed != message:
                 record.msg, record.args = scrubbed, None
             if record.exc_info and record.exc_info[1] is not None:
                 text = logging.Formatter().formatException(record.exc_info)
                 record.exc_info = None
-                record.exc_text = redact(text, self._secrets)
+                record.exc_text = self._clean(text)
         return True
 
 
@@ -55,13 +67,19 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def setup_logging(level: str = "INFO", fmt: str = "auto", secrets: tuple[str, ...] = ()) -> None:
+def setup_logging(
+    level: str = "INFO",
+    fmt: str = "auto",
+    realm_keys: tuple[str, ...] = (),
+    passwords: tuple[str, ...] = (),
+) -> None:
     """Configure the root logger once for the process.
 
     Args:
         level: DEBUG, INFO, WARNING or ERROR.
         fmt: ``json``, ``text`` or ``auto`` (text when stderr is a terminal).
-        secrets: strings scrubbed from every record.
+        realm_keys: scrubbed from every record.
+        passwords: scrubbed from every URL in every record.
     """
     handler = logging.StreamHandler(sys.stderr)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -71,7 +89,7 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", secrets: tuple[str, ..
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
-    handler.addFilter(_Scrub(secrets))
+    handler.addFilter(_Scrub(realm_keys, passwords))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -109,7 +109,7 @@ class Metrics:
         )
         self.events_unroutable = Counter(
             f"{p}_events_unroutable",
-            "Events RabbitMQ returned as unroutable (mandatory flag).",
+            "Events no queue was bound for: taken by the alternate exchange, or returned (mandatory).",
             registry=r,
         )
         self.last_event_timestamp = Gauge(

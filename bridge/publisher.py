@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractRobustConnection,
     DeliveryMode,
     ExchangeType,
@@ -219,6 +221,31 @@ class Publisher:
         channel, exchange, alternate = await declare_topology(connection, self._settings, confirms=True)
         self._channel, self._exchange, self._alternate_active = channel, exchange, alternate
         self._default = channel.default_exchange
+        if alternate:
+            await self._tap_unrouted(connection)
+
+    async def _tap_unrouted(self, connection: AbstractRobustConnection) -> None:
+        """Count events the alternate exchange takes.
+
+        RabbitMQ confirms an event routed to the alternate exchange like any
+        other, so the publisher never hears of it. A private queue bound to the
+        (fanout) alternate exchange sees a copy of each; the bridge counts and
+        drops the copies, the originals stay in ``<exchange>.unrouted``.
+        """
+        channel = await connection.channel()
+        tap = await channel.declare_queue(
+            f"{self.topology.unrouted}.tap.{uuid.uuid4().hex[:8]}",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": 10_000},
+        )
+        await tap.bind(self.topology.unrouted)
+        counter = self._metrics.events_unroutable
+
+        async def count(message: AbstractIncomingMessage) -> None:
+            counter.inc()
+
+        await tap.consume(count, no_ack=True)
 
     def _set_up(self, up: bool) -> None:
         if up:
@@ -235,6 +262,7 @@ class Publisher:
         self._set_up(False)
 
     def _on_reconnected(self, _sender: object) -> None:
+        self._failure_pause = 0.0
         self._metrics.amqp_connects.inc()
         self._set_up(True)
         log.info("broker up again url=%s", redact_url(self._settings.amqp_url))

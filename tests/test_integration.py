@@ -177,6 +177,7 @@ async def test_unroutable_event_is_kept(amqp: AbstractRobustConnection, exchange
             got = await collect(bound, 1, timeout=10)
             unrouted = await queue_of(amqp, f"{exchange_name}.unrouted")
             kept = await collect(unrouted, 1, timeout=10)
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_events_unroutable_total") == 1)
             assert await bridge.finish() == 0
     assert [m.routing_key for m in got] == ["deposit.received"]
     assert [m.routing_key for m in kept] == ["currency.issued"]
