@@ -1,0 +1,564 @@
+"""Tests of the durable spool: ordering, durability, back-pressure, paging, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from prometheus_client import CollectorRegistry
+
+from bridge.errors import SpoolError
+from bridge.metrics import Metrics
+from bridge.protocol import KIND_EVENT, KIND_QUARANTINE, Outbound
+from bridge.spool import MEMORY, Spool, Spooled
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def msg(n: int, size: int = 8) -> Outbound:
+    """A distinct message whose body starts with its number."""
+    body = f"{n:08d}".encode().ljust(size, b"x")
+    return Outbound(
+        kind=KIND_EVENT,
+        routing_key="transaction.done",
+        message_id=f"m{n}",
+        body=body,
+        headers={"realm": "r1", "received_at": 1700000000000 + n},
+        received_at=1700000000.5 + n,
+        label="transaction.done",
+    )
+
+
+def nums(items: list[Spooled]) -> list[int]:
+    """The message numbers of a batch, read back from the message ids."""
+    return [int(item.msg.message_id[1:]) for item in items]
+
+
+async def drain(spool: Spool, *, max_n: int = 1000) -> list[Spooled]:
+    """Take and ack everything until the spool is empty (nothing may be left in flight)."""
+    await spool.flush()
+    out: list[Spooled] = []
+    while spool.depth:
+        batch = await asyncio.wait_for(spool.get_batch(max_n), 2)
+        out.extend(batch)
+        spool.ack(item.id for item in batch)
+    return out
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "spool.db")
+
+
+async def test_get_batch_returns_messages_in_put_order(db: str) -> None:
+    """get_batch hands messages out in the order of put, with increasing ids, full content intact."""
+    spool = await Spool.open(db)
+    original = msg(0)
+    for n in range(50):
+        await spool.put(msg(n) if n else original)
+    first = await spool.get_batch(20)
+    spool.ack(item.id for item in first)
+    rest = await drain(spool)
+    items = first + rest
+    assert nums(items) == list(range(50))
+    assert [i.id for i in items] == sorted({i.id for i in items})
+    assert items[0].msg == original
+    await spool.close()
+
+
+async def test_nothing_handed_out_before_commit(db: str) -> None:
+    """A put is not visible to get_batch until its group commit has finished."""
+    spool = await Spool.open(db, commit_interval=0.5)
+    await spool.put(msg(1))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(spool.get_batch(10), 0.1)
+    # The row is really not on disk yet: the transaction is still being grouped.
+    assert spool._committed_id < 1
+    await spool.flush()
+    assert nums(await spool.get_batch(10)) == [1]
+    await spool.close()
+
+
+async def test_get_batch_waits_for_a_later_put(db: str) -> None:
+    """A waiting get_batch wakes up when a message is committed."""
+    spool = await Spool.open(db)
+    waiter = asyncio.create_task(spool.get_batch(10))
+    await asyncio.sleep(0.02)
+    assert not waiter.done()
+    await spool.put(msg(7))
+    assert nums(await asyncio.wait_for(waiter, 1)) == [7]
+    await spool.close()
+
+
+async def test_ack_deletes_and_reopen_shows_only_unacked(db: str) -> None:
+    """Acked messages are gone after reopening; unacked ones (in flight or never taken) come back in order."""
+    spool = await Spool.open(db)
+    for n in range(10):
+        await spool.put(msg(n))
+    await spool.flush()
+    batch = await spool.get_batch(6)
+    spool.ack([batch[0].id, batch[2].id, batch[5].id])
+    assert spool.depth == 7
+    await spool.close()
+
+    spool = await Spool.open(db)
+    assert spool.depth == 7
+    assert spool.bytes == 7 * 8
+    assert nums(await drain(spool)) == [1, 3, 4, 6, 7, 8, 9]
+    await spool.close()
+
+
+async def test_release_redelivers_before_newer_items(db: str) -> None:
+    """Released messages come back, in id order, before anything not yet handed out."""
+    spool = await Spool.open(db)
+    for n in range(10):
+        await spool.put(msg(n))
+    await spool.flush()
+    batch = await spool.get_batch(5)
+    spool.ack([batch[1].id])
+    spool.release([batch[4], batch[0], batch[3], batch[2]])
+    again = await spool.get_batch(3)
+    assert nums(again) == [0, 2, 3]
+    assert nums(await spool.get_batch(100)) == [4, 5, 6, 7, 8, 9]
+    await spool.close()
+
+
+async def test_ack_of_unknown_or_repeated_ids_is_harmless(db: str) -> None:
+    """Acks of ids never handed out, unknown or already acked change nothing."""
+    spool = await Spool.open(db)
+    for n in range(3):
+        await spool.put(msg(n))
+    await spool.flush()
+    spool.ack([1, 2, 3, 999])  # none handed out yet
+    assert spool.depth == 3
+    batch = await spool.get_batch(1)
+    spool.ack([batch[0].id])
+    spool.ack([batch[0].id, -5])
+    spool.release(batch)  # already acked: must not come back
+    assert spool.depth == 2
+    assert spool.bytes == 16
+    assert nums(await drain(spool)) == [1, 2]
+    await spool.close()
+
+
+async def test_replay_after_reopen_comes_before_new_puts(db: str) -> None:
+    """Rows left by an earlier run are handed out first, then what this run puts."""
+    spool = await Spool.open(db)
+    for n in range(5):
+        await spool.put(msg(n))
+    await spool.close()
+
+    spool = await Spool.open(db)
+    for n in range(5, 8):
+        await spool.put(msg(n))
+    assert nums(await drain(spool)) == list(range(8))
+    await spool.close()
+
+
+CRASH_SCRIPT = """
+import asyncio, os, signal, sys
+from bridge.protocol import Outbound
+from bridge.spool import Spool
+
+async def main():
+    spool = await Spool.open(sys.argv[1])
+    for n in range(int(sys.argv[2])):
+        body = f"{n:08d}".encode()
+        await spool.put(Outbound(0, "transaction.done", f"m{n}", body, {"n": n}, float(n), "x"))
+    await spool.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_after_flush_loses_nothing(tmp_path: Path) -> None:
+    """A process killed with SIGKILL right after flush leaves every message, in order, for the next open."""
+    path = str(tmp_path / "deep" / "dir" / "spool.db")
+    count = 3000
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CRASH_SCRIPT, path, str(count), cwd=str(REPO))
+    assert await proc.wait() == -signal.SIGKILL
+    spool = await Spool.open(path)
+    assert spool.depth == count
+    items = await drain(spool)
+    assert nums(items) == list(range(count))
+    assert items[17].msg.headers == {"n": 17}
+    await spool.close()
+
+
+async def test_put_waits_when_full_and_resumes_after_ack(db: str, caplog: pytest.LogCaptureFixture) -> None:
+    """At max_bytes put blocks (gauge 1, a WARNING) and goes on once an ack frees space (gauge 0, INFO)."""
+    metrics = Metrics(CollectorRegistry())
+    spool = await Spool.open(db, max_bytes=100, metrics=metrics)
+    caplog.set_level(logging.INFO, logger="bridge.spool")
+    for n in range(10):  # 10 x 10 bytes = exactly full
+        await spool.put(msg(n, size=10))
+    assert spool.full
+    assert metrics.spool_full._value.get() == 1
+    blocked = asyncio.create_task(spool.put(msg(10, size=10)))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    assert spool.depth == 10
+    batch = await spool.get_batch(2)
+    spool.ack([batch[0].id])
+    await asyncio.wait_for(blocked, 1)
+    assert spool.depth == 10
+    assert metrics.spool_full._value.get() == 1  # full again after the blocked put went in
+    spool.ack([batch[1].id])
+    assert not spool.full
+    assert metrics.spool_full._value.get() == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "full" in r.getMessage()]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO and "room again" in r.getMessage()]
+    assert len(warnings) == 2
+    assert len(infos) == 2
+    assert nums(await drain(spool)) == list(range(2, 11))
+    await spool.close()
+
+
+async def test_window_stays_bounded_with_a_large_backlog(db: str) -> None:
+    """With 100,000 queued messages only the window is in memory, and all come out in order."""
+    window = 2000
+    count = 100_000
+    spool = await Spool.open(db, window=window)
+    for n in range(count):
+        await spool.put(msg(n))
+    await spool.flush()
+    assert len(spool._window) <= window
+    assert spool._disk_only == count - len(spool._window)
+    seen: list[int] = []
+    largest = 0
+    while len(seen) < count:
+        batch = await asyncio.wait_for(spool.get_batch(500), 2)
+        largest = max(largest, len(spool._window))
+        seen.extend(nums(batch))
+        spool.ack(item.id for item in batch)
+    assert seen == list(range(count))
+    assert largest <= window
+    assert spool.depth == 0
+    await spool.close()
+
+
+async def test_backlog_on_open_is_paged_not_loaded(db: str) -> None:
+    """Reopening a spool with a backlog keeps only the window in memory and replays it all in order."""
+    spool = await Spool.open(db, window=100)
+    for n in range(1000):
+        await spool.put(msg(n))
+    await spool.close()
+    spool = await Spool.open(db, window=100)
+    assert len(spool._window) == 100
+    assert spool.depth == 1000
+    await spool.put(msg(1000))
+    assert nums(await drain(spool, max_n=37)) == list(range(1001))
+    await spool.close()
+
+
+async def test_new_commits_wait_behind_rows_on_disk(db: str) -> None:
+    """Rows committed while older rows are still on disk only are handed out after those, not before."""
+    spool = await Spool.open(db, window=4)
+    for n in range(10):
+        await spool.put(msg(n))
+    await spool.flush()
+    first = await spool.get_batch(3)  # the window drops to 1 while 6 rows wait on disk
+    spool.ack(item.id for item in first)
+    for n in range(10, 15):
+        await spool.put(msg(n))
+    await spool.flush()
+    assert nums(first) + nums(await drain(spool, max_n=2)) == list(range(15))
+    await spool.close()
+
+
+async def test_ids_never_reused_after_delete_and_reopen(db: str) -> None:
+    """After every row was acked and deleted, new puts get ids above all earlier ones, also after reopen."""
+    spool = await Spool.open(db)
+    for n in range(5):
+        await spool.put(msg(n))
+    first = await drain(spool)
+    await spool.close()
+    spool = await Spool.open(db)
+    assert spool.depth == 0
+    await spool.put(msg(5))
+    later = await drain(spool)
+    assert later[0].id > max(i.id for i in first)
+    await spool.close()
+
+
+async def test_memory_mode_has_the_same_semantics(tmp_path: Path) -> None:
+    """memory mode orders, releases, acks and back-pressures like a file, and writes nothing to disk."""
+    os.chdir(tmp_path)
+    spool = await Spool.open(MEMORY, max_bytes=80)
+    for n in range(10):
+        await spool.put(msg(n))
+    assert spool.full
+    blocked = asyncio.create_task(spool.put(msg(10)))
+    batch = await spool.get_batch(4)
+    assert nums(batch) == [0, 1, 2, 3]
+    spool.release(batch[2:])
+    spool.ack([batch[0].id, batch[1].id])
+    await asyncio.wait_for(blocked, 1)
+    assert nums(await drain(spool)) == list(range(2, 11))
+    assert spool.depth == 0
+    await spool.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SpoolError):
+        await spool.put(msg(11))
+
+
+async def test_file_that_is_not_a_spool_raises_spool_error(tmp_path: Path) -> None:
+    """A text file, a foreign SQLite database and a newer schema each raise SpoolError naming the path."""
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"this is not a database at all, just some text" * 100)
+    with pytest.raises(SpoolError, match=r"notes\.txt"):
+        await Spool.open(str(text))
+
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SpoolError, match=r"other\.db.*not an orangepill-bridge spool"):
+        await Spool.open(str(other))
+
+    newer = tmp_path / "newer.db"
+    spool = await Spool.open(str(newer))
+    await spool.close()
+    conn = sqlite3.connect(newer)
+    conn.execute("PRAGMA user_version=99")
+    conn.close()
+    with pytest.raises(SpoolError, match=r"newer\.db.*schema version 99"):
+        await Spool.open(str(newer))
+
+
+async def test_corrupt_spool_raises_spool_error(db: str) -> None:
+    """A spool whose table pages were overwritten raises SpoolError naming the path, not sqlite3's error."""
+    spool = await Spool.open(db)
+    for n in range(3000):
+        await spool.put(msg(n, size=200))
+    await spool.close()
+    size = os.path.getsize(db)
+    with open(db, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xa5" * 20000)
+    with pytest.raises(SpoolError, match=r"spool\.db.*malformed"):
+        await Spool.open(db)
+
+
+async def test_synchronous_full_is_accepted_and_nonsense_is_not(db: str) -> None:
+    """synchronous FULL opens a working spool; an unknown level raises SpoolError."""
+    spool = await Spool.open(db, synchronous="full")
+    await spool.put(msg(1))
+    assert nums(await drain(spool)) == [1]
+    await spool.close()
+    with pytest.raises(SpoolError, match="synchronous"):
+        await Spool.open(db, synchronous="SOMETIMES")
+
+
+async def test_second_open_of_the_same_file_is_refused(db: str) -> None:
+    """While one spool holds the file, another open raises SpoolError instead of sharing it."""
+    spool = await Spool.open(db)
+    with pytest.raises(SpoolError, match="in use"):
+        await Spool.open(db)
+    await spool.close()
+    again = await Spool.open(db)
+    await again.close()
+
+
+async def test_metrics_gauges_follow_depth_bytes_full(db: str) -> None:
+    """spool_depth, spool_bytes and spool_full track puts, acks and reopen."""
+    metrics = Metrics(CollectorRegistry())
+
+    def gauges() -> tuple[float, float, float]:
+        return (
+            metrics.spool_depth._value.get(),
+            metrics.spool_bytes._value.get(),
+            metrics.spool_full._value.get(),
+        )
+
+    spool = await Spool.open(db, metrics=metrics, max_bytes=50)
+    assert gauges() == (0, 0, 0)
+    for n in range(5):
+        await spool.put(msg(n, size=10))
+    assert gauges() == (5, 50, 1)
+    batch = await spool.get_batch(2)
+    spool.ack(i.id for i in batch)
+    assert gauges() == (3, 30, 0)
+    await spool.close()
+    fresh = Metrics(CollectorRegistry())
+    spool = await Spool.open(db, metrics=fresh)
+    assert fresh.spool_depth._value.get() == 3
+    assert fresh.spool_bytes._value.get() == 30
+    await spool.close()
+
+
+async def test_disk_full_keeps_messages_and_retries(db: str, caplog: pytest.LogCaptureFixture) -> None:
+    """When SQLite reports the disk full, puts wait, nothing is dropped, and all commit once space returns."""
+    spool = await Spool.open(db)
+    store = spool._store
+    assert store is not None
+    pages = await spool._call(lambda: store.conn.execute("PRAGMA page_count").fetchone()[0])
+    await spool._call(lambda: store.conn.execute(f"PRAGMA max_page_count={pages + 2}").fetchone())
+    caplog.set_level(logging.INFO, logger="bridge.spool")
+
+    for n in range(40):  # buffered: put returns before the (failing) commit
+        await spool.put(msg(n, size=4000))
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if spool.full:
+            break
+    assert spool.full
+    blocked = asyncio.create_task(spool.put(msg(40, size=4000)))
+    await asyncio.sleep(0.2)
+    assert not blocked.done()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(spool.get_batch(1), 0.05)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert "full" in str(errors[0].exc_info[1])
+
+    await spool._call(lambda: store.conn.execute("PRAGMA max_page_count=1000000").fetchone())
+    await asyncio.wait_for(blocked, 5)
+    assert nums(await drain(spool)) == list(range(41))
+    assert not spool.full
+    assert any("work again" in r.getMessage() for r in caplog.records)
+    await spool.close()
+
+
+async def test_quarantine_messages_round_trip(db: str) -> None:
+    """Every Outbound field, including a quarantine kind and non-ASCII text, survives the file."""
+    original = Outbound(
+        kind=KIND_QUARANTINE,
+        routing_key="bad_json",
+        message_id="q1",
+        body=b"\x00\xff{not json",
+        headers={"realm": "caf\u00e9", "reason": "bad_json", "received_at": 5},
+        received_at=12.25,
+        label="bad_json",
+    )
+    spool = await Spool.open(db)
+    await spool.put(original)
+    await spool.close()
+    spool = await Spool.open(db)
+    [item] = await spool.get_batch(5)
+    assert item.msg == original
+    await spool.close()
+
+
+async def test_close_wakes_waiters_with_spool_error(db: str) -> None:
+    """A get_batch waiting on an empty spool raises SpoolError when the spool closes."""
+    spool = await Spool.open(db)
+    waiter = asyncio.create_task(spool.get_batch(1))
+    await asyncio.sleep(0.01)
+    await spool.close()
+    with pytest.raises(SpoolError):
+        await waiter
+
+
+# -- model-based test ----------------------------------------------------------------
+
+
+@settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+class SpoolMachine(RuleBasedStateMachine):
+    """put/get/ack/release/reopen against a model: no loss, no resurrection, oldest first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = tempfile.mkdtemp(prefix="spool-sm-")
+        self.path = os.path.join(self.dir, "s.db")
+        self.spool = self.run(Spool.open(self.path, window=4, commit_interval=0.001))
+        self.counter = 0
+        self.waiting: set[int] = set()  # put, not handed out (or released)
+        self.flight: dict[int, Spooled] = {}  # message number -> handed-out item
+        self.acked: set[int] = set()
+
+    def run(self, coro):  # type: ignore[no-untyped-def]
+        return self.loop.run_until_complete(coro)
+
+    @rule(n=st.integers(1, 12))
+    def put(self, n: int) -> None:
+        for _ in range(n):
+            self.run(self.spool.put(msg(self.counter)))
+            self.waiting.add(self.counter)
+            self.counter += 1
+
+    @precondition(lambda self: self.waiting)
+    @rule(k=st.integers(1, 10))
+    def get(self, k: int) -> None:
+        self.run(self.spool.flush())
+        # get_batch may return fewer than asked (paging); ask again so the model stays deterministic.
+        want = min(k, len(self.waiting))
+        while want:
+            batch = self.run(asyncio.wait_for(self.spool.get_batch(want), 2))
+            got = nums(batch)
+            assert got == sorted(self.waiting)[: len(got)]
+            assert not set(got) & self.acked
+            for item, number in zip(batch, got, strict=True):
+                self.waiting.discard(number)
+                self.flight[number] = item
+            want -= len(got)
+
+    @precondition(lambda self: self.flight)
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        chosen = data.draw(st.lists(st.sampled_from(sorted(self.flight)), unique=True))
+        self.spool.ack([self.flight[n].id for n in chosen] + [10**9])
+        for n in chosen:
+            del self.flight[n]
+            self.acked.add(n)
+
+    @precondition(lambda self: self.flight)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        chosen = data.draw(st.lists(st.sampled_from(sorted(self.flight)), unique=True))
+        self.spool.release([self.flight[n] for n in chosen])
+        for n in chosen:
+            del self.flight[n]
+            self.waiting.add(n)
+
+    @rule()
+    def reopen(self) -> None:
+        self.run(self.spool.close())
+        self.spool = self.run(Spool.open(self.path, window=4, commit_interval=0.001))
+        self.waiting |= set(self.flight)
+        self.flight.clear()
+
+    @invariant()
+    def depth_matches_model(self) -> None:
+        assert self.spool.depth == len(self.waiting) + len(self.flight)
+        assert self.spool.bytes == 8 * self.spool.depth
+
+    def teardown(self) -> None:
+        try:
+            self.waiting |= set(self.flight)
+            for item in self.flight.values():
+                self.spool.release([item])
+            rest = self.run(drain(self.spool))
+            assert sorted(nums(rest)) == sorted(self.waiting)
+            assert nums(rest) == sorted(nums(rest))
+            self.run(self.spool.close())
+        finally:
+            # After a failed step the spool may still be open: stop its owner task cleanly.
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self.loop.run_until_complete(task)
+            self.loop.close()
+
+
+test_spool_state_machine = SpoolMachine.TestCase
