@@ -96,7 +96,8 @@ class Bridge:
             for task in late:
                 task.cancel()
             with contextlib.suppress(Exception):
-                await self.spool.flush()
+                # Bounded: a disk that refuses commits must not hang the shutdown.
+                await asyncio.wait_for(self.spool.flush(), timeout=settings.drain_timeout)
             publish_stop.set()
             stop_wait.cancel()
             for task in (publisher, poller):
@@ -105,7 +106,10 @@ class Bridge:
             unconfirmed = await self.publisher.drain(settings.drain_timeout)
             await self.publisher.close()
             depth = self.spool.depth
-            await self.spool.close()
+            try:
+                await asyncio.wait_for(self.spool.close(), timeout=settings.drain_timeout)
+            except (TimeoutError, BridgeError) as exc:
+                log.error("spool %s did not close cleanly: %s", settings.spool, exc or "timeout")
             if runner is not None:
                 await runner.cleanup()
             if unconfirmed:
