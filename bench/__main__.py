@@ -1,0 +1,45 @@
+"""``python -m bench`` (the end-to-end benchmark) and ``python -m bench outage``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "outage", "profile"))
+    parser.add_argument("--smoke", action="store_true", help="small N, a few seconds per row: checks, not figures")
+    parser.add_argument("--quick", action="store_true", help="outage: 100,000 events instead of 1,000,000")
+    parser.add_argument("-n", "--count", type=int, help="events per full-speed run (default: sized for >= 10 s)")
+    parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
+    parser.add_argument("--only", action="append", choices=("ceiling", "naive", "bridge"), help="rows to run")
+    parser.add_argument("--loop", action="append", choices=("uvloop", "asyncio"), help="loops to run")
+    args = parser.parse_args(argv)
+    if args.command == "outage":
+        from bench import outage
+
+        return outage.main(
+            count=args.count or (100_000 if args.quick else 1_000_000),
+            uvloop_on=(args.loop or ["uvloop"])[0] == "uvloop",
+            results_dir=args.results_dir,
+        )
+    if args.command == "profile":
+        from bench import profile
+
+        return profile.main(loop=(args.loop or ["uvloop"])[0], count=args.count or 60_000)
+    from bench import run
+
+    report = run.main(
+        smoke=args.smoke, results_dir=args.results_dir, only=args.only, loops=args.loop, count=args.count
+    )
+    incomplete = [f"{r['subject']}/{r['loop']}" for r in report["rows"] if not r["complete"]]
+    if incomplete:
+        print(f"INCOMPLETE: the consumer did not count every event for {', '.join(incomplete)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

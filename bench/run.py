@@ -1,0 +1,321 @@
+"""The end-to-end benchmark: ceiling, naive and bridge, each on uvloop and on the default loop.
+
+Every measurement is a fresh set of processes on a fresh exchange ``bench.<random>``:
+the consumer (its own process, counting on a durable queue bound to ``#``), the
+simulator (its own process) and the subject (the ceiling publisher, the naive bridge,
+or ``orangepill-bridge run``). CPU and RSS are read with psutil/procfs from the
+subject's process only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import common
+from bench.common import KEY, BridgeProcess, RssSampler, Worker
+from bench.workers import ceiling_main, consumer_main, naive_main, simulator_main
+
+SUBJECTS = ("ceiling", "naive", "bridge")
+LOOPS = ("uvloop", "asyncio")
+LATENCY_RATE = 1000.0
+WINDOW = 256
+MIN_SECONDS = 10.0
+
+# Throughput phases size N from a short pilot so that the main run lasts >= 10 s.
+_PILOT = {"ceiling": 4000, "naive": 2000, "bridge": 4000}
+_N_MIN, _N_MAX = 10_000, 400_000
+
+
+def _mb(n: float) -> float:
+    return round(n / 1024**2, 1)
+
+
+def measure(
+    subject: str, loop: str, *, count: int, rate: float, latency: bool, timeout: float,
+    on_go: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One measurement: ``count`` events of ``subject`` at ``rate`` (0 = full speed).
+
+    ``on_go(pid)`` runs right after the start signal (the profiler attaches there).
+    """
+    with common.broker_lock(exclusive=False):
+        return _measure(subject, loop, count=count, rate=rate, latency=latency, timeout=timeout, on_go=on_go)
+
+
+def _measure(
+    subject: str, loop: str, *, count: int, rate: float, latency: bool, timeout: float,
+    on_go: Callable[[int], Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    uv = loop == "uvloop"
+    exchange = common.new_exchange()
+    queue = f"{exchange}.all"
+    common.declare(exchange, queue)
+    workers: list[Worker] = []
+    bridge: BridgeProcess | None = None
+    tmp = tempfile.TemporaryDirectory(prefix="bench-")
+    result: dict[str, Any] = {"subject": subject, "loop": loop, "count": count, "rate": rate}
+    try:
+        consumer = Worker("consumer", consumer_main, queue, count, latency, timeout)
+        workers.append(consumer)
+        consumer.expect("ready", 30)
+        sim: Worker | None = None
+        if subject == "ceiling":
+            pub = Worker("ceiling", ceiling_main, exchange, count, rate, WINDOW, uv)
+            workers.append(pub)
+            pub.expect("ready", 30)
+            pid, starter = pub.pid, pub
+        else:
+            sim = Worker("simulator", simulator_main, KEY, rate, count)
+            workers.append(sim)
+            port = sim.expect("ready", 30)["port"]
+            url = f"ws://127.0.0.1:{port}"
+            if subject == "naive":
+                pub = Worker("naive", naive_main, url, KEY, exchange, count, uv)
+                workers.append(pub)
+                pub.expect("ready", 30)
+                pid = pub.pid
+            else:
+                bridge = BridgeProcess(url, exchange, uvloop_on=uv, spool_dir=tmp.name)
+                bridge.wait_ready(30)
+                pid = bridge.pid
+            sim.expect("subscribed", 30)
+            starter = sim
+        others = {"consumer": consumer.pid, "broker": common.broker_pid()}
+        if sim is not None:
+            others["simulator"] = sim.pid
+        busy0 = common.busy_cpu_seconds()
+        cpu0 = common.cpu_seconds(pid)
+        cpu_others0 = {k: common.cpu_seconds(v) for k, v in others.items() if v}
+        sampler = RssSampler(pid)
+        t0 = time.time()
+        starter.send(cmd="go")
+        hook = on_go(pid) if on_go is not None else None
+        got = consumer.expect("done", timeout + 5)
+        t1 = time.time()
+        if hook is not None:
+            result["profile"] = hook()
+        cpu = common.cpu_seconds(pid) - cpu0
+        cpu_others = {k: round(common.cpu_seconds(others[k]) - v, 2) for k, v in cpu_others0.items()}  # type: ignore[index]
+        busy = common.busy_cpu_seconds() - busy0
+        samples = sampler.stop()
+        peak = common.peak_rss_bytes(pid)
+        span = got["last_at"] - got["first_at"]
+        n = got["distinct"]
+        result.update(
+            complete=got["complete"],
+            received=got["received"],
+            distinct=n,
+            duplicates=got["duplicates"],
+            missing=got["missing"],
+            seconds_first_to_last=round(span, 3),
+            seconds_total=round(t1 - t0, 3),
+            events_per_s=round((n - 1) / span, 1) if span > 0 and n > 1 else None,
+            latency=got["latency"],
+            cpu_s=round(cpu, 3),
+            cpu_s_per_100k=round(cpu / n * 100_000, 2) if n else None,
+            cpu_other_processes_s=cpu_others,
+            # Machine-wide busy CPU not spent by the subject, consumer, simulator or broker:
+            # other users of this machine (a large value means a disturbed measurement).
+            cpu_foreign_s=round(busy - cpu - sum(cpu_others.values()), 2),
+            cpu_machine_busy_s=round(busy, 2),
+            wall_s=round(t1 - t0, 3),
+            rss_peak_mb=_mb(peak),
+            rss_steady_mb=_mb(statistics.median(samples[len(samples) // 2 :])) if samples else None,
+            rss_last_mb=_mb(samples[-1]) if samples else None,
+        )
+        if bridge is not None:
+            m = bridge.metrics()
+            result["bridge_metrics"] = {
+                k: m.get(f"orangepill_bridge_{k}")
+                for k in ("events_received_total", "events_published_total", "publish_failures_total", "spool_depth")
+            }
+            result["spool_file_mb"] = _mb(common.spool_bytes(bridge.spool))
+        return result
+    finally:
+        try:
+            if bridge is not None:
+                result["bridge_exit_code"] = bridge.stop()
+            for w in reversed(workers):
+                w.close()
+        finally:
+            common.delete(exchange, queue)
+            tmp.cleanup()
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def throughput(subject: str, loop: str, smoke: bool, count: int | None) -> dict[str, Any]:
+    """Full-speed run, N sized from a pilot so that it lasts >= 10 s."""
+    if smoke:
+        return measure(subject, loop, count=count or 1500, rate=0, latency=False, timeout=60)
+    if count is None:
+        pilot = measure(subject, loop, count=_PILOT[subject], rate=0, latency=False, timeout=60)
+        rate = pilot["events_per_s"] or 1000.0
+        count = int(min(_N_MAX, max(_N_MIN, math.ceil(rate * (MIN_SECONDS * 1.4) / 1000) * 1000)))
+        _log(f"    pilot {subject}/{loop}: {rate:,.0f}/s -> N={count:,}")
+    res = measure(subject, loop, count=count, rate=0, latency=False, timeout=max(120, count / 300))
+    if res["seconds_first_to_last"] < MIN_SECONDS and count < _N_MAX:
+        count = int(min(_N_MAX, math.ceil(count * (MIN_SECONDS + 2) / max(res["seconds_first_to_last"], 0.5))))
+        _log(f"    {subject}/{loop} ran only {res['seconds_first_to_last']:.1f}s; again with N={count:,}")
+        res = measure(subject, loop, count=count, rate=0, latency=False, timeout=max(120, count / 300))
+    return res
+
+
+def latency(subject: str, loop: str, smoke: bool) -> dict[str, Any]:
+    """Fixed offered rate (1,000/s) for >= 10 s; latency = consumer receipt - sent_at."""
+    count = 300 if smoke else int(LATENCY_RATE * (MIN_SECONDS + 1))
+    return measure(subject, loop, count=count, rate=LATENCY_RATE, latency=True, timeout=60)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios bridge/ceiling and bridge/naive for each loop, and the targets."""
+    by = {(r["subject"], r["loop"]): r for r in rows}
+    ratios: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+    for loop in LOOPS:
+        b, c, n = by.get(("bridge", loop)), by.get(("ceiling", loop)), by.get(("naive", loop))
+        if not b:
+            continue
+        ratios[loop] = {
+            "bridge_over_ceiling": _ratio(b["events_per_s"], c["events_per_s"]) if c else None,
+            "bridge_over_naive": _ratio(b["events_per_s"], n["events_per_s"]) if n else None,
+        }
+        r = ratios[loop]["bridge_over_ceiling"]
+        p99 = (b.get("latency") or {}).get("p99_ms")
+        rss = b.get("rss_steady_mb")
+        targets[loop] = {
+            "throughput_ge_0.8_ceiling": {"value": r, "met": r is not None and r >= 0.8},
+            "p99_lt_5ms_at_1000_per_s": {"value": p99, "met": p99 is not None and p99 < 5.0},
+            "rss_steady_lt_80mb": {"value": rss, "met": rss is not None and rss < 80.0},
+            "rss_peak_mb": b.get("rss_peak_mb"),
+        }
+    return {"ratios": ratios, "targets": targets}
+
+
+def _fmt(v: Any, spec: str = ",.0f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return format(v, spec)
+
+
+def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The results as printed."""
+    head = (
+        f"{'row':<8} {'loop':<8} {'events/s':>9} {'N':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'CPU s/100k':>10} {'peak RSS MB':>11} {'steady RSS MB':>13}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lat = r.get("latency") or {}
+        lines.append(
+            f"{r['subject']:<8} {r['loop']:<8} {_fmt(r['events_per_s']):>9} {_fmt(r['count']):>8} "
+            f"{_fmt(lat.get('p50_ms'), '.2f'):>7} {_fmt(lat.get('p99_ms'), '.2f'):>7} "
+            f"{_fmt(lat.get('max_ms'), '.1f'):>7} "
+            f"{_fmt(r['cpu_s_per_100k'], '.1f'):>10} {_fmt(r['rss_peak_mb'], '.1f'):>11} "
+            f"{_fmt(r.get('rss_steady_mb'), '.1f'):>13}"
+        )
+    lines.append("")
+    for loop, ratio in summary["ratios"].items():
+        lines.append(
+            f"{loop:<8} bridge/ceiling = {_fmt(ratio['bridge_over_ceiling'], '.2f')}   "
+            f"bridge/naive = {_fmt(ratio['bridge_over_naive'], '.2f')}"
+        )
+    for loop, t in summary["targets"].items():
+        marks = []
+        for name, item in t.items():
+            if isinstance(item, dict):
+                marks.append(f"{name}: {_fmt(item['value'], '.2f')} {'met' if item['met'] else 'MISSED'}")
+        lines.append(f"targets {loop:<8} " + "; ".join(marks))
+    return "\n".join(lines)
+
+
+def merge(tput: dict[str, Any], lat: dict[str, Any]) -> dict[str, Any]:
+    """One row: throughput, CPU and peak RSS from the full-speed run; latency and steady RSS at 1,000/s."""
+    return {
+        "subject": tput["subject"],
+        "loop": tput["loop"],
+        "count": tput["count"],
+        "events_per_s": tput["events_per_s"],
+        "complete": tput["complete"] and lat["complete"],
+        "latency": lat["latency"],
+        "cpu_s_per_100k": tput["cpu_s_per_100k"],
+        "cpu_s_per_100k_at_1000_per_s": lat["cpu_s_per_100k"],
+        "rss_peak_mb": tput["rss_peak_mb"],
+        "rss_steady_mb": lat["rss_steady_mb"],
+        "throughput_run": tput,
+        "latency_run": lat,
+    }
+
+
+def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str] | None = None,
+         loops: list[str] | None = None, count: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the benchmark, print the table, write the JSON; return the report."""
+    started = time.time()
+    out_dir = results_dir or common.RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = common.machine()
+    _log(f"machine: {info['cores']} cores, {info['cpu_model']}, Python {info['python']}, RabbitMQ {info['rabbitmq']}")
+    rows: list[dict[str, Any]] = []
+    for subject in only or SUBJECTS:
+        for loop in loops or LOOPS:
+            _log(f"  {subject:<8} {loop:<8} throughput ...")
+            t = throughput(subject, loop, smoke, count)
+            rate = t["events_per_s"] or 0
+            _log(f"  {subject:<8} {loop:<8} {rate:,.0f}/s over {t['seconds_first_to_last']:.1f}s; latency ...")
+            lat = latency(subject, loop, smoke)
+            row = merge(t, lat)
+            rows.append(row)
+            p = lat["latency"] or {}
+            _log(f"  {subject:<8} {loop:<8} p50 {p.get('p50_ms')} ms p99 {p.get('p99_ms')} ms")
+    summary = summarise(rows)
+    report = {
+        "benchmark": "orangepill-bridge end-to-end",
+        "mode": "smoke" if smoke else "full",
+        "started_at": datetime.fromtimestamp(started, tz=UTC).isoformat(),
+        "duration_s": round(time.time() - started, 1),
+        "machine": info,
+        "setup": {
+            "amqp_url": "amqp://guest:***@127.0.0.1:5672/",
+            "messages": (
+                "persistent, to a durable topic exchange with alternate exchange; "
+                "consumer queue durable, bound to '#'"
+            ),
+            "ceiling_confirm_window": WINDOW,
+            "latency_offered_rate_per_s": LATENCY_RATE,
+            "consumer": "own process, aiormq, uvloop, no_ack",
+            "simulator": "bridge.simulator in its own process, uvloop, rate=0 (full speed) or 1000/s",
+            "bridge": "python -m bridge run, default settings except loopback addresses and a temp spool file",
+            "cpu": "psutil user+system of the subject process only, from 'go' to the consumer's last event",
+            "rss_peak": "VmHWM of the subject process during the full-speed run",
+            "rss_steady": "median RSS over the second half of the 1,000/s run",
+        },
+        "rows": rows,
+        **summary,
+    }
+    text = table(rows, summary)
+    print()
+    print(text, flush=True)
+    stamp = datetime.fromtimestamp(started, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    prefix = "smoke-" if smoke else ""
+    report["table"] = text
+    blob = json.dumps(report, indent=2)
+    (out_dir / f"{prefix}{stamp}.json").write_text(blob)
+    (out_dir / f"{prefix}latest.json").write_text(blob)
+    _log(f"\nwrote {out_dir / f'{prefix}{stamp}.json'} and {prefix}latest.json ({report['duration_s']} s)")
+    return report
