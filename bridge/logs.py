@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -16,55 +17,56 @@ __all__ = ["setup_logging"]
 _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
-class _Scrub(logging.Filter):
+class _Scrubber:
     """Last line of defence: no realm key or password leaves through a log line.
 
     Realm keys are replaced wherever they appear (by their fingerprint); a
     password only where it stands in a URL (``:password@``), so that a
-    password such as ``guest`` does not also rewrite the user name.
+    password such as ``guest`` does not also rewrite the user name. It works on
+    the formatted text, never on the record, which other handlers may share.
     """
 
     def __init__(self, realm_keys: tuple[str, ...], passwords: tuple[str, ...]) -> None:
-        super().__init__()
         self._keys = tuple(k for k in realm_keys if k)
         self._passwords = tuple(p for p in passwords if p)
 
-    def _clean(self, text: str) -> str:
+    def __call__(self, text: str) -> str:
         text = redact(text, self._keys)
         for password in self._passwords:
             text = text.replace(f":{password}@", ":***@")
         return text
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._keys or self._passwords:
-            message = record.getMessage()
-            scrubbed = self._clean(message)
-            if scrubbed != message:
-                record.msg, record.args = scrubbed, None
-            if record.exc_info and record.exc_info[1] is not None:
-                text = logging.Formatter().formatException(record.exc_info)
-                record.exc_info = None
-                record.exc_text = self._clean(text)
-        return True
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self, clean: Callable[[str], str]) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        self._clean = clean
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._clean(super().format(record))
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, clean: Callable[[str], str]) -> None:
+        super().__init__()
+        self._clean = clean
+
     def format(self, record: logging.LogRecord) -> str:
+        clean = self._clean
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": clean(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STD_ATTRS and not key.startswith("_"):
-                out[key] = value
+                out[key] = clean(str(value)) if isinstance(value, str) else value
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = clean(self.formatException(record.exc_info))
         elif record.exc_text:
-            out["exc"] = record.exc_text
-        return orjson.dumps(out, default=str).decode()
+            out["exc"] = clean(record.exc_text)
+        return orjson.dumps(out, default=lambda v: clean(str(v))).decode()
 
 
 def setup_logging(
@@ -78,18 +80,13 @@ def setup_logging(
     Args:
         level: DEBUG, INFO, WARNING or ERROR.
         fmt: ``json``, ``text`` or ``auto`` (text when stderr is a terminal).
-        realm_keys: scrubbed from every record.
-        passwords: scrubbed from every URL in every record.
+        realm_keys: scrubbed from every line.
+        passwords: scrubbed from every URL in every line.
     """
+    clean = _Scrubber(realm_keys, passwords)
     handler = logging.StreamHandler(sys.stderr)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    if use_json:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        )
-    handler.addFilter(_Scrub(realm_keys, passwords))
+    handler.setFormatter(_JsonFormatter(clean) if use_json else _TextFormatter(clean))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,11 +15,18 @@ KEY = "c9d4744c-0eae-4457-a665-2c18b9ac132b"
 
 
 @pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
     stream = io.StringIO()
     monkeypatch.setattr(logs.sys, "stderr", stream)
     logs.setup_logging("INFO", "json", realm_keys=(KEY,), passwords=("guest",))
-    return stream
+    yield stream
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
 
 
 def test_realm_key_is_scrubbed_from_messages_and_tracebacks(captured: io.StringIO) -> None:
@@ -49,3 +57,17 @@ def test_json_lines_have_level_logger_and_message(captured: io.StringIO) -> None
     assert record["logger"] == "bridge.test"
     assert record["msg"] == "stream subscribed realm=eu"
     assert record["ts"].endswith("Z")
+
+
+def test_scrubbing_leaves_the_record_alone(captured: io.StringIO) -> None:
+    """Scrubbing works on the output, so other handlers still see the record's own exc_info."""
+    seen: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(other)
+    try:
+        raise ValueError(KEY)
+    except ValueError:
+        logging.getLogger("bridge.test").error("failed", exc_info=True)
+    assert seen[-1].exc_info is not None
+    assert KEY not in captured.getvalue()
