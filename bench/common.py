@@ -10,6 +10,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
@@ -170,6 +171,8 @@ class BridgeProcess:
                 "--exchange", exchange,
                 "--spool", self.spool,
                 "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
+                # Extra flags for experiments (e.g. "--spool memory"); results record them.
+                *shlex.split(os.environ.get("BENCH_BRIDGE_ARGS", "")),
             ],
             cwd=ROOT,
             env=env,

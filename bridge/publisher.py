@@ -26,10 +26,11 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustConnection,
-    DeliveryMode,
     ExchangeType,
 )
+from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from bridge.catalog import metric_labels
 from bridge.config import Settings, redact_url
@@ -38,7 +39,7 @@ from bridge.metrics import Metrics, PublishFailure
 from bridge.protocol import KIND_EVENT, Outbound
 from bridge.stream import Backoff
 
-__all__ = ["MessageSource", "Publisher", "Topology", "build_message"]
+__all__ = ["MessageSource", "Publisher", "Topology", "amqp_properties", "declare_topology"]
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +79,25 @@ class Topology:
         self.quarantine = f"{exchange}.quarantine"
 
 
-def build_message(msg: Outbound) -> aio_pika.Message:
-    """The AMQP message of the contract: persistent, JSON, deterministic message_id."""
+def amqp_properties(msg: Outbound, extra_headers: dict[str, str] | None = None) -> Basic.Properties:
+    """The AMQP properties of the contract: persistent, JSON, deterministic message_id.
+
+    Built as pamqp properties directly: aio_pika.Message costs about eight times as
+    much per event, and the publisher makes one per event.
+    """
     is_event = msg.kind == KIND_EVENT
-    return aio_pika.Message(
-        msg.body,
-        delivery_mode=DeliveryMode.PERSISTENT,
+    headers: dict[str, Any] = dict(msg.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    return Basic.Properties(
         content_type="application/json" if is_event else "text/plain",
         content_encoding="utf-8",
+        headers=headers,
+        delivery_mode=2,
         message_id=msg.message_id,
-        timestamp=datetime.fromtimestamp(msg.received_at, tz=UTC),
-        type=msg.routing_key if is_event else "quarantine",
+        timestamp=datetime.fromtimestamp(int(msg.received_at), tz=UTC),
+        message_type=msg.routing_key if is_event else "quarantine",
         app_id=_APP_ID,
-        headers=dict(msg.headers),
     )
 
 
@@ -152,6 +159,7 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._default: AbstractExchange | None = None
+        self._raw: RawChannel | None = None
         self._alternate_active = False
         self._up = asyncio.Event()
         self._window = asyncio.Semaphore(settings.confirm_window)
@@ -284,6 +292,9 @@ class Publisher:
                 await _first(self._window.acquire(), stop_wait)
                 if stop.is_set():
                     break
+                if self._raw is None or self._raw.is_closed:
+                    # aio-pika reopens channels after a reconnect; publish on the current one.
+                    self._raw = await self._refresh_raw()
                 free = 1 + _free_slots(self._window)
                 get = asyncio.ensure_future(self._source.get_batch(free))
                 await _first(get, stop_wait)
@@ -308,29 +319,34 @@ class Publisher:
 
     async def _publish(self, item: Spooled) -> None:
         msg = item.msg
-        exchange = self._exchange
+        raw = self._raw
         failure: PublishFailure | None = None
+        timeout = self._settings.publish_timeout
         try:
-            if exchange is None or self._default is None:
+            if raw is None or raw.is_closed:
                 raise ConnectionError("not connected")
             if msg.kind == KIND_EVENT:
-                result = await exchange.publish(
-                    build_message(msg),
-                    msg.routing_key,
+                result = await raw.basic_publish(
+                    msg.body,
+                    exchange=self.topology.exchange,
+                    routing_key=msg.routing_key,
+                    properties=amqp_properties(msg),
                     mandatory=True,
-                    timeout=self._settings.publish_timeout,
+                    timeout=timeout,
                 )
                 if isinstance(result, DeliveredMessage):
                     # Returned: no queue and no alternate exchange took it.
                     self._metrics.events_unroutable.inc()
                     if self._settings.unroutable == "keep":
-                        await self._keep_unrouted(msg)
+                        await self._keep_unrouted(raw, msg)
             else:
-                await self._default.publish(
-                    build_message(msg),
-                    self.topology.quarantine,
+                await raw.basic_publish(
+                    msg.body,
+                    exchange="",
+                    routing_key=self.topology.quarantine,
+                    properties=amqp_properties(msg),
                     mandatory=True,
-                    timeout=self._settings.publish_timeout,
+                    timeout=timeout,
                 )
                 self._metrics.events_quarantined.inc()
         except aiormq.exceptions.DeliveryError:
@@ -358,17 +374,27 @@ class Publisher:
                 child = self._published[msg.label] = self._metrics.events_published.labels(msg.label)
             child.inc()
 
-    async def _keep_unrouted(self, msg: Outbound) -> None:
+    async def _refresh_raw(self) -> RawChannel | None:
+        channel = self._channel
+        if channel is None or not self._up.is_set():
+            return None
+        try:
+            return await asyncio.wait_for(channel.get_underlay_channel(), timeout=5)
+        except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError):
+            return None
+
+    async def _keep_unrouted(self, raw: RawChannel, msg: Outbound) -> None:
         """Move a returned event to the unrouted queue, keeping its original routing key."""
-        if self._default is None:
-            raise ConnectionError("not connected")
-        message = build_message(msg)
-        message.headers = {**(message.headers or {}), "original_routing_key": msg.routing_key}
-        result = await self._default.publish(
-            message, self.topology.unrouted, mandatory=True, timeout=self._settings.publish_timeout
+        result = await raw.basic_publish(
+            msg.body,
+            exchange="",
+            routing_key=self.topology.unrouted,
+            properties=amqp_properties(msg, {"original_routing_key": msg.routing_key}),
+            mandatory=True,
+            timeout=self._settings.publish_timeout,
         )
         if isinstance(result, DeliveredMessage):
-            raise aiormq.exceptions.DeliveryError(None, None)  # type: ignore[arg-type]
+            raise aiormq.exceptions.DeliveryError(None, None)
 
     async def drain(self, grace: float) -> int:
         """Wait for outstanding confirms; what is still unconfirmed stays in the spool.

@@ -148,6 +148,7 @@ class StreamClient:
         self._metrics = metrics
         self._state = state
         self._secrets = settings.secrets
+        self._realm_fp = realm.fingerprint  # a SHA-256 of the key: once, not per event
         self._backoff = Backoff(
             settings.reconnect_min, settings.reconnect_max, settings.reconnect_reset_after
         )
@@ -368,7 +369,7 @@ class StreamClient:
         for frame in frames:
             if isinstance(frame, Notification):
                 msg = event_message(
-                    frame, realm=self._realm.label, realm_fp=self._realm.fingerprint, received_at=now
+                    frame, realm=self._realm.label, realm_fp=self._realm_fp, received_at=now
                 )
                 await self._sink.put(msg)
                 child = self._received.get(msg.label)

@@ -80,13 +80,23 @@ async def test_get_batch_returns_messages_in_put_order(db: str) -> None:
 async def test_nothing_handed_out_before_commit(db: str) -> None:
     """A put is not visible to get_batch until its group commit has finished."""
     spool = await Spool.open(db, commit_interval=0.5)
-    await spool.put(msg(1))
+    await spool.put(msg(0))  # an idle spool commits at once...
+    assert nums(await asyncio.wait_for(spool.get_batch(10), 1)) == [0]
+    await spool.put(msg(1))  # ...the next put within the interval waits for the group
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(spool.get_batch(10), 0.1)
     # The row is really not on disk yet: the transaction is still being grouped.
-    assert spool._committed_id < 1
+    assert spool._committed_id < 2
     await spool.flush()
     assert nums(await spool.get_batch(10)) == [1]
+    await spool.close()
+
+
+async def test_idle_spool_commits_at_once(db: str) -> None:
+    """A put into an idle spool is handed out without waiting for the commit interval."""
+    spool = await Spool.open(db, commit_interval=5.0)
+    await spool.put(msg(3))
+    assert nums(await asyncio.wait_for(spool.get_batch(10), 2.0)) == [3]
     await spool.close()
 
 
@@ -374,7 +384,7 @@ async def test_second_open_of_the_same_file_is_refused(db: str) -> None:
 
 
 async def test_metrics_gauges_follow_depth_bytes_full(db: str) -> None:
-    """spool_depth, spool_bytes and spool_full track puts, acks and reopen."""
+    """spool_depth, spool_bytes and spool_full track puts, acks and reopen (gauges at each group commit)."""
     metrics = Metrics(CollectorRegistry())
 
     def gauges() -> tuple[float, float, float]:
@@ -388,9 +398,11 @@ async def test_metrics_gauges_follow_depth_bytes_full(db: str) -> None:
     assert gauges() == (0, 0, 0)
     for n in range(5):
         await spool.put(msg(n, size=10))
+    await spool.flush()
     assert gauges() == (5, 50, 1)
     batch = await spool.get_batch(2)
     spool.ack(i.id for i in batch)
+    await spool.flush()
     assert gauges() == (3, 30, 0)
     await spool.close()
     fresh = Metrics(CollectorRegistry())
