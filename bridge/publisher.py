@@ -164,6 +164,7 @@ class Publisher:
         self._up = asyncio.Event()
         self._window = asyncio.Semaphore(settings.confirm_window)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight_gauge = metrics.publish_in_flight
         self._failure_pause = 0.0
         self._closing = False
         self._published = {label: metrics.events_published.labels(label) for label in metric_labels()}
@@ -311,11 +312,17 @@ class Publisher:
                 for item in batch:
                     task = asyncio.create_task(self._publish(item))
                     self._in_flight.add(task)
-                    task.add_done_callback(self._in_flight.discard)
+                    task.add_done_callback(self._task_done)
+                self._in_flight_gauge.set(len(self._in_flight))
                 if not batch:
                     self._window.release()
         finally:
             stop_wait.cancel()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if not self._in_flight:
+            self._in_flight_gauge.set(0)
 
     async def _publish(self, item: Spooled) -> None:
         msg = item.msg
