@@ -52,6 +52,8 @@ _MAX_BACKOFF: Final = 1.0
 # A commit of this many rows or more means the stream is busy: commit less often
 # (5 x commit_interval) so that more rows share each transaction.
 _BUSY_ROWS: Final = 32
+_RESUME_RATIO: Final = 0.9
+_FULL_LOG_EVERY: Final = 60.0
 _FIRST_BACKOFF: Final = 0.01
 # Small commits run on the loop's thread: about 0.1 ms of SQLite, where a hand-off
 # to the spool thread costs a GIL round trip that waits up to the 5 ms switch
@@ -292,6 +294,8 @@ class Spool:
         self._acks_committed = 0
         self._flushers = 0
         self._full = False
+        self._full_logged_at = -_FULL_LOG_EVERY
+        self._full_announced = False
         self._disk_error: BaseException | None = None
         self._disk_error_since = 0.0
         self._read_failing = False
@@ -589,14 +593,25 @@ class Spool:
             self._metrics.spool_bytes.set(self._bytes)
 
     def _update_full(self) -> None:
-        full = self._bytes >= self._max_bytes or self._disk_error is not None
+        # Hysteresis: full at max_bytes, room again only below 90 % of it, so that a
+        # spool hovering at its bound does not flap (and log) once per event.
+        limit = self._max_bytes * (_RESUME_RATIO if self._full else 1.0)
+        full = self._bytes >= limit or self._disk_error is not None
         if full == self._full:
             return
         self._full = full
         if self._metrics is not None:
             self._metrics.spool_full.set(1 if full else 0)
+        # While the broker drains a full spool it fills and frees in turns; say so once
+        # a minute, the spool_full gauge shows every turn.
+        now = time.monotonic()
+        loud = full and now - self._full_logged_at >= _FULL_LOG_EVERY
+        if loud:
+            self._full_logged_at = now
+            self._full_announced = True
         if full:
-            log.warning(
+            log.log(
+                logging.WARNING if loud else logging.DEBUG,
                 "spool %s full (%d bytes, max %d, disk error: %s): pausing the stream until space frees",
                 self._path,
                 self._bytes,
@@ -604,7 +619,9 @@ class Spool:
                 "yes" if self._disk_error is not None else "no",
             )
         else:
-            log.info("spool %s has room again (%d bytes): resuming the stream", self._path, self._bytes)
+            level = logging.INFO if self._full_announced else logging.DEBUG
+            self._full_announced = False
+            log.log(level, "spool %s has room again (%d bytes): resuming the stream", self._path, self._bytes)
             self._space.set()
 
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:

@@ -272,3 +272,46 @@ async def test_sigterm_during_backlog_keeps_unconfirmed_in_spool(exchange_name: 
         sent = [e.seq for e in sim.sent]
     msgs = await fresh_collect(queue_name, len(sent))
     assert_all_at_least_once(msgs, sent)
+
+
+async def test_spool_full_applies_back_pressure_and_loses_nothing(exchange_name: str, tmp_path: Path) -> None:
+    """A full spool stops the stream being read (spool_full=1, /readyz 503) and, once the broker is back, every event sent arrives."""
+    port = free_port()
+    connection = await aio_pika.connect(AMQP_URL)
+    total = 20_000  # far more than the socket buffers between simulator and bridge can hold
+    async with connection, simulator(rate=0, count=total) as sim:
+        settings = bridge_settings(
+            sim.url, exchange_name, spool=str(tmp_path / "spool.db"), spool_max_bytes=64 * 1024,
+            metrics_addr=f"127.0.0.1:{port}", idle_timeout=2.0,
+        )
+        queue = await bind_queue(connection, settings, "#")  # type: ignore[arg-type]
+        queue_name = queue.name
+        sim.pause()
+        async with broker_lock(), running_bridge(settings) as bridge:
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_amqp_connected") == 1)
+            async with broker_stopped():
+                assert await wait_until(lambda: bridge.metric("orangepill_bridge_amqp_connected") == 0, timeout=30)
+                sim.resume()
+                assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_full") == 1, timeout=30)
+
+                def received() -> float:
+                    return sum(
+                        s.value for m in bridge.registry.collect() for s in m.samples
+                        if s.name == "orangepill_bridge_events_received_total"
+                    )
+
+                read_when_full = received()
+                await asyncio.sleep(3.0)  # longer than the idle timeout: a full spool must not look like a dead link
+                assert received() == read_when_full < total, "the stream must not be read while the spool is full"
+                assert bridge.metric("orangepill_bridge_stream_disconnects_total", {"reason": "silent"}) == 0
+                assert bridge.metric("orangepill_bridge_spool_bytes") <= 64 * 1024 + 4096
+                status, body = await readyz(port)
+                assert status == 503
+                assert any("spool full" in str(r) for r in body["reasons"])  # type: ignore[attr-defined]
+            await sim.wait_sent(total, timeout=120)
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_depth") == 0, timeout=120)
+            assert bridge.metric("orangepill_bridge_spool_full") == 0
+            assert await bridge.finish() == 0
+        sent = [e.seq for e in sim.sent]
+    msgs = await fresh_collect(queue_name, len(sent))
+    assert_all_at_least_once(msgs, sent)
