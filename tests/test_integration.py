@@ -253,3 +253,32 @@ async def test_sigterm_exits_0_with_nothing_outstanding(amqp: AbstractRobustConn
         assert reopened.depth == 0
     finally:
         await reopened.close()
+
+
+async def test_nacked_events_stay_in_the_spool_and_are_retried(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """Events RabbitMQ nacks (a full queue with reject-publish) are retried from the spool until they are confirmed."""
+    from bridge.publisher import declare_topology
+
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        _, exchange, _ = await declare_topology(amqp, settings, confirms=False)
+        channel = await amqp.channel()
+        tight = await channel.declare_queue(
+            f"{exchange_name}.tight", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await tight.bind(exchange, routing_key="#")
+        try:
+            async with running_bridge(settings) as bridge:
+                await sim.wait_subscribed(1)
+                for n in range(5):
+                    await sim.send_event("deposit.received", f"{n:024x}")
+                assert await wait_until(
+                    lambda: bridge.metric("orangepill_bridge_publish_failures_total", {"reason": "nack"}) >= 1
+                )
+                assert bridge.metric("orangepill_bridge_spool_depth") >= 1
+                msgs = await collect(tight, 5, timeout=60)
+                assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_depth") == 0, timeout=30)
+                assert await bridge.finish() == 0
+        finally:
+            await tight.delete(if_unused=False, if_empty=False)
+    assert sorted(orjson.loads(m.body)["data"] for m in msgs) == [f"{n:024x}" for n in range(5)]
