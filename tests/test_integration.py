@@ -282,3 +282,18 @@ async def test_nacked_events_stay_in_the_spool_and_are_retried(amqp: AbstractRob
         finally:
             await tight.delete(if_unused=False, if_empty=False)
     assert sorted(orjson.loads(m.body)["data"] for m in msgs) == [f"{n:024x}" for n in range(5)]
+
+
+async def test_unroutable_drop_counts_and_lets_go(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """With --unroutable drop there is no alternate exchange; a returned event is counted and leaves the spool."""
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name, unroutable="drop")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            await sim.send_event("currency.destroyed", "dddddddddddddddddddddddd")
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_events_unroutable_total") == 1)
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_depth") == 0)
+            assert await bridge.finish() == 0
+    channel = await amqp.channel()
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+        await channel.declare_exchange(f"{exchange_name}.unrouted", passive=True)
