@@ -14,11 +14,9 @@ from bridge.config import Realm, Settings, redact_url
 from bridge.errors import BridgeError, ProtocolError
 from bridge.protocol import (
     ErrorFrame,
-    Info,
-    Notification,
-    Subscribed,
     parse_frames,
     redact,
+    subscribe_answer,
     subscribe_frame,
     unsubscribe_frame,
 )
@@ -49,11 +47,12 @@ async def check_realm(settings: Settings, realm: Realm) -> tuple[bool | None, st
                     except ProtocolError:
                         continue
                     for frame in frames:
-                        if isinstance(frame, ErrorFrame):
+                        answer = subscribe_answer(frame, refused=refused)
+                        if answer == "rejected" and isinstance(frame, ErrorFrame):
                             return False, redact(frame.message, settings.secrets)
-                        if isinstance(frame, Info) and not frame.accepted:
+                        if answer == "refused":
                             refused = True
-                        elif isinstance(frame, (Info, Subscribed, Notification)) and not refused:
+                        elif answer == "accepted":
                             await ws.send(unsubscribe_frame(realm.key))
                             return True, "subscribed and unsubscribed"
     except ConnectionClosed:

@@ -38,6 +38,7 @@ __all__ = [
     "parse_frames",
     "quarantine_message",
     "redact",
+    "subscribe_answer",
     "subscribe_frame",
     "timestamp_seconds",
     "unsubscribe_frame",
@@ -197,6 +198,33 @@ def parse_frame(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
     if not isinstance(obj, dict):
         raise ProtocolError("not_object", f"frame is JSON {type(obj).__name__}, not an object")
     return _from_object(obj)
+
+
+SubscribeAnswer: TypeAlias = Literal["accepted", "rejected", "refused", "none"]
+
+
+def subscribe_answer(frame: Frame, *, refused: bool) -> SubscribeAnswer:
+    """What a frame read while waiting for the answer to subscribe says about the key.
+
+    The seed answers success with ``info`` (the realm) and/or ``subscribe``, and
+    failure with ``info`` ``"realm":"NONE"`` followed by ``error``. A server that
+    starts streaming without answering is delivering, so that counts as success.
+
+    Args:
+        frame: the parsed frame.
+        refused: whether an ``info`` NONE was seen already.
+
+    Returns:
+        ``rejected`` (an error frame: give up), ``refused`` (info NONE: expect the
+        error), ``accepted``, or ``none`` (says nothing about the subscription).
+    """
+    if isinstance(frame, ErrorFrame):
+        return "rejected"
+    if isinstance(frame, Info) and not frame.accepted:
+        return "refused"
+    if isinstance(frame, (Info, Subscribed, Notification)) and not refused:
+        return "accepted"
+    return "none"
 
 
 def parse_frames(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Frame]:

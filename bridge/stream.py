@@ -31,12 +31,12 @@ from bridge.protocol import (
     Notification,
     Other,
     Outbound,
-    Subscribed,
     Unsubscribed,
     event_message,
     parse_frames,
     quarantine_message,
     redact,
+    subscribe_answer,
     subscribe_frame,
     unsubscribe_frame,
 )
@@ -250,14 +250,15 @@ class StreamClient:
                     self._reject("the server answered info NONE and closed the connection")
                 raise
             for frame in await self._handle(raw):
-                if isinstance(frame, ErrorFrame):
-                    self._reject(redact(frame.message, self._secrets) or "error frame")
-                if isinstance(frame, Info) and not frame.accepted:
+                answer = subscribe_answer(frame, refused=refused)
+                if answer == "rejected":
+                    message = frame.message if isinstance(frame, ErrorFrame) else ""
+                    self._reject(redact(message, self._secrets) or "error frame")
+                elif answer == "refused":
                     # The seed sends info NONE and then error; wait briefly for the error's text.
                     refused = True
                     deadline = min(deadline, time.monotonic() + _REJECT_GRACE)
-                elif isinstance(frame, (Info, Subscribed, Notification)) and not refused:
-                    # A notification before any answer means the server is delivering: subscribed.
+                elif answer == "accepted":
                     self._state.set(label, connected=True, subscribed=True)
                     log.info("stream subscribed realm=%s", label)
                     self._last_heard = time.monotonic()

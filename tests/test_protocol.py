@@ -343,3 +343,31 @@ def test_lenient_parser_never_raises_anything_but_protocol_error(raw: str) -> No
     except ProtocolError as exc:
         reason = exc.reason
     assert reason is None or reason in REJECT_REASONS
+
+
+@pytest.mark.parametrize(
+    ("frame", "refused", "answer"),
+    [
+        (Info(accepted=True), False, "accepted"),
+        (Subscribed(), False, "accepted"),
+        (Info(accepted=False), False, "refused"),
+        (ErrorFrame(message="Invalid Realm Key."), True, "rejected"),
+        (ErrorFrame(message="Invalid Realm Key."), False, "rejected"),
+        (Subscribed(), True, "none"),
+        (Other(kind="text", detail="PONG"), False, "none"),
+        (Unsubscribed(), False, "none"),
+    ],
+)
+def test_subscribe_answer(frame: object, refused: bool, answer: str) -> None:
+    """Each answer the seed shows to subscribe is read the same way by run and check."""
+    from bridge.protocol import subscribe_answer
+
+    assert subscribe_answer(frame, refused=refused) == answer  # type: ignore[arg-type]
+
+
+def test_notification_before_any_answer_counts_as_accepted() -> None:
+    """A server that streams without answering is delivering: accepted."""
+    from bridge.protocol import subscribe_answer
+
+    note = parse_frame('{"type":"notification","event":"a.b","data":"x"}')
+    assert subscribe_answer(note, refused=False) == "accepted"
