@@ -296,7 +296,9 @@ class Publisher:
                 if self._raw is None or self._raw.is_closed:
                     # aio-pika reopens channels after a reconnect; publish on the current one.
                     self._raw = await self._refresh_raw()
-                free = 1 + _free_slots(self._window)
+                # One slot is held; every in-flight publish holds one until it is confirmed
+                # (released before it leaves _in_flight), so at least this many are free.
+                free = max(1, self._settings.confirm_window - len(self._in_flight))
                 get = asyncio.ensure_future(self._source.get_batch(free))
                 await _first(get, stop_wait)
                 if not get.done():
@@ -449,10 +451,6 @@ class Publisher:
                     log.debug("queue depth poll failed", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=_QUEUE_POLL_INTERVAL)
-
-
-def _free_slots(semaphore: asyncio.Semaphore) -> int:
-    return max(0, semaphore._value)
 
 
 async def _first(awaitable: Any, stop_wait: asyncio.Task[Any]) -> None:
