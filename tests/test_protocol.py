@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -241,15 +243,20 @@ def test_redact_replaces_every_secret() -> None:
     assert redact("a KEY b KEY", ("KEY",)).count("KEY") == 0
 
 
+def _reject_reason(parse: Callable[[str | bytes], object], raw: str | bytes) -> str | None:
+    """Parse; return None on success or the ProtocolError's reason (anything else propagates)."""
+    try:
+        parse(raw)
+    except ProtocolError as exc:
+        return exc.reason
+    return None
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300)))
 def test_parser_never_raises_anything_but_protocol_error(raw: str | bytes) -> None:
     """No input, text or bytes, makes the parser raise anything but ProtocolError."""
-    reason = None
-    try:
-        parse_frame(raw)
-    except ProtocolError as exc:
-        reason = exc.reason
+    reason = _reject_reason(parse_frame, raw)
     assert reason is None or reason in REJECT_REASONS
 
 
@@ -337,11 +344,7 @@ def test_lenient_parser_never_raises_anything_but_protocol_error(raw: str) -> No
     """The tolerant parser, fed brace soup, returns frames or raises ProtocolError only."""
     from bridge.protocol import parse_frames
 
-    reason = None
-    try:
-        parse_frames(raw)
-    except ProtocolError as exc:
-        reason = exc.reason
+    reason = _reject_reason(parse_frames, raw)
     assert reason is None or reason in REJECT_REASONS
 
 
