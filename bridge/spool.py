@@ -59,7 +59,7 @@ _FIRST_BACKOFF: Final = 0.01
 # to the spool thread costs a GIL round trip that waits up to the 5 ms switch
 # interval while the loop is busy. A commit that takes longer than _INLINE_SLOW
 # (a slow disk) sends commits to the thread again for _INLINE_PAUSE seconds.
-_INLINE_MAX_ROWS: Final = 256
+_INLINE_MAX_ROWS: Final = 256  # also the page size of backlog reads on the loop's thread
 _INLINE_SLOW: Final = 0.005
 _INLINE_PAUSE: Final = 5.0
 # A checkpoint (on the spool thread) after this many commits keeps the WAL small.
@@ -190,7 +190,8 @@ class _SqliteStore:
             if rows:
                 conn.executemany(_INSERT, map(_to_row, rows))
             if deletes:
-                conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in deletes])
+                # Confirms come back mostly in order: one statement per run of ids.
+                conn.executemany("DELETE FROM spool WHERE id BETWEEN ? AND ?", _runs(deletes))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -208,6 +209,17 @@ class _SqliteStore:
     def close(self) -> None:
         """Close the connection (checkpoints the WAL into the file)."""
         self.conn.close()
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Collapse ids into (first, last) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if runs and i <= runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], max(i, runs[-1][1]))
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def _to_row(item: Spooled) -> tuple[int, int, str, str, bytes, str, float, str]:
@@ -750,6 +762,17 @@ class Spool:
             except (sqlite3.Error, OSError):
                 log.warning("spool %s: WAL checkpoint failed; will retry", self._path, exc_info=True)
 
+    async def _read(self, store: _SqliteStore, want: int) -> list[Spooled]:
+        """Read the next rows of the backlog: a page on the loop's thread while the disk is quick."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._inline_from:
+            rows = store.read_after(self._tail_id, min(want, _INLINE_MAX_ROWS))
+            if loop.time() - now > _INLINE_SLOW:
+                self._inline_from = loop.time() + _INLINE_PAUSE
+            return rows
+        return await self._call(store.read_after, self._tail_id, want)
+
     async def _page_in(self) -> bool:
         """Refill the window from disk when it is half empty; False if the read failed."""
         store = self._store
@@ -758,7 +781,7 @@ class Spool:
         while self._disk_only and len(self._window) <= self._window_max // 2:
             want = min(self._window_max - len(self._window), self._disk_only)
             try:
-                rows = await self._call(store.read_after, self._tail_id, want)
+                rows = await self._read(store, want)
             except (sqlite3.Error, OSError):
                 if not self._read_failing:
                     log.error("spool %s: reading the backlog failed; retrying", self._path, exc_info=True)

@@ -577,3 +577,11 @@ class SpoolMachine(RuleBasedStateMachine):
 
 
 test_spool_state_machine = SpoolMachine.TestCase
+
+
+def test_delete_runs_collapse_consecutive_ids() -> None:
+    """Acked ids are deleted as runs of consecutive ids, whatever order they came in."""
+    from bridge.spool import _runs
+
+    assert _runs([5, 3, 4, 9, 1, 10, 4]) == [(1, 1), (3, 5), (9, 10)]
+    assert _runs([]) == []
