@@ -279,47 +279,51 @@ class Publisher:
     # -- publishing ---------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish from the spool until ``stop`` is set (the caller then calls ``drain``)."""
-        stop_wait = asyncio.create_task(stop.wait())
+        """Publish from the spool until ``stop`` is set (the caller then calls ``drain``).
+
+        Stop cancels this loop wherever it waits: one cancellation instead of racing
+        every wait against the stop event (that race cost a task and a wait per event).
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        stopper = asyncio.ensure_future(stop.wait())
+        stopper.add_done_callback(lambda done: None if done.cancelled() else task.cancel())
         try:
-            while not stop.is_set():
+            while True:
                 if not self._up.is_set():
-                    await _first(self._up.wait(), stop_wait)
+                    await self._up.wait()
                     continue
                 if self._failure_pause:
-                    await _first(asyncio.sleep(self._failure_pause), stop_wait)
-                    if stop.is_set():
-                        break
-                await _first(self._window.acquire(), stop_wait)
-                if stop.is_set():
-                    break
-                if self._raw is None or self._raw.is_closed:
-                    # aio-pika reopens channels after a reconnect; publish on the current one.
-                    self._raw = await self._refresh_raw()
-                # One slot is held; every in-flight publish holds one until it is confirmed
-                # (released before it leaves _in_flight), so at least this many are free.
-                free = max(1, self._settings.confirm_window - len(self._in_flight))
-                get = asyncio.ensure_future(self._source.get_batch(free))
-                await _first(get, stop_wait)
-                if not get.done():
-                    get.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await get
+                    await asyncio.sleep(self._failure_pause)
+                await self._window.acquire()
+                try:
+                    if self._raw is None or self._raw.is_closed:
+                        # aio-pika reopens channels after a reconnect; publish on the current one.
+                        self._raw = await self._refresh_raw()
+                    # One slot is held; every in-flight publish holds one until it is confirmed
+                    # (released before it leaves _in_flight), so at least this many are free.
+                    free = max(1, self._settings.confirm_window - len(self._in_flight))
+                    batch = await self._source.get_batch(free)
+                except BaseException:
                     self._window.release()
-                    break
-                batch = get.result()
-                # One slot is held already; take one more per extra message (free by construction).
+                    raise
+                # Free by construction: these acquires never wait, so no cancellation lands
+                # between taking the batch and handing every item to a publish task.
                 for _ in batch[1:]:
                     await self._window.acquire()
                 for item in batch:
-                    task = asyncio.create_task(self._publish(item))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._task_done)
+                    publish = asyncio.create_task(self._publish(item))
+                    self._in_flight.add(publish)
+                    publish.add_done_callback(self._task_done)
                 self._in_flight_gauge.set(len(self._in_flight))
                 if not batch:
                     self._window.release()
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            task.uncancel()  # the stop we asked for, not a cancellation from outside
         finally:
-            stop_wait.cancel()
+            stopper.cancel()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -451,16 +455,6 @@ class Publisher:
                     log.debug("queue depth poll failed", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=_QUEUE_POLL_INTERVAL)
-
-
-async def _first(awaitable: Any, stop_wait: asyncio.Task[Any]) -> None:
-    """Wait for ``awaitable`` or for stop, whichever comes first (the other keeps running)."""
-    task = asyncio.ensure_future(awaitable)
-    await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _describe(exc: BaseException | None) -> str:
