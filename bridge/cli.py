@@ -167,6 +167,15 @@ async def _demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Even
     from bridge.config import Realm
     from bridge.simulator import Simulator, SimulatorConfig
 
+    # The tail binds its queue first, so that the demo's very first event is shown too.
+    tail_stop = asyncio.Event()
+    tail_bound = asyncio.Event()
+    tail = asyncio.create_task(_tail(settings, ["#"], False, tail_stop, tail_bound))
+    bound_wait = asyncio.ensure_future(tail_bound.wait())
+    await asyncio.wait({bound_wait, tail}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    bound_wait.cancel()
+    if tail.done():
+        return tail.result() or 1
     key = "demo-realm-key"
     sim = Simulator(SimulatorConfig(port=0, realm_keys=(key,), rate=args.rate))
     await sim.start()
@@ -187,8 +196,6 @@ async def _demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Even
     )
     bridge_stop = asyncio.Event()
     bridge = asyncio.create_task(run_bridge(demo_settings, bridge_stop))
-    tail_stop = asyncio.Event()
-    tail = asyncio.create_task(_tail(settings, ["#"], False, tail_stop))
     try:
         if args.seconds > 0:
             with contextlib.suppress(TimeoutError):
@@ -208,7 +215,13 @@ async def _demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Even
     return code
 
 
-async def _tail(settings: Settings, patterns: Sequence[str], raw: bool, stop: asyncio.Event) -> int:
+async def _tail(
+    settings: Settings,
+    patterns: Sequence[str],
+    raw: bool,
+    stop: asyncio.Event,
+    bound: asyncio.Event | None = None,
+) -> int:
     """Print every event matching the patterns until stopped (the Event Stream Explorer, on RabbitMQ)."""
     import aio_pika
     import orjson
@@ -226,6 +239,8 @@ async def _tail(settings: Settings, patterns: Sequence[str], raw: bool, stop: as
         for pattern in patterns:
             await queue.bind(exchange, routing_key=pattern)
         print(f"tail: bound to {settings.exchange} with {', '.join(patterns)}", file=sys.stderr)
+        if bound is not None:
+            bound.set()
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():

@@ -80,3 +80,5 @@ def test_demo_runs_end_to_end(exchange_name: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "realm=demo" in result.stdout
     assert result.stdout.count("\n") >= 10
+    # The tail is bound before the simulator starts: the first event (user.created) is shown too.
+    assert result.stdout.splitlines()[0].split()[1] == "user.created"
