@@ -37,6 +37,7 @@ from bridge.config import Settings, redact_url
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics, PublishFailure
 from bridge.protocol import KIND_EVENT, Outbound
+from bridge.spool import Spooled
 from bridge.stream import Backoff
 
 __all__ = ["MessageSource", "Publisher", "Topology", "amqp_properties", "declare_topology"]
@@ -47,26 +48,16 @@ _QUEUE_POLL_INTERVAL = 10.0
 _APP_ID = "orangepill-bridge"
 
 
-class Spooled(Protocol):
-    """A message handed out by the spool: its spool id and the message."""
-
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def msg(self) -> Outbound: ...
-
-
 class MessageSource(Protocol):
     """The spool, as the publisher sees it."""
 
-    async def get_batch(self, max_n: int) -> list[Any]:
+    async def get_batch(self, max_n: int) -> list[Spooled]:
         """Wait for committed messages and hand out up to ``max_n`` in order."""
 
     def ack(self, ids: Iterable[int]) -> None:
         """Confirmed: remove for good."""
 
-    def release(self, items: Iterable[Any]) -> None:
+    def release(self, items: Iterable[Spooled]) -> None:
         """Not confirmed: hand out again first."""
 
 
@@ -157,8 +148,6 @@ class Publisher:
         self.topology = Topology(settings.exchange)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
-        self._default: AbstractExchange | None = None
         self._raw: RawChannel | None = None
         self._alternate_active = False
         self._up = asyncio.Event()
@@ -227,9 +216,8 @@ class Publisher:
         return False
 
     async def _declare(self, connection: AbstractRobustConnection) -> None:
-        channel, exchange, alternate = await declare_topology(connection, self._settings, confirms=True)
-        self._channel, self._exchange, self._alternate_active = channel, exchange, alternate
-        self._default = channel.default_exchange
+        channel, _, alternate = await declare_topology(connection, self._settings, confirms=True)
+        self._channel, self._alternate_active = channel, alternate
         if alternate:
             await self._tap_unrouted(connection)
 

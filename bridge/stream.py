@@ -117,11 +117,6 @@ class StreamState:
         self._metrics.subscribed.labels(label).set(1 if subscribed else 0)
         self._metrics.stream_connected.set(1 if all(self.connected.values()) else 0)
 
-    @property
-    def all_subscribed(self) -> bool:
-        """True when every realm is subscribed."""
-        return all(self.subscribed.values())
-
 
 class _Closed(Exception):
     """Internal: the session ended, with the reason for the disconnect metric."""
