@@ -1,6 +1,7 @@
 # orangepill-bridge: one image for the bridge (`run`), the simulator (`simulate`)
 # and the other sub-commands. Build context: the repository root.
-FROM python:3.11-slim
+# Pinned to an exact release (bump deliberately); pin by digest too where your registry policy asks for it.
+FROM python:3.11.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -196,7 +196,7 @@ def test_compose_defines_the_whole_stack(compose: dict[str, Any]) -> None:
     """The compose file has the five services of the issue, RabbitMQ with its AMQP and UI ports."""
     services = compose["services"]
     assert {"rabbitmq", "simulator", "bridge", "prometheus", "grafana"} <= services.keys()
-    assert services["rabbitmq"]["image"] == "rabbitmq:3-management"
+    assert re.fullmatch(r"rabbitmq:3\.\d+\.\d+-management", services["rabbitmq"]["image"])
     assert {container_port(p) for p in services["rabbitmq"]["ports"]} >= {5672, 15672}
     assert services["prometheus"]["image"].startswith("prom/prometheus")
     assert services["grafana"]["image"].startswith("grafana/grafana")
@@ -225,26 +225,92 @@ def test_compose_env_vars_are_ones_the_bridge_reads(compose: dict[str, Any]) -> 
 
 
 def test_bridge_defaults_point_at_the_simulator_and_can_be_overridden(compose: dict[str, Any]) -> None:
-    """Stream URL and realm key default to the simulator's and come from the caller's environment."""
-    env = service_env(compose["services"]["bridge"])
-    simulate = compose["services"]["simulator"]["command"]
+    """The stream URL defaults to the simulator's; bridge and simulator read one realm-key secret."""
+    services = compose["services"]
+    env = service_env(services["bridge"])
+    simulate = services["simulator"]["command"]
     port = simulate[simulate.index("--port") + 1]
-    key = simulate[simulate.index("--realm-key") + 1]
     assert env["ORANGEPILL_STREAM_URL"] == f"${{ORANGEPILL_STREAM_URL:-ws://simulator:{port}}}"
-    assert env["ORANGEPILL_REALM_KEY"] == f"${{ORANGEPILL_REALM_KEY:-{key}}}"
-    assert urlsplit(env["BRIDGE_AMQP_URL"]).hostname == "rabbitmq"
+    for name in BRIDGE_SERVICES:
+        assert service_env(services[name])["ORANGEPILL_REALM_KEY_FILE"] == "/run/secrets/realm_key", name
+        assert "realm_key" in services[name]["secrets"], name
+        assert "--realm-key" not in services[name]["command"], f"{name}: a key on the command line"
     # Nothing may require the simulator, so that --scale simulator=0 switches it off.
     for name, service in compose["services"].items():
         assert "simulator" not in (service.get("depends_on") or {}), name
 
 
+def test_secrets_are_files_never_inline(compose: dict[str, Any]) -> None:
+    """Realm key, AMQP URL and Grafana password are Docker secrets; no credential is written in the file."""
+    declared = compose["secrets"]
+    assert {"realm_key", "amqp_url", "grafana_admin_password"} <= declared.keys()
+    for secret in declared.values():
+        assert str(secret["file"]).startswith("./secrets/"), secret
+    bridge = service_env(compose["services"]["bridge"])
+    assert bridge["BRIDGE_AMQP_URL_FILE"] == "/run/secrets/amqp_url"
+    for name, service in compose["services"].items():
+        for var, value in service_env(service).items():
+            assert not re.search(r"://[^/@\s]*:[^/@\s]*@", value), f"{name}: {var} has inline credentials"
+            if re.search(r"PASSWORD|PASS$|SECRET|REALM_KEY$", var):
+                assert var.endswith("_FILE") or value.startswith("/run/secrets/"), f"{name}: {var} is inline"
+    text = COMPOSE.read_text(encoding="utf-8")
+    assert "guest:guest" not in text
+    assert "demo-realm-key" not in text
+
+
+def test_published_ports_are_bound_to_loopback_by_default(compose: dict[str, Any]) -> None:
+    """Every published port names its host address, which defaults to 127.0.0.1 (BIND_ADDR overrides it)."""
+    published = [p for service in compose["services"].values() for p in service.get("ports", [])]
+    assert published
+    for port in published:
+        assert str(port).startswith("${BIND_ADDR:-127.0.0.1}:"), port
+
+
+def test_grafana_and_prometheus_admin_surfaces_are_closed(compose: dict[str, Any]) -> None:
+    """Grafana has no anonymous access and a file-based admin password; Prometheus has no lifecycle API."""
+    grafana = service_env(compose["services"]["grafana"])
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith("/run/secrets/")
+    assert not any("lifecycle" in arg for arg in compose["services"]["prometheus"]["command"])
+
+
+def test_compose_secrets_script_writes_every_secret_file(compose: dict[str, Any], tmp_path: Path) -> None:
+    """`make compose-secrets` writes each file compose needs, private, and keeps a key already written."""
+    for name in ("deploy", ".env.example"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name)
+        else:
+            shutil.copy(source, tmp_path / name)
+    (tmp_path / "secrets").mkdir(mode=0o700)
+    (tmp_path / "secrets" / "realm_key").write_text("my-own-realm-key-0123456789")
+    subprocess.run(["bash", str(tmp_path / "deploy" / "compose-secrets.sh")], check=True, capture_output=True)
+    assert (tmp_path / "secrets" / "realm_key").read_text() == "my-own-realm-key-0123456789"
+    needed = [str(s["file"]) for s in compose["secrets"].values()]
+    needed += [
+        split_mount(v)[0]
+        for service in compose["services"].values()
+        for v in service.get("volumes", [])
+        if split_mount(v)[0].startswith("./secrets/")
+    ]
+    for path in needed:
+        assert (tmp_path / path).stat().st_size > 0, path
+    password = re.search(r"default_pass = (\S+)", (tmp_path / "secrets" / "rabbitmq.conf").read_text())
+    assert password and len(password.group(1)) >= 24
+    assert f":{password.group(1)}@" in (tmp_path / "secrets" / "amqp_url").read_text()
+    assert (tmp_path / ".env").exists()
+    assert (tmp_path / "secrets").stat().st_mode & 0o077 == 0
+    assert {".env", "secrets/"} <= set((REPO / ".gitignore").read_text().split())
+
+
 def test_compose_bind_mounts_exist_in_the_repository(compose: dict[str, Any]) -> None:
-    """Every host path that compose mounts exists, so a clean checkout can start the stack."""
+    """Every host path that compose mounts exists (secrets/ comes from `make compose-secrets`)."""
     mounts = [
         split_mount(v)[0]
         for service in compose["services"].values()
         for v in service.get("volumes", [])
-        if is_bind(split_mount(v)[0])
+        if is_bind(split_mount(v)[0]) and not split_mount(v)[0].startswith("./secrets/")
     ]
     assert mounts, "expected bind mounts for prometheus/ and grafana/"
     for source in mounts:
@@ -297,9 +363,10 @@ def test_metrics_port_is_the_same_everywhere(
 
 
 def test_dockerfile_runs_the_console_script_as_non_root() -> None:
-    """The image is python:3.11-slim, installs the package, runs as a non-root user via the console script."""
+    """The image is a pinned python:3.11 slim release, installs the package, runs as non-root via the console script."""
     instructions = dockerfile_instructions()
-    assert instructions[0] == ("FROM", "python:3.11-slim")
+    assert instructions[0][0] == "FROM"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", instructions[0][1])
     users = [args for i, args in instructions if i == "USER"]
     assert users, "no USER instruction: the container would run as root"
     assert users[-1] not in {"root", "0"}
