@@ -249,7 +249,7 @@ class SqliteStore:
             if is_corruption(exc):
                 return str(exc)
             raise
-        return None if rows == ["ok"] else "; ".join(rows)
+        return None if rows == ["ok"] else " / ".join(r.replace("\n", " / ") for r in rows)
 
     def snapshot(self) -> Snapshot:
         """Count the rows and payload bytes left by an earlier run, and the next free id."""
