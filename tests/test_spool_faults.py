@@ -130,10 +130,14 @@ async def test_damage_found_at_run_time_fails_health_and_hand_out(tmp_path: Path
     spool = await Spool.open(str(path), window=10)
     assert spool.health().ok
     _damage(path)
-    with pytest.raises(SpoolError, match="damaged"):
+
+    async def take_all() -> None:
         while True:
             batch = await asyncio.wait_for(spool.get_batch(10), 10)
             spool.ack(item.id for item in batch)
+
+    with pytest.raises(SpoolError, match="damaged"):
+        await take_all()
     health = spool.health()
     assert not health.ok
     assert "damaged" in health.reason
