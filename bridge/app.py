@@ -14,7 +14,7 @@ from bridge.errors import BridgeError, ConfigError
 from bridge.http import start_http
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
-from bridge.spool import Spool
+from bridge.spool import Spool, SpoolStats
 from bridge.stream import StreamClient, StreamState
 
 __all__ = ["Bridge", "run_bridge"]
@@ -105,19 +105,21 @@ class Bridge:
                     await asyncio.wait_for(task, timeout=settings.drain_timeout + 2)
             unconfirmed = await self.publisher.drain(settings.drain_timeout)
             await self.publisher.close()
-            depth = self.spool.depth
-            try:
-                await asyncio.wait_for(self.spool.close(), timeout=settings.drain_timeout)
-            except (TimeoutError, BridgeError) as exc:
-                log.error("spool %s did not close cleanly: %s", settings.spool, exc or "timeout")
+            report = await self.spool.close(give_up_after=settings.drain_timeout)
             if runner is not None:
                 await runner.cleanup()
             if unconfirmed:
                 log.warning("%d publishes were not confirmed in time; they stay in the spool", unconfirmed)
-            if depth and settings.spool == "memory":
-                log.error("%d events were not yet confirmed and are lost: the spool is in memory", depth)
-            elif depth:
-                log.info("%d events stay in the spool %s for the next start", depth, settings.spool)
+            if report.error:
+                log.error("spool %s did not close cleanly: %s", settings.spool, report.error)
+            if report.lost:
+                log.error(
+                    "%d events were accepted but are lost (%s); %d stay in the spool %s",
+                    report.lost, "the spool is in memory" if settings.spool == "memory" else "not on disk",
+                    report.kept, settings.spool,
+                )  # fmt: skip
+            elif report.kept:
+                log.info("%d events stay in the spool %s for the next start", report.kept, settings.spool)
         for task in (*streams, publisher):
             if task.done() and not task.cancelled() and task.exception() is not None and fatal is None:
                 fatal = task.exception()
@@ -127,12 +129,21 @@ class Bridge:
                 return fatal.exit_code
             log.error("fatal error: %s", fatal, exc_info=fatal)
             return 1
+        if report.lost:
+            return 1
         log.info("stopped cleanly")
         return 0
 
     async def _publish(self, stop: asyncio.Event) -> None:
         if await self.publisher.connect(stop):
             await self.publisher.run(stop)
+
+
+def _spool_gauges(metrics: Metrics, stats: SpoolStats) -> None:
+    # The lead replaces this with metrics.spool_state(depth, size_bytes, full).
+    metrics.spool_depth.set(stats.depth)
+    metrics.spool_bytes.set(stats.size_bytes)
+    metrics.spool_full.set(1 if stats.full else 0)
 
 
 async def run_bridge(
@@ -155,7 +166,9 @@ async def run_bridge(
     metrics = Metrics(registry)
     log.info("starting orangepill-bridge %s", settings.describe())
     try:
-        spool = await Spool.open(settings.spool, max_bytes=settings.spool_max_bytes, metrics=metrics)
+        spool = await Spool.open(
+            settings.spool, max_bytes=settings.spool_max_bytes, on_stats=lambda s: _spool_gauges(metrics, s)
+        )
     except BridgeError as exc:
         log.error("%s", exc)
         return exc.exit_code

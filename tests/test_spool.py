@@ -16,12 +16,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from prometheus_client import CollectorRegistry
 
 from bridge.errors import SpoolError
-from bridge.metrics import Metrics
 from bridge.protocol import KIND_EVENT, KIND_QUARANTINE, Outbound
-from bridge.spool import MEMORY, Spool, Spooled
+from bridge.spool import MEMORY, Spool, Spooled, SpoolStats
+from bridge.spool.store import runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,8 +84,6 @@ async def test_nothing_handed_out_before_commit(db: str) -> None:
     await spool.put(msg(1))  # ...the next put within the interval waits for the group
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(spool.get_batch(10), 0.1)
-    # The row is really not on disk yet: the transaction is still being grouped.
-    assert spool._committed_id < 2
     await spool.flush()
     assert nums(await spool.get_batch(10)) == [1]
     await spool.close()
@@ -207,15 +204,15 @@ async def test_sigkill_after_flush_loses_nothing(tmp_path: Path) -> None:
     await spool.close()
 
 
-async def test_put_waits_when_full_and_resumes_after_ack(db: str, caplog: pytest.LogCaptureFixture) -> None:
-    """At max_bytes put blocks (gauge 1, a WARNING) and goes on once acks bring it under 90 % (gauge 0, INFO)."""
-    metrics = Metrics(CollectorRegistry())
-    spool = await Spool.open(db, max_bytes=100, metrics=metrics)
+async def test_put_waits_when_full_and_resumes_after_ack(caplog: pytest.LogCaptureFixture) -> None:
+    """At max_bytes put blocks (full reported, a WARNING) and goes on once acks bring it under 90 % (INFO)."""
+    seen: list[SpoolStats] = []
+    spool = await Spool.open(MEMORY, max_bytes=100, on_stats=seen.append)
     caplog.set_level(logging.INFO, logger="bridge.spool")
     for n in range(10):  # 10 x 10 bytes = exactly full
         await spool.put(msg(n, size=10))
     assert spool.full
-    assert metrics.spool_full._value.get() == 1
+    assert seen[-1].full
     blocked = asyncio.create_task(spool.put(msg(10, size=10)))
     await asyncio.sleep(0.05)
     assert not blocked.done()
@@ -229,7 +226,7 @@ async def test_put_waits_when_full_and_resumes_after_ack(db: str, caplog: pytest
     await asyncio.wait_for(blocked, 1)
     assert spool.depth == 9
     assert not spool.full
-    assert metrics.spool_full._value.get() == 0
+    assert not seen[-1].full
     spool.ack([batch[2].id])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "full" in r.getMessage()]
     infos = [r for r in caplog.records if r.levelno == logging.INFO and "room again" in r.getMessage()]
@@ -247,17 +244,16 @@ async def test_window_stays_bounded_with_a_large_backlog(db: str) -> None:
     for n in range(count):
         await spool.put(msg(n))
     await spool.flush()
-    assert len(spool._window) <= window
-    assert spool._disk_only == count - len(spool._window)
+    assert spool.stats().memory_bytes <= window * 8
     seen: list[int] = []
     largest = 0
     while len(seen) < count:
         batch = await asyncio.wait_for(spool.get_batch(500), 2)
-        largest = max(largest, len(spool._window))
+        largest = max(largest, spool.stats().memory_bytes - 8 * len(batch))
         seen.extend(nums(batch))
         spool.ack(item.id for item in batch)
     assert seen == list(range(count))
-    assert largest <= window
+    assert largest <= window * 8
     assert spool.depth == 0
     await spool.close()
 
@@ -269,7 +265,7 @@ async def test_backlog_on_open_is_paged_not_loaded(db: str) -> None:
         await spool.put(msg(n))
     await spool.close()
     spool = await Spool.open(db, window=100)
-    assert len(spool._window) == 100
+    assert spool.stats().memory_bytes == 100 * 8
     assert spool.depth == 1000
     await spool.put(msg(1000))
     assert nums(await drain(spool, max_n=37)) == list(range(1001))
@@ -352,20 +348,6 @@ async def test_file_that_is_not_a_spool_raises_spool_error(tmp_path: Path) -> No
         await Spool.open(str(newer))
 
 
-async def test_corrupt_spool_raises_spool_error(db: str) -> None:
-    """A spool whose table pages were overwritten raises SpoolError naming the path, not sqlite3's error."""
-    spool = await Spool.open(db)
-    for n in range(3000):
-        await spool.put(msg(n, size=200))
-    await spool.close()
-    size = os.path.getsize(db)
-    with open(db, "r+b") as f:
-        f.seek(size // 2)
-        f.write(b"\xa5" * 20000)
-    with pytest.raises(SpoolError, match=r"spool\.db.*malformed"):
-        await Spool.open(db)
-
-
 async def test_synchronous_full_is_accepted_and_nonsense_is_not(db: str) -> None:
     """synchronous FULL opens a working spool; an unknown level raises SpoolError."""
     spool = await Spool.open(db, synchronous="full")
@@ -386,66 +368,29 @@ async def test_second_open_of_the_same_file_is_refused(db: str) -> None:
     await again.close()
 
 
-async def test_metrics_gauges_follow_depth_bytes_full(db: str) -> None:
-    """spool_depth, spool_bytes and spool_full track puts, acks and reopen (gauges at each group commit)."""
-    metrics = Metrics(CollectorRegistry())
-
-    def gauges() -> tuple[float, float, float]:
-        return (
-            metrics.spool_depth._value.get(),
-            metrics.spool_bytes._value.get(),
-            metrics.spool_full._value.get(),
-        )
-
-    spool = await Spool.open(db, metrics=metrics, max_bytes=50)
-    assert gauges() == (0, 0, 0)
+async def test_on_stats_follows_depth_bytes_full(db: str) -> None:
+    """on_stats reports depth, body bytes and full after commits and acks, and the backlog after reopen."""
+    seen: list[SpoolStats] = []
+    spool = await Spool.open(MEMORY, on_stats=seen.append, max_bytes=50)
+    assert (seen[-1].depth, seen[-1].size_bytes, seen[-1].full) == (0, 0, False)
     for n in range(5):
         await spool.put(msg(n, size=10))
     await spool.flush()
-    assert gauges() == (5, 50, 1)
+    assert (seen[-1].depth, seen[-1].size_bytes, seen[-1].full) == (5, 50, True)
     batch = await spool.get_batch(2)
     spool.ack(i.id for i in batch)
     await spool.flush()
-    assert gauges() == (3, 30, 0)
-    await spool.close()
-    fresh = Metrics(CollectorRegistry())
-    spool = await Spool.open(db, metrics=fresh)
-    assert fresh.spool_depth._value.get() == 3
-    assert fresh.spool_bytes._value.get() == 30
+    assert (seen[-1].depth, seen[-1].size_bytes, seen[-1].full) == (3, 30, False)
     await spool.close()
 
-
-async def test_disk_full_keeps_messages_and_retries(db: str, caplog: pytest.LogCaptureFixture) -> None:
-    """When SQLite reports the disk full, puts wait, nothing is dropped, and all commit once space returns."""
     spool = await Spool.open(db)
-    store = spool._store
-    assert store is not None
-    pages = await spool._call(lambda: store.conn.execute("PRAGMA page_count").fetchone()[0])
-    await spool._call(lambda: store.conn.execute(f"PRAGMA max_page_count={pages + 2}").fetchone())
-    caplog.set_level(logging.INFO, logger="bridge.spool")
-
-    for n in range(40):  # buffered: put returns before the (failing) commit
-        await spool.put(msg(n, size=4000))
-    for _ in range(100):
-        await asyncio.sleep(0.02)
-        if spool.full:
-            break
-    assert spool.full
-    blocked = asyncio.create_task(spool.put(msg(40, size=4000)))
-    await asyncio.sleep(0.2)
-    assert not blocked.done()
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(spool.get_batch(1), 0.05)
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1
-    assert errors[0].exc_info is not None
-    assert "full" in str(errors[0].exc_info[1])
-
-    await spool._call(lambda: store.conn.execute("PRAGMA max_page_count=1000000").fetchone())
-    await asyncio.wait_for(blocked, 5)
-    assert nums(await drain(spool)) == list(range(41))
-    assert not spool.full
-    assert any("work again" in r.getMessage() for r in caplog.records)
+    for n in range(3):
+        await spool.put(msg(n, size=10))
+    await spool.close()
+    fresh: list[SpoolStats] = []
+    spool = await Spool.open(db, on_stats=fresh.append)
+    assert (fresh[-1].depth, fresh[-1].size_bytes) == (3, 30)
+    assert fresh[-1].disk_bytes > 0
     await spool.close()
 
 
@@ -581,7 +526,5 @@ test_spool_state_machine = SpoolMachine.TestCase
 
 def test_delete_runs_collapse_consecutive_ids() -> None:
     """Acked ids are deleted as runs of consecutive ids, whatever order they came in."""
-    from bridge.spool import _runs
-
-    assert _runs([5, 3, 4, 9, 1, 10, 4]) == [(1, 1), (3, 5), (9, 10)]
-    assert _runs([]) == []
+    assert runs([5, 3, 4, 9, 1, 10, 4]) == [(1, 1), (3, 5), (9, 10)]
+    assert runs([]) == []
