@@ -58,14 +58,14 @@ def with_heartbeat(url: str, heartbeat: float) -> str:
 
 
 async def connect_first(
-    urls: Sequence[str], *, start: int = 0, timeout: float = 5.0, **kwargs: Any
+    urls: Sequence[str], *, start: int = 0, attempt_timeout: float = 5.0, **kwargs: Any
 ) -> tuple[AbstractConnection, int]:
     """Connect (without auto-reconnect) to the first node that answers, trying them in turn from ``start``.
 
     Args:
         urls: one AMQP URL per node.
         start: index of the node to try first (callers pass "the one after the node just lost").
-        timeout: seconds per attempt.
+        attempt_timeout: seconds per attempt.
         **kwargs: passed to ``aio_pika.connect``.
 
     Returns:
@@ -80,8 +80,8 @@ async def connect_first(
     for step in range(len(urls)):
         index = (start + step) % len(urls)
         try:
-            connection = await aio_pika.connect(urls[index], timeout=timeout, **kwargs)
-        except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            connection = await aio_pika.connect(urls[index], timeout=attempt_timeout, **kwargs)
+        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
             failures.append(f"{node_of(urls[index])} ({type(exc).__name__})")
             log.debug("AMQP node %s did not answer", node_of(urls[index]), exc_info=True)
             continue
@@ -122,13 +122,13 @@ class _RotatingRobustConnection(RobustConnection):
 
 
 async def connect_robust_nodes(
-    urls: Sequence[str], *, timeout: float = 5.0, reconnect_interval: float = 0.5, **kwargs: Any
+    urls: Sequence[str], *, attempt_timeout: float = 5.0, reconnect_interval: float = 0.5, **kwargs: Any
 ) -> AbstractRobustConnection:
     """A robust connection over several nodes: the first that answers, then the next one on each loss.
 
     Args:
         urls: one AMQP URL per node.
-        timeout: seconds to wait, over all nodes, for the first connection.
+        attempt_timeout: seconds per node for the first connection.
         reconnect_interval: seconds between attempts (each attempt after a failure tries the next node).
         **kwargs: passed to ``aio_pika.connect_robust``.
 
@@ -136,7 +136,7 @@ async def connect_robust_nodes(
         The connection; ``node_in_use(connection)`` names its node.
 
     Raises:
-        NoNodeAvailable: no node answered within ``timeout``.
+        NoNodeAvailable: no node answered in time.
     """
     if not urls:
         raise NoNodeAvailable("no AMQP URL configured")
@@ -146,12 +146,10 @@ async def connect_robust_nodes(
         URL(urls[0]), node_urls=list(urls), reconnect_interval=reconnect_interval, fail_fast="0", **kwargs,
     )  # fmt: skip
     try:
-        await asyncio.wait_for(connection.connect(timeout=timeout), timeout=timeout * len(urls) + 1)
-    except (asyncio.TimeoutError, OSError) as exc:
+        await asyncio.wait_for(connection.connect(timeout=attempt_timeout), timeout=attempt_timeout * len(urls) + 1)
+    except (TimeoutError, OSError) as exc:
         await connection.close()
-        raise NoNodeAvailable(
-            "no RabbitMQ node answered: " + ", ".join(node_of(u) for u in urls)
-        ) from exc
+        raise NoNodeAvailable("no RabbitMQ node answered: " + ", ".join(node_of(u) for u in urls)) from exc
     return connection
 
 
@@ -159,4 +157,4 @@ def node_in_use(connection: AbstractConnection) -> str:
     """``host:port`` of the node a connection uses, without credentials."""
     if isinstance(connection, _RotatingRobustConnection):
         return connection.node
-    return node_of(str(connection.url))
+    return node_of(str(getattr(connection, "url", "")))
