@@ -149,8 +149,6 @@ def _prepare(node: ClusterNode, uid: int, gid: int) -> None:
     (node.base / "rabbitmq.conf").write_text(
         f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n"
         "loopback_users.guest = true\n"
-        # Losing one node of three must not pause the survivors.
-        "cluster_partition_handling = pause_minority\n"
     )
     # Our own env file, so the NODENAME of /etc/rabbitmq/rabbitmq-env.conf does not apply; keep its
     # loopback-only settings for epmd and distribution.
