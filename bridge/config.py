@@ -46,6 +46,11 @@ class Settings:
     stream_url: str = "wss://stream.orangepill.cloud"
     realms: tuple[Realm, ...] = ()
     amqp_url: str = field(default="amqp://guest:guest@localhost:5672/", repr=False)
+    amqp_urls: tuple[str, ...] = field(default=(), repr=False)  # every node; amqp_url is the first
+    standby_window: float = 30.0
+    standby_window_bytes: int = 256 * 1024**2
+    standby_poll: float = 1.0
+    lock_heartbeat: float = 5.0
     exchange: str = "orangepill.events"
     spool: str = "./bridge-spool.db"
     spool_max_bytes: int = 2 * 1024**3
@@ -72,8 +77,18 @@ class Settings:
     @property
     def passwords(self) -> tuple[str, ...]:
         """Passwords inside the configured URLs, which must never be printed."""
-        found = (urlsplit(self.amqp_url).password, urlsplit(self.stream_url).password)
+        found = (*(urlsplit(u).password for u in self.amqp_nodes), urlsplit(self.stream_url).password)
         return tuple(p for p in found if p)
+
+    @property
+    def amqp_nodes(self) -> tuple[str, ...]:
+        """One AMQP URL per RabbitMQ node, in order of preference."""
+        return self.amqp_urls or (self.amqp_url,)
+
+    @property
+    def detection_worst_case(self) -> float:
+        """Seconds until a standby can lead after the leader's host dies: 3 x heartbeat + poll (docs/ha.md)."""
+        return 3 * self.lock_heartbeat + self.standby_poll
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -97,6 +112,8 @@ class Settings:
                 value = [realm.label for realm in self.realms]
             elif f.name == "amqp_url" or f.name == "stream_url":
                 value = redact_url(value)
+            elif f.name == "amqp_urls":
+                value = [redact_url(u) for u in self.amqp_nodes]
             out[f.name] = value
         return out
 
@@ -240,7 +257,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("stream_url", "--stream-url", "ORANGEPILL_STREAM_URL", _ws_url, "Orangepill stream URL"),
     Setting("realms", "--realm-key", "ORANGEPILL_REALM_KEY", parse_realm,
             "realm key, KEY or LABEL=KEY (repeatable; env: comma-separated)"),
-    Setting("amqp_url", "--amqp-url", "BRIDGE_AMQP_URL", _amqp_url, "RabbitMQ URL"),
+    Setting("amqp_url", "--amqp-url", "BRIDGE_AMQP_URL", _amqp_url,
+            "RabbitMQ URL, one per cluster node (repeatable; env: comma-separated)"),
     Setting("exchange", "--exchange", "BRIDGE_EXCHANGE", _exchange, "topic exchange to publish to"),
     Setting("spool", "--spool", "BRIDGE_SPOOL", _spool, "spool file, or 'memory' for no disk"),
     Setting("spool_max_bytes", "--spool-max-bytes", "BRIDGE_SPOOL_MAX_BYTES", _size,
@@ -272,6 +290,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("log_format", "--log-format", "BRIDGE_LOG_FORMAT", _choice("auto", "json", "text"),
             "log format (auto: text on a terminal, JSON otherwise)"),
     Setting("log_level", "--log-level", "BRIDGE_LOG_LEVEL", _log_level, "log level"),
+    Setting("standby_window", "--standby-window", "BRIDGE_STANDBY_WINDOW", _positive_float,
+            "seconds of events a standby keeps to publish on promotion"),
+    Setting("standby_window_bytes", "--standby-window-bytes", "BRIDGE_STANDBY_WINDOW_BYTES", _size,
+            "byte bound of a standby's window"),
+    Setting("standby_poll", "--standby-poll", "BRIDGE_STANDBY_POLL", _positive_float,
+            "seconds between a standby's attempts at a realm's leadership lock"),
+    Setting("lock_heartbeat", "--lock-heartbeat", "BRIDGE_LOCK_HEARTBEAT", _positive_float,
+            "AMQP heartbeat of the leadership lock connection, seconds"),
 )  # fmt: skip
 
 CONFIG_FLAG: Final = "--config"
@@ -287,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, only: Sequence[str] | None
         default = getattr(Settings(), s.name)
         shown = "required for run" if s.name == "realms" else redact_url(str(default))
         kwargs: dict[str, Any] = {"dest": s.name, "default": None, "metavar": s.env}
-        if s.name == "realms":
+        if s.name in ("realms", "amqp_url"):
             kwargs["action"] = "append"
         parser.add_argument(s.flag, help=f"{s.help} [env {s.env}; default {shown}]", **kwargs)
     parser.add_argument(
@@ -311,6 +337,15 @@ def _convert(s: Setting, raw: Any, source: str) -> Any:
             except ValueError as exc:
                 raise ConfigError(f"{_where(s, source)}: realm key #{index}: {exc}") from None
         return realms
+    if s.name == "amqp_url":
+        items = [i for i in (raw if isinstance(raw, list) else str(raw).split(",")) if str(i).strip()]
+        if not items:
+            raise ConfigError(f"{_where(s, source)}: must be an amqp:// or amqps:// URL with a host")
+        return [_convert_one(s, item, source) for item in items]
+    return _convert_one(s, raw, source)
+
+
+def _convert_one(s: Setting, raw: Any, source: str) -> Any:
     try:
         return s.parse(str(raw))
     except ValueError as exc:
@@ -379,6 +414,9 @@ def load_settings(
         elif s.name in file_values:
             values[s.name] = _convert(s, file_values[s.name], "file")
     realms = values.pop("realms", [])
+    if "amqp_url" in values:
+        urls = values.pop("amqp_url")
+        values["amqp_url"], values["amqp_urls"] = urls[0], tuple(urls)
     keys = [realm.key for realm in realms]
     if len(set(keys)) != len(keys):
         raise ConfigError("--realm-key: the same realm key is given twice")
@@ -396,6 +434,12 @@ def load_settings(
         raise ConfigError(
             f"--idle-timeout ({settings.idle_timeout:g}s) must be longer than --ping-interval "
             f"({settings.ping_interval:g}s), or a quiet but healthy link would be dropped"
+        )
+    if settings.standby_window < settings.detection_worst_case + 1:
+        raise ConfigError(
+            f"--standby-window ({settings.standby_window:g}s) must exceed the worst-case failure detection "
+            f"(3 x --lock-heartbeat + --standby-poll = {settings.detection_worst_case:g}s) by at least 1s, "
+            "or events of a dead leader's last seconds could be lost"
         )
     return settings
 

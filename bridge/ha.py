@@ -1,0 +1,165 @@
+"""Hot standby support: the leader announces confirmed message ids; standbys trim their window by them.
+
+The leader collects the ids RabbitMQ confirmed and, every ``interval`` (100 ms), publishes one small,
+non-persistent message per realm fingerprint on the bridge's own fanout exchange ``<exchange>.ha``.
+Each standby consumes it with a server-named, exclusive, auto-delete queue and hands the ids to a
+callback (the spool's ``discard``). Nothing is ever bound to the events exchange for this: a queue bound
+to ``#`` there would make every event routable and defeat the alternate exchange.
+
+An announcement lost (standby reconnecting, broker restart) only costs duplicates after a failover,
+never an event: the standby keeps what it was not told about, up to its window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from bridge.errors import ProtocolError
+
+__all__ = ["Announcer", "Follower", "ha_exchange_name", "pack_ids", "unpack_ids"]
+
+log = logging.getLogger(__name__)
+
+MAX_IDS_PER_MESSAGE: Final = 2000
+FORMAT_VERSION: Final = 1
+
+IdsCallback = Callable[[str, list[str]], Awaitable[Any] | Any]
+
+
+def ha_exchange_name(exchange: str) -> str:
+    """The bridge's coordination exchange: ``<exchange>.ha`` (fanout)."""
+    return f"{exchange}.ha"
+
+
+def pack_ids(fingerprint: str, ids: Iterable[str]) -> bytes:
+    """One announcement body: ``{"v":1,"fp":…,"ids":[…]}``."""
+    return orjson.dumps({"v": FORMAT_VERSION, "fp": fingerprint, "ids": list(ids)})
+
+
+def unpack_ids(body: bytes) -> tuple[str, list[str]]:
+    """Read an announcement body.
+
+    Raises:
+        ProtocolError: the body is not an announcement of a known version.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("bad_announcement", "not JSON") from exc
+    if not isinstance(data, dict) or data.get("v") != FORMAT_VERSION:
+        raise ProtocolError("bad_announcement", "unknown version")
+    fp, ids = data.get("fp"), data.get("ids")
+    if not isinstance(fp, str) or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ProtocolError("bad_announcement", "fields missing or of the wrong type")
+    return fp, ids
+
+
+async def _declare(channel: aio_pika.abc.AbstractChannel, exchange: str) -> aio_pika.abc.AbstractExchange:
+    # Durable so that a broker restart keeps the name; messages are transient.
+    return await channel.declare_exchange(ha_exchange_name(exchange), aio_pika.ExchangeType.FANOUT, durable=True)
+
+
+class Announcer:
+    """The leader's side: buffer confirmed ids per realm and publish them every ``interval`` seconds.
+
+    Args:
+        connection: an open (ideally robust) connection; the announcer opens its own channel.
+        exchange: the bridge's events exchange (the announcements go to ``<exchange>.ha``).
+        interval: seconds between announcements.
+    """
+
+    def __init__(self, connection: AbstractConnection, exchange: str, *, interval: float = 0.1) -> None:
+        self._connection = connection
+        self._exchange = exchange
+        self._interval = interval
+        self._pending: dict[str, list[str]] = {}
+        self.announced = 0  # ids sent, for tests and metrics
+
+    def confirmed(self, fingerprint: str, ids: Iterable[str]) -> None:
+        """Note ids RabbitMQ has confirmed for a realm (cheap, synchronous; sent at the next tick)."""
+        self._pending.setdefault(fingerprint, []).extend(ids)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish the buffered ids every interval until ``stop``; a last flush on the way out."""
+        channel = await self._connection.channel(publisher_confirms=False)
+        target = await _declare(channel, self._exchange)
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._interval)
+                await self._flush(target)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _flush(self, target: aio_pika.abc.AbstractExchange) -> None:
+        pending, self._pending = self._pending, {}
+        for fp, ids in pending.items():
+            for start in range(0, len(ids), MAX_IDS_PER_MESSAGE):
+                chunk = ids[start : start + MAX_IDS_PER_MESSAGE]
+                message = aio_pika.Message(
+                    pack_ids(fp, chunk),
+                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                    content_type="application/json",
+                    app_id="orangepill-bridge",
+                )
+                try:
+                    await target.publish(message, routing_key="")
+                except Exception:
+                    # Lost announcements mean duplicates after a failover, never loss: do not retry.
+                    log.debug("ha: announcement not sent", exc_info=True)
+                    continue
+                self.announced += len(chunk)
+
+
+class Follower:
+    """The standby's side: receive announcements and hand ``(fingerprint, ids)`` to a callback.
+
+    Args:
+        connection: an open (ideally robust: the queue is re-declared on reconnect) connection.
+        exchange: the bridge's events exchange.
+        on_ids: called with each announcement (may be sync or async), e.g. the spool's discard.
+    """
+
+    def __init__(self, connection: AbstractConnection, exchange: str, on_ids: IdsCallback) -> None:
+        self._connection = connection
+        self._exchange = exchange
+        self._on_ids = on_ids
+        self.received = 0
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume announcements until ``stop``."""
+        channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            source = await _declare(channel, self._exchange)
+            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await queue.bind(source)
+            tag = await queue.consume(self._handle, no_ack=True)
+            self.ready.set()
+            await stop.wait()
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            fp, ids = unpack_ids(message.body)
+        except ProtocolError as exc:
+            log.warning("ha: ignored an announcement: %s", exc)
+            return
+        self.received += len(ids)
+        result = self._on_ids(fp, ids)
+        if inspect.isawaitable(result):
+            await result

@@ -1,0 +1,261 @@
+"""Per-realm leadership held in RabbitMQ: an exclusive, auto-delete queue ``<exchange>.leader.<fp>`` per realm.
+
+Holding the queue is leading the realm. The broker deletes an exclusive queue when its owner's connection
+dies, which frees the lock with no extra service. A contender that gets RESOURCE_LOCKED (405) is a standby
+and tries again every ``poll`` seconds.
+
+Order of events on a lost lock connection (see docs/ha.md): the close callback of the connection demotes
+every held realm synchronously (``on_change`` callbacks run before anything else in this loop), and a
+liveness probe on the lock connection demotes after ``heartbeat`` seconds without an answer, which is
+before the broker can have deleted the queue (it needs at least about 1.5 x heartbeat), so the old leader
+stops publishing before a standby can take over.
+
+Spreading: a replica that already leads ``k`` realms waits ``k * spread_delay`` (bounded by ``poll``)
+before each attempt at a free realm, so a replica with fewer realms wins a free lock; with one realm or
+one replica it changes nothing (k = 0 at the first attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractConnection
+
+from bridge.nodes import NoNodeAvailable, connect_first, node_of, with_heartbeat
+
+__all__ = ["Leadership", "LeadershipHealth", "RealmLock", "Role", "lock_queue_name"]
+
+log = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    """A replica's role for one realm."""
+
+    LEADER = "leader"
+    STANDBY = "standby"
+
+
+@dataclass(frozen=True, slots=True)
+class RealmLock:
+    """A realm to compete for: its label (metrics, logs) and its key fingerprint (lock name)."""
+
+    label: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeadershipHealth:
+    """What /readyz shows: the role per realm and the lock connection's node."""
+
+    roles: dict[str, Role]
+    node: str | None
+    connected: bool
+
+
+def lock_queue_name(exchange: str, fingerprint: str) -> str:
+    """The lock queue of a realm: ``<exchange>.leader.<fp>`` (two deployments on one broker never collide)."""
+    return f"{exchange}.leader.{fingerprint}"
+
+
+RoleCallback = Callable[[str, Role], None]
+
+
+class Leadership:
+    """Competes for each realm's lock on a dedicated connection and reports role changes.
+
+    Args:
+        exchange: the bridge's exchange (lock names derive from it).
+        realms: the realms to compete for.
+        urls: one AMQP URL per cluster node.
+        heartbeat: AMQP heartbeat of the lock connection, seconds; also the liveness-probe deadline.
+        poll: seconds between attempts at a lock held by someone else.
+        spread_delay: extra wait per realm already led, before an attempt (bounded by ``poll``).
+    """
+
+    def __init__(
+        self,
+        exchange: str,
+        realms: Sequence[RealmLock],
+        urls: Sequence[str],
+        *,
+        heartbeat: float = 5.0,
+        poll: float = 1.0,
+        spread_delay: float | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._exchange = exchange
+        self._realms = tuple(realms)
+        self._urls = [with_heartbeat(u, heartbeat) for u in urls]
+        self._heartbeat = heartbeat
+        self._poll = poll
+        self._spread = poll / 4 if spread_delay is None else spread_delay
+        self._connect_timeout = connect_timeout
+        self._roles: dict[str, Role] = {r.label: Role.STANDBY for r in self._realms}
+        self._callbacks: list[RoleCallback] = []
+        self._node: str | None = None
+        self._connected = False
+        self._lost = asyncio.Event()
+        self._raw: aiormq.abc.AbstractConnection | None = None  # the lock connection, for tests
+
+    # -- public API --
+
+    def on_change(self, callback: RoleCallback) -> None:
+        """Call ``callback(realm_label, role)`` on every role change, synchronously, in this event loop."""
+        self._callbacks.append(callback)
+
+    def is_leader(self, realm_label: str) -> bool:
+        """Whether this replica leads the realm now."""
+        return self._roles.get(realm_label) is Role.LEADER
+
+    def roles(self) -> dict[str, Role]:
+        """The role per realm label."""
+        return dict(self._roles)
+
+    def health(self) -> LeadershipHealth:
+        """Roles and lock connection state, for /readyz."""
+        return LeadershipHealth(roles=dict(self._roles), node=self._node, connected=self._connected)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Hold or wait for every realm's lock until ``stop`` is set; reconnects (next node) on loss."""
+        start = 0
+        try:
+            while not stop.is_set():
+                try:
+                    connection, index = await connect_first(
+                        self._urls, start=start, attempt_timeout=self._connect_timeout
+                    )
+                except NoNodeAvailable as exc:
+                    log.warning("leadership: %s; retrying in %.1fs", exc, self._poll)
+                    await _wait(stop, self._poll)
+                    continue
+                start = index
+                try:
+                    await self._hold(connection, node_of(self._urls[index]), stop)
+                finally:
+                    self._demote_all("lock connection closed")
+                    self._connected = False
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                if not stop.is_set():
+                    start = index + 1  # the node we lost may be going down: try the next one first
+                    await _wait(stop, min(self._poll, 0.5))
+        finally:
+            self._demote_all("stopping")
+
+    # -- internals --
+
+    async def _hold(self, connection: AbstractConnection, node: str, stop: asyncio.Event) -> None:
+        self._lost = asyncio.Event()
+        lost = self._lost
+        # Demote synchronously from the close callback: nothing else runs in this loop between the
+        # connection noticing the loss and the publisher learning it is no longer leader.
+        connection.close_callbacks.add(lambda *_: self._on_lost(lost))
+        self._node = node
+        self._connected = True
+        log.info("leadership: lock connection on node %s", self._node)
+        raw = self._raw = _raw(connection)
+        channel: aiormq.abc.AbstractChannel | None = None
+        probe = asyncio.create_task(self._probe(raw, lost))
+        try:
+            while not stop.is_set() and not lost.is_set():
+                for realm in self._realms:
+                    if stop.is_set() or lost.is_set():
+                        break
+                    if self._roles[realm.label] is Role.LEADER:
+                        continue
+                    delay = min(self._poll, self._spread * self._leading())
+                    if delay and await _wait_any(stop, lost, delay):
+                        break
+                    if channel is None or channel.is_closed:
+                        channel = await raw.channel()
+                    try:
+                        await channel.queue_declare(
+                            lock_queue_name(self._exchange, realm.fingerprint), exclusive=True, auto_delete=True
+                        )
+                    except aiormq.exceptions.ChannelLockedResource:
+                        channel = None  # the broker closed it; a new one next time
+                        continue
+                    if not lost.is_set():
+                        self._set(realm.label, Role.LEADER, f"holds the lock on node {self._node}")
+                await _wait_any(stop, lost, self._poll)
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            if not lost.is_set():
+                log.warning("leadership: lock connection failed (%s)", type(exc).__name__, exc_info=True)
+        finally:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await probe
+
+    async def _probe(self, raw: aiormq.abc.AbstractConnection, lost: asyncio.Event) -> None:
+        # A cheap synchronous RPC every heartbeat/2 on a channel of its own. No answer within
+        # heartbeat/2 = the link is gone as far as leadership goes: demote now rather than after
+        # aiormq's own stuck-connection timeout (3 x (heartbeat + 1) s).
+        channel = await raw.channel()
+        interval = self._heartbeat / 2
+        while not lost.is_set():
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(channel.basic_qos(prefetch_count=0), timeout=interval)
+            except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError):
+                log.warning("leadership: lock connection did not answer within %.1fs", interval)
+                self._on_lost(lost)
+                with contextlib.suppress(Exception):
+                    await raw.close()
+                return
+
+    def _on_lost(self, lost: asyncio.Event) -> None:
+        lost.set()
+        self._demote_all("lock connection lost")
+
+    def _leading(self) -> int:
+        return sum(1 for role in self._roles.values() if role is Role.LEADER)
+
+    def _demote_all(self, why: str) -> None:
+        for label, role in self._roles.items():
+            if role is Role.LEADER:
+                self._set(label, Role.STANDBY, why)
+
+    def _set(self, label: str, role: Role, why: str) -> None:
+        if self._roles[label] is role:
+            return
+        self._roles[label] = role
+        log.info("leadership: realm %s is now %s (%s)", label, role.value, why)
+        for callback in self._callbacks:
+            try:
+                callback(label, role)
+            except Exception:
+                log.exception("leadership: role callback failed")
+
+
+def _raw(connection: AbstractConnection) -> aiormq.abc.AbstractConnection:
+    transport = connection.transport
+    if transport is None:
+        raise ConnectionError("lock connection has no transport")
+    raw: aiormq.abc.AbstractConnection = transport.connection
+    return raw
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
+
+
+async def _wait_any(a: asyncio.Event, b: asyncio.Event, seconds: float) -> bool:
+    """Wait until either event is set or ``seconds`` pass; True if one was set."""
+    deadline = time.monotonic() + seconds
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    try:
+        await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return a.is_set() or b.is_set()

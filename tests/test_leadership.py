@@ -1,0 +1,139 @@
+"""Per-realm leadership against the real RabbitMQ on 127.0.0.1:5672 (never restarted: connections are closed client-side)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bridge.leadership import Leadership, RealmLock, Role, lock_queue_name
+from tests.conftest import AMQP_URL, wait_until
+
+pytestmark = pytest.mark.broker
+
+
+def realm(label: str) -> RealmLock:
+    return RealmLock(label=label, fingerprint=f"fp-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.asynccontextmanager
+async def contender(exchange: str, realms: list[RealmLock], **kw: float) -> AsyncIterator[tuple[Leadership, asyncio.Event]]:
+    kw.setdefault("poll", 0.2)
+    kw.setdefault("heartbeat", 5.0)
+    lead = Leadership(exchange, realms, [AMQP_URL], **kw)
+    stop = asyncio.Event()
+    task = asyncio.create_task(lead.run(stop))
+    try:
+        yield lead, stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def test_single_replica_leads_at_once() -> None:
+    """A lone replica becomes leader of its realm on its first attempt."""
+    r = realm("a")
+    t0 = time.monotonic()
+    async with contender(f"test.{uuid.uuid4().hex[:8]}", [r]) as (lead, _):
+        assert await wait_until(lambda: lead.is_leader("a"), timeout=10)
+        assert time.monotonic() - t0 < 10
+        assert lead.health().connected and lead.health().node == "127.0.0.1:5672"
+    assert not lead.is_leader("a"), "stopping gives the realm up"
+
+
+async def test_two_contenders_one_leader_and_takeover() -> None:
+    """Of two contenders exactly one leads; when the leader stops, the other takes over within poll + margin."""
+    ex, r = f"test.{uuid.uuid4().hex[:8]}", realm("a")
+    changes: list[tuple[str, str, Role]] = []
+    async with contender(ex, [r]) as (one, stop_one), contender(ex, [r]) as (two, _):
+        one.on_change(lambda label, role: changes.append(("one", label, role)))
+        two.on_change(lambda label, role: changes.append(("two", label, role)))
+        assert await wait_until(lambda: one.is_leader("a") or two.is_leader("a"), timeout=10)
+        await asyncio.sleep(1.0)  # several polls of the standby
+        assert [one.is_leader("a"), two.is_leader("a")].count(True) == 1
+        leader, standby = (one, two) if one.is_leader("a") else (two, one)
+        stop_leader = stop_one if leader is one else None
+        if stop_leader is None:
+            # `two` leads: close its lock connection from the client side
+            assert two._raw is not None
+            t0 = time.monotonic()
+            await two._raw.close()
+        else:
+            t0 = time.monotonic()
+            stop_leader.set()
+        assert await wait_until(lambda: standby.is_leader("a"), timeout=10, interval=0.01)
+        took = time.monotonic() - t0
+        print(f"takeover after a client-side close: {took:.3f}s (poll 0.2s)")
+        assert took < 0.2 + 2.0
+        assert not leader.is_leader("a")
+    assert ("one", "a", Role.LEADER) in changes or ("two", "a", Role.LEADER) in changes
+
+
+async def test_sigkill_of_lock_holder_frees_the_lock() -> None:
+    """A process holding the lock is SIGKILLed: the broker frees the queue and the standby leads within poll + margin."""
+    ex, r = f"test.{uuid.uuid4().hex[:8]}", realm("a")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import asyncio, aio_pika, sys\n"
+            "async def main():\n"
+            f"    c = await aio_pika.connect({AMQP_URL!r})\n"
+            "    ch = await c.channel()\n"
+            f"    await ch.declare_queue({lock_queue_name(ex, r.fingerprint)!r}, exclusive=True, auto_delete=True)\n"
+            "    print('held', flush=True)\n"
+            "    await asyncio.sleep(600)\n"
+            "asyncio.run(main())\n"
+        )],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"held"
+        async with contender(ex, [r], poll=0.2) as (lead, _):
+            await asyncio.sleep(1.0)
+            assert not lead.is_leader("a"), "RESOURCE_LOCKED means standby"
+            t0 = time.monotonic()
+            holder.send_signal(signal.SIGKILL)
+            assert await wait_until(lambda: lead.is_leader("a"), timeout=10, interval=0.01)
+            print(f"takeover after SIGKILL: {time.monotonic() - t0:.3f}s (poll 0.2s)")
+            assert time.monotonic() - t0 < 0.2 + 2.0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_two_realms_two_replicas_spread() -> None:
+    """Two replicas and two realms end with one leader per realm, one realm each."""
+    ex, ra, rb = f"test.{uuid.uuid4().hex[:8]}", realm("a"), realm("b")
+    async with contender(ex, [ra, rb], poll=0.3) as (one, _), contender(ex, [ra, rb], poll=0.3) as (two, _):
+        def settled() -> bool:
+            return all([one.is_leader(x), two.is_leader(x)].count(True) == 1 for x in "ab")
+
+        assert await wait_until(settled, timeout=15)
+        await asyncio.sleep(1.5)
+        assert settled()
+        assert sum(one.is_leader(x) for x in "ab") == 1 and sum(two.is_leader(x) for x in "ab") == 1
+
+
+async def test_failed_attempts_do_not_leak_callbacks() -> None:
+    """A standby's repeated RESOURCE_LOCKED attempts keep the lock connection's close-callback and channel counts flat."""
+    ex, r = f"test.{uuid.uuid4().hex[:8]}", realm("a")
+    async with contender(ex, [r], poll=0.05) as (one, _):
+        assert await wait_until(lambda: one.is_leader("a"), timeout=10)
+        async with contender(ex, [r], poll=0.05) as (two, _):
+            assert await wait_until(lambda: two._raw is not None, timeout=10)
+            raw = two._raw
+            assert raw is not None
+            await asyncio.sleep(1.0)
+            before = (len(raw._closing._callbacks), len(raw.channels))  # type: ignore[attr-defined]
+            await asyncio.sleep(3.0)  # about 60 more failed declares
+            after = (len(raw._closing._callbacks), len(raw.channels))  # type: ignore[attr-defined]
+            print(f"close callbacks / channels before {before}, after {after}")
+            assert not two.is_leader("a")
+            assert after[0] <= before[0] + 1 and after[1] <= before[1] + 1
