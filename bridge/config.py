@@ -518,9 +518,7 @@ def _checked_realms(realms: list[Realm], *, require_realm: bool) -> tuple[Realm,
     if len(set(labels)) != len(labels):
         raise ConfigError("--realm-key: two realms share a label")
     if require_realm and not realms:
-        raise ConfigError(
-            "--realm-key (ORANGEPILL_REALM_KEY) is required: give the realm key of your Orangepill realm"
-        )
+        raise ConfigError("--realm-key (ORANGEPILL_REALM_KEY) is required: give the realm key of your Orangepill realm")
     return tuple(realms)
 
 
