@@ -54,9 +54,9 @@ def error(text: str, now: int) -> str:
 
 def padded(data: str, size: int) -> str:
     """``data`` followed by ``:`` and filler up to ``size`` characters (unchanged if already that long)."""
-    missing = size - len(data) - 1
-    if missing <= 0:
+    if size <= len(data):
         return data
+    missing = size - len(data) - 1
     repeats, rest = divmod(missing, len(_FILLER))
     return f"{data}:{_FILLER * repeats}{_FILLER[:rest]}"
 
