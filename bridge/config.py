@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import tomllib
@@ -17,12 +18,20 @@ from bridge.protocol import key_fingerprint
 __all__ = [
     "ENV_VARS",
     "SETTINGS",
+    "ConfigFile",
     "Realm",
+    "Setting",
     "Settings",
     "add_arguments",
+    "add_setting_arguments",
+    "boolean",
+    "choice",
     "load_settings",
+    "number",
     "parse_realm",
     "redact_url",
+    "resolve",
+    "whole_number",
 ]
 
 
@@ -207,11 +216,54 @@ def _addr(text: str) -> str:
     return value
 
 
-def _choice(*options: str) -> Callable[[str], str]:
+def choice(*options: str) -> Callable[[str], str]:
+    """A parser that accepts one of ``options`` (case-insensitive)."""
+
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in options:
             raise ValueError("must be one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def boolean(text: str) -> bool:
+    """Read yes/no text: 1, true, yes, on or 0, false, no, off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be one of true, false, yes, no, on, off, 1, 0")
+
+
+def whole_number(minimum: int = 0, maximum: int | None = None) -> Callable[[str], int]:
+    """A parser of whole numbers from ``minimum`` to ``maximum`` (no upper bound by default)."""
+    bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number {bounds}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"must be a whole number {bounds}")
+        return value
+
+    return parse
+
+
+def number(minimum: float = 0.0) -> Callable[[str], float]:
+    """A parser of finite numbers of at least ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be a number of at least {minimum:g}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise ValueError(f"must be a finite number of at least {minimum:g}")
         return value
 
     return parse
@@ -242,23 +294,170 @@ def parse_realm(text: str) -> Realm:
     return Realm(label=label or key_fingerprint(value), key=value)
 
 
+# -- the generic machinery: a list of Setting specs and one resolver -------------------
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One setting: its field, flag, environment variable, parser and help."""
+    """One setting: where it is read from, how its text becomes a value, and how it is shown.
+
+    Attributes:
+        name: the dataclass field, the ``argparse`` dest and the TOML key.
+        flag: the command-line flag.
+        env: the environment variable.
+        parse: turns the text into the value, or raises ``ValueError``; its message never
+            holds the value, and is shown only when it says what the value "must" be.
+        help: one line for ``--help``.
+        item: for a list setting (repeatable flag, comma-separated variable, TOML array),
+            the name of one element in errors, such as "realm key"; empty for a single value.
+        secret: the value is never shown in an error.
+        switch: a ``--flag/--no-flag`` boolean rather than a flag with a value.
+        file_keys: other names accepted for it in the TOML file.
+        shown_default: the default as ``--help`` shows it (else the dataclass default).
+    """
 
     name: str
     flag: str
     env: str
     parse: Callable[[str], Any]
     help: str
+    item: str = ""
+    secret: bool = False
+    switch: bool = False
+    file_keys: tuple[str, ...] = ()
+    shown_default: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """The flag and the environment variable that name a TOML file of settings."""
+
+    flag: str
+    env: str
+
+
+def add_setting_arguments(
+    parser: argparse.ArgumentParser,
+    specs: Sequence[Setting],
+    defaults: object,
+    config: ConfigFile | None,
+    *,
+    only: Sequence[str] | None = None,
+) -> None:
+    """Add each setting's flag to a parser (all, or the named ones); an unset flag stays None.
+
+    Args:
+        parser: the parser to extend.
+        specs: the settings.
+        defaults: an object whose attributes are the defaults shown in ``--help``.
+        config: the flag naming a TOML file, if the settings may come from one.
+        only: the names of the settings to add (default: all).
+    """
+    for s in specs:
+        if only is not None and s.name not in only:
+            continue
+        shown = s.shown_default if s.shown_default is not None else redact_url(str(getattr(defaults, s.name)))
+        kwargs: dict[str, Any] = {"dest": s.name, "default": None}
+        if s.switch:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = s.env
+            if s.item:
+                kwargs["action"] = "append"
+        parser.add_argument(s.flag, help=f"{s.help} [env {s.env}; default {shown}]", **kwargs)
+    if config is not None:
+        parser.add_argument(config.flag, dest="config", default=None, metavar=config.env, help="TOML file of settings")
+
+
+def resolve(
+    specs: Sequence[Setting],
+    args: argparse.Namespace | None,
+    environ: Mapping[str, str],
+    config: ConfigFile | None,
+) -> dict[str, Any]:
+    """Read each setting from its flag, else its variable, else the TOML file; unset ones are left out.
+
+    Args:
+        specs: the settings.
+        args: parsed flags (attributes named like the settings; None = not given).
+        environ: the environment.
+        config: the flag and variable naming a TOML file, or None for no file.
+
+    Returns:
+        The parsed values of the settings that were given, by name.
+
+    Raises:
+        ConfigError: a value or the file is invalid; the message names the flag, the
+            variable or the file key, and never shows a secret.
+    """
+    ns = args if args is not None else argparse.Namespace()
+    path = (getattr(ns, "config", None) or environ.get(config.env) or None) if config is not None else None
+    in_file = _read_toml(path, specs, config) if path and config is not None else {}
+    values: dict[str, Any] = {}
+    for s in specs:
+        flag_value = getattr(ns, s.name, None)
+        if flag_value is not None:
+            values[s.name] = _convert(s, flag_value, s.flag)
+        elif environ.get(s.env, "").strip():
+            values[s.name] = _convert(s, environ[s.env], s.env, skip_empty=True)
+        elif s.name in in_file:
+            raw, where = in_file[s.name]
+            values[s.name] = _convert(s, raw, where)
+    return values
+
+
+def _convert(s: Setting, raw: Any, where: str, *, skip_empty: bool = False) -> Any:
+    if s.item:
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        out: list[Any] = []
+        for index, item in enumerate(items, 1):
+            if skip_empty and not str(item).strip():
+                continue
+            try:
+                out.append(s.parse(str(item)))
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {s.item} #{index}: {exc}") from None
+        return out
+    try:
+        return s.parse(str(raw))
+    except ValueError as exc:
+        shown = "" if s.secret else f" (got {_shown(raw)})"
+        message = str(exc) if "must" in str(exc) else "is not valid"
+        raise ConfigError(f"{where}: {message}{shown}") from None
+
+
+def _shown(raw: Any) -> str:
+    text = str(raw)
+    return repr(text if len(text) <= 60 else text[:59] + "…")
+
+
+def _read_toml(path: str, specs: Sequence[Setting], config: ConfigFile) -> dict[str, tuple[Any, str]]:
+    """The file's values by setting name, each with where it was found (for errors)."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{config.flag} {path}: cannot read the file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config.flag} {path}: not valid TOML ({exc})") from None
+    names = {key: s.name for s in specs for key in (s.name, *s.file_keys)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{config.flag} {path}: unknown setting(s) {', '.join(unknown)}")
+    return {names[key]: (value, f"{key} in {config.flag} {path}") for key, value in data.items()}
+
+
+# -- the bridge's settings ------------------------------------------------------------
+
+# One entry per setting; add new ones anywhere in the list.
 SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("stream_url", "--stream-url", "ORANGEPILL_STREAM_URL", _ws_url, "Orangepill stream URL"),
     Setting("realms", "--realm-key", "ORANGEPILL_REALM_KEY", parse_realm,
-            "realm key, KEY or LABEL=KEY (repeatable; env: comma-separated)"),
+            "realm key, KEY or LABEL=KEY (repeatable; env: comma-separated)",
+            item="realm key", secret=True, file_keys=("realm_keys",), shown_default="required for run"),
     Setting("amqp_url", "--amqp-url", "BRIDGE_AMQP_URL", _amqp_url,
-            "RabbitMQ URL, one per cluster node (repeatable; env: comma-separated)"),
+            "RabbitMQ URL, one per cluster node (repeatable; env: comma-separated)",
+            item="AMQP URL", secret=True),
     Setting("exchange", "--exchange", "BRIDGE_EXCHANGE", _exchange, "topic exchange to publish to"),
     Setting("spool", "--spool", "BRIDGE_SPOOL", _spool, "spool file, or 'memory' for no disk"),
     Setting("spool_max_bytes", "--spool-max-bytes", "BRIDGE_SPOOL_MAX_BYTES", _size,
@@ -281,13 +480,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "largest reconnect delay, seconds"),
     Setting("reconnect_reset_after", "--reconnect-reset-after", "BRIDGE_RECONNECT_RESET_AFTER",
             _positive_float, "seconds a link must stay subscribed before the backoff resets"),
-    Setting("unroutable", "--unroutable", "BRIDGE_UNROUTABLE", _choice("keep", "drop"),
+    Setting("unroutable", "--unroutable", "BRIDGE_UNROUTABLE", choice("keep", "drop"),
             "keep unroutable events in <exchange>.unrouted, or drop (and count) them"),
     Setting("max_frame_bytes", "--max-frame-bytes", "BRIDGE_MAX_FRAME_BYTES", _size,
             "larger frames are quarantined"),
     Setting("drain_timeout", "--drain-timeout", "BRIDGE_DRAIN_TIMEOUT", _positive_float,
             "seconds to wait for outstanding confirms on shutdown"),
-    Setting("log_format", "--log-format", "BRIDGE_LOG_FORMAT", _choice("auto", "json", "text"),
+    Setting("log_format", "--log-format", "BRIDGE_LOG_FORMAT", choice("auto", "json", "text"),
             "log format (auto: text on a terminal, JSON otherwise)"),
     Setting("log_level", "--log-level", "BRIDGE_LOG_LEVEL", _log_level, "log level"),
     Setting("standby_window", "--standby-window", "BRIDGE_STANDBY_WINDOW", _positive_float,
@@ -302,78 +501,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
 
 CONFIG_FLAG: Final = "--config"
 CONFIG_ENV: Final = "BRIDGE_CONFIG"
+CONFIG_FILE: Final = ConfigFile(CONFIG_FLAG, CONFIG_ENV)
 ENV_VARS: Final[tuple[str, ...]] = (*(s.env for s in SETTINGS), CONFIG_ENV)
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None) -> None:
-    """Add the settings' flags to a parser (all, or the named fields); unset flags stay None."""
-    for s in SETTINGS:
-        if only is not None and s.name not in only:
-            continue
-        default = getattr(Settings(), s.name)
-        shown = "required for run" if s.name == "realms" else redact_url(str(default))
-        kwargs: dict[str, Any] = {"dest": s.name, "default": None, "metavar": s.env}
-        if s.name in ("realms", "amqp_url"):
-            kwargs["action"] = "append"
-        parser.add_argument(s.flag, help=f"{s.help} [env {s.env}; default {shown}]", **kwargs)
-    parser.add_argument(
-        CONFIG_FLAG, dest="config", default=None, metavar=CONFIG_ENV, help="TOML file of settings"
-    )
-
-
-def _where(s: Setting, source: str) -> str:
-    return {"flag": s.flag, "env": s.env}.get(source, f"{s.name} in the config file")
-
-
-def _convert(s: Setting, raw: Any, source: str) -> Any:
-    if s.name == "realms":
-        items = raw if isinstance(raw, list) else str(raw).split(",")
-        realms: list[Realm] = []
-        for index, item in enumerate(items, 1):
-            if not str(item).strip() and source == "env":
-                continue
-            try:
-                realms.append(parse_realm(str(item)))
-            except ValueError as exc:
-                raise ConfigError(f"{_where(s, source)}: realm key #{index}: {exc}") from None
-        return realms
-    if s.name == "amqp_url":
-        items = [i for i in (raw if isinstance(raw, list) else str(raw).split(",")) if str(i).strip()]
-        if not items:
-            raise ConfigError(f"{_where(s, source)}: must be an amqp:// or amqps:// URL with a host")
-        return [_convert_one(s, item, source) for item in items]
-    return _convert_one(s, raw, source)
-
-
-def _convert_one(s: Setting, raw: Any, source: str) -> Any:
-    try:
-        return s.parse(str(raw))
-    except ValueError as exc:
-        shown = "" if s.name == "amqp_url" else f" (got {_shown(raw)})"
-        message = str(exc) if "must" in str(exc) else "is not valid"
-        raise ConfigError(f"{_where(s, source)}: {message}{shown}") from None
-
-
-def _shown(raw: Any) -> str:
-    text = str(raw)
-    return repr(text if len(text) <= 60 else text[:59] + "…")
-
-
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"{CONFIG_FLAG} {path}: cannot read the file ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{CONFIG_FLAG} {path}: not valid TOML ({exc})") from None
-    known = {s.name for s in SETTINGS} | {"realm_keys"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{CONFIG_FLAG} {path}: unknown setting(s) {', '.join(unknown)}")
-    if "realm_keys" in data:
-        data["realms"] = data.pop("realm_keys")
-    return data
+    """Add the bridge's flags to a parser (all, or the named fields); unset flags stay None."""
+    add_setting_arguments(parser, SETTINGS, Settings(), CONFIG_FILE, only=only)
 
 
 def load_settings(
@@ -396,27 +530,16 @@ def load_settings(
         ConfigError: a value is invalid; the message names the flag, variable or
             file key, and never shows a secret.
     """
-    env = os.environ if environ is None else environ
-    ns = args if args is not None else argparse.Namespace()
-    config_path = getattr(ns, "config", None) or env.get(CONFIG_ENV) or None
-    file_values = _read_toml(config_path) if config_path else {}
-    values: dict[str, Any] = {}
-    for s in SETTINGS:
-        flag_value = getattr(ns, s.name, None)
-        if flag_value is not None:
-            values[s.name] = (
-                [r for raw in flag_value for r in _convert(s, [raw], "flag")]
-                if s.name == "realms"
-                else _convert(s, flag_value, "flag")
-            )
-        elif env.get(s.env, "").strip():
-            values[s.name] = _convert(s, env[s.env], "env")
-        elif s.name in file_values:
-            values[s.name] = _convert(s, file_values[s.name], "file")
-    realms = values.pop("realms", [])
-    if "amqp_url" in values:
-        urls = values.pop("amqp_url")
+    values = resolve(SETTINGS, args, os.environ if environ is None else environ, CONFIG_FILE)
+    realms = _checked_realms(values.pop("realms", []), require_realm=require_realm)
+    if urls := values.pop("amqp_url", None):
         values["amqp_url"], values["amqp_urls"] = urls[0], tuple(urls)
+    settings = Settings(realms=realms, **values)
+    _check_together(settings)
+    return settings
+
+
+def _checked_realms(realms: list[Realm], *, require_realm: bool) -> tuple[Realm, ...]:
     keys = [realm.key for realm in realms]
     if len(set(keys)) != len(keys):
         raise ConfigError("--realm-key: the same realm key is given twice")
@@ -424,10 +547,12 @@ def load_settings(
     if len(set(labels)) != len(labels):
         raise ConfigError("--realm-key: two realms share a label")
     if require_realm and not realms:
-        raise ConfigError(
-            "--realm-key (ORANGEPILL_REALM_KEY) is required: give the realm key of your Orangepill realm"
-        )
-    settings = Settings(realms=tuple(realms), **values)
+        raise ConfigError("--realm-key (ORANGEPILL_REALM_KEY) is required: give the realm key of your Orangepill realm")
+    return tuple(realms)
+
+
+def _check_together(settings: Settings) -> None:
+    """Refuse settings that are each valid but do not fit together."""
     if settings.reconnect_max < settings.reconnect_min:
         raise ConfigError("--reconnect-max must not be smaller than --reconnect-min")
     if settings.idle_timeout <= settings.ping_interval:
@@ -441,7 +566,6 @@ def load_settings(
             f"(3 x --lock-heartbeat + --standby-poll = {settings.detection_worst_case:g}s) by at least 1s, "
             "or events of a dead leader's last seconds could be lost"
         )
-    return settings
 
 
 def redact_url(url: str) -> str:

@@ -487,3 +487,50 @@ async def test_realm_keys_are_never_logged(caplog: pytest.LogCaptureFixture) -> 
     assert key_fingerprint(secret) in caplog.text
     assert secret not in caplog.text
     assert wrong not in caplog.text
+
+
+async def test_data_bytes_pads_generated_events_to_about_n_bytes() -> None:
+    """With data_bytes=100000 every generated event's data is 100,000 characters starting with its entity id."""
+    async with simulator(rate=0, count=3, data_bytes=100_000) as sim, client(sim, max_size=2**20) as ws:
+        await subscribe(ws)
+        frames = await notifications(ws, 3)
+    for frame, sent in zip(frames, sim.sent, strict=True):
+        parsed = parse_frame(frame)
+        assert isinstance(parsed, Notification)
+        assert len(sent.data) == 100_000
+        assert OBJECT_ID.match(sent.data[:24])
+        assert orjson.loads(frame)["data"] == sent.data
+    assert [e.event for e in sim.sent] == HAPPY_PATH[:3]
+
+
+async def test_on_sent_hook_sees_every_event_and_record_off_keeps_nothing() -> None:
+    """on_sent is called once per delivered event in order; with record=False `sent` stays empty but is counted."""
+    seen: list[int] = []
+    config = SimulatorConfig(port=0, rate=0, count=50, record=False)
+    async with Simulator(config, on_sent=lambda e: seen.append(e.seq)) as sim, client(sim) as ws:
+        await subscribe(ws)
+        await notifications(ws, 50)
+        await sim.wait_sent(50)
+        assert sim.sent == []
+        assert sim.sent_total == 50
+    assert seen == list(range(1, 51))
+
+
+async def test_a_silent_link_stays_unread_even_with_frames_queued() -> None:
+    """Frames the client sends after go_silent are never read: no PONG, no pong, no subscribe answer."""
+    async with simulator(pong=True) as sim, client(sim) as ws:
+        sim.pause()
+        await subscribe(ws)
+        await ws.send("PING")
+        assert await recv(ws) == "PONG"
+        assert sim.go_silent() == 1
+        for _ in range(200):
+            await ws.send("PING")
+        await ws.send(subscribe_frame(KEY))
+        pong = await ws.ping()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pong, 0.5)
+        with pytest.raises(TimeoutError):
+            await recv(ws, timeout=0.3)
+        assert sim.pings == 1
+        assert sim.subscribes == 1
