@@ -9,10 +9,10 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError
-from bridge.protocol import key_fingerprint
+from bridge.secrets import key_fingerprint, redact_url
 
 __all__ = [
     "ENV_VARS",
@@ -398,16 +398,3 @@ def load_settings(
             f"({settings.ping_interval:g}s), or a quiet but healthy link would be dropped"
         )
     return settings
-
-
-def redact_url(url: str) -> str:
-    """Hide the password of a URL (``amqp://guest:***@host/``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

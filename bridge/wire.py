@@ -1,0 +1,507 @@
+"""The Orangepill WebSocket wire protocol, sans-I/O: frames, the subscribe handshake, link liveness.
+
+Pure and synchronous, like websockets' ``Protocol``: nothing here reads a socket
+or the clock. ``bridge.stream`` and ``bridge.check`` feed it frames and the
+time, and act on what it answers. The upstream reference is "WebSocket
+Subscriptions" in the Orangepill WebSocket documentation; the quirks this
+module absorbs are written down in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeAlias
+
+import orjson
+
+from bridge.errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "PING",
+    "REJECT_REASONS",
+    "ErrorFrame",
+    "Frame",
+    "Handshake",
+    "Info",
+    "LinkAction",
+    "Liveness",
+    "Notification",
+    "Other",
+    "SubscribeOutcome",
+    "Subscribed",
+    "Timestamp",
+    "Unsubscribed",
+    "parse_frame",
+    "parse_frames",
+    "subscribe_frame",
+    "timestamp_seconds",
+    "unsubscribe_frame",
+    "validate_routing_key",
+]
+
+PING: Final = "PING"
+"""The text keepalive the documentation's JavaScript client sends every 10 seconds."""
+
+DEFAULT_MAX_FRAME_BYTES: Final = 1024 * 1024
+
+# Why a frame is not a valid notification: the ``reason`` of ProtocolError, the
+# ``reason`` label of events_rejected_total, and the quarantine routing key.
+REJECT_REASONS: Final = (
+    "bad_json",
+    "not_object",
+    "missing_event",
+    "invalid_routing_key",
+    "oversize",
+)
+
+_NONE_REALM: Final = "NONE"
+_MAX_ROUTING_KEY_BYTES: Final = 255
+# A bare token such as PONG or OK is a keepalive reply, not a broken notification.
+_TEXT_TOKEN = re.compile(r"^[A-Za-z]{1,16}$")
+_BAD_KEY_CHARS = re.compile(r"[\s*#\x00-\x1f\x7f]")
+_ENVELOPE_KEYS: Final = ("type", "event", "data", "timestamp")
+
+Timestamp: TypeAlias = "str | int | float | None"
+
+
+# -- client frames ---------------------------------------------------------------
+
+
+def subscribe_frame(realm_key: str) -> str:
+    """Build the ``{"type":"subscribe","realm":KEY}`` text frame."""
+    return orjson.dumps({"type": "subscribe", "realm": realm_key}).decode()
+
+
+def unsubscribe_frame(realm_key: str) -> str:
+    """Build the ``{"type":"unsubscribe","realm":KEY}`` text frame."""
+    return orjson.dumps({"type": "unsubscribe", "realm": realm_key}).decode()
+
+
+# -- server frames -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    """An ``info`` frame: success (``accepted``) or ``"realm":"NONE"`` (failure).
+
+    The realm value itself is not kept: on success the server echoes the key.
+    """
+
+    accepted: bool
+    timestamp: Timestamp = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """An ``error`` frame, such as ``Invalid Realm Key.`` after a failed subscribe."""
+
+    message: str
+    timestamp: Timestamp = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The ``subscribe`` reply."""
+
+    timestamp: Timestamp = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """The ``unsubscribe`` reply."""
+
+    timestamp: Timestamp = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """An event, normalised to the flat documented shape whatever envelope it came in.
+
+    Attributes:
+        event: the event name, already valid as an AMQP routing key.
+        data: the entity id (or whatever ``data`` held), as received.
+        timestamp: as received (a string or a number).
+        body: the flat JSON body published to RabbitMQ, extra fields kept.
+        shape: which upstream envelope it arrived in.
+    """
+
+    event: str
+    data: Any
+    timestamp: Timestamp
+    body: bytes
+    shape: Literal["flat", "nested"]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def entity_id(self) -> str | None:
+        """The affected entity's id, when ``data`` carries one."""
+        data = self.data
+        if isinstance(data, str):
+            return data
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return str(data)
+        if isinstance(data, dict):
+            ident = data.get("id")
+            if isinstance(ident, (str, int)) and not isinstance(ident, bool):
+                return str(ident)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Other:
+    """Any other frame: a ``PONG`` text reply, an unknown ``type``.
+
+    Attributes:
+        kind: ``text`` for a bare token, ``unknown_type`` for JSON of another type.
+        detail: the token or the type name (truncated).
+    """
+
+    kind: Literal["text", "unknown_type"]
+    detail: str
+
+
+Frame: TypeAlias = "Info | ErrorFrame | Subscribed | Unsubscribed | Notification | Other"
+
+
+def parse_frame(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
+    """Parse one frame received from the stream.
+
+    Args:
+        raw: the text (or binary) frame as read off the WebSocket.
+        max_bytes: frames larger than this are refused as ``oversize``.
+
+    Returns:
+        A typed frame; unknown but harmless frames are ``Other``.
+
+    Raises:
+        ProtocolError: the frame is not a valid notification (the caller
+            quarantines it); ``reason`` is one of ``REJECT_REASONS``.
+    """
+    size = len(raw) if isinstance(raw, bytes) else _utf8_len(raw)
+    if size > max_bytes:
+        raise ProtocolError("oversize", f"frame of {size} bytes exceeds the limit of {max_bytes}")
+    text_token = _as_token(raw)
+    if text_token is not None:
+        return Other(kind="text", detail=text_token)
+    try:
+        obj = orjson.loads(raw)
+    except (orjson.JSONDecodeError, UnicodeError, TypeError) as exc:
+        raise ProtocolError("bad_json", f"frame is not valid JSON ({_short(str(exc))})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("not_object", f"frame is JSON {type(obj).__name__}, not an object")
+    return _from_object(obj)
+
+
+def parse_frames(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Frame]:
+    """Parse a frame, tolerating the variations the Orangepill WebSocket documentation itself shows.
+
+    Besides what ``parse_frame`` accepts: several JSON objects in one frame
+    (the documentation prints its info + error answer as two objects), and a control
+    frame followed by stray closing braces (the documentation's own examples end in
+    ``} }``). A notification with trailing junk is still refused: its data
+    goes to quarantine for a person to look at.
+
+    Raises:
+        ProtocolError: as ``parse_frame``.
+    """
+    try:
+        return [parse_frame(raw, max_bytes=max_bytes)]
+    except ProtocolError as exc:
+        if exc.reason != "bad_json":
+            raise
+        objects = _lenient_objects(raw)
+        if objects is None:
+            raise
+    return [_from_object(obj) for obj in objects]
+
+
+_CONTROL_TYPES: Final = frozenset({"info", "error", "subscribe", "unsubscribe"})
+
+
+def _lenient_objects(raw: str | bytes) -> list[dict[str, Any]] | None:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        return None
+    decoder = json.JSONDecoder()
+    objects: list[dict[str, Any]] = []
+    index, end = 0, len(text)
+    while True:
+        while index < end and text[index].isspace():
+            index += 1
+        if index >= end or text[index] != "{":
+            break
+        try:
+            value, index = decoder.raw_decode(text, index)
+        except (ValueError, RecursionError):
+            break
+        if not isinstance(value, dict):
+            return None
+        objects.append(value)
+    rest = text[index:].strip()
+    if not objects:
+        return None
+    if not rest and len(objects) > 1:
+        return objects
+    if rest and set(rest) <= {"}"} and all(obj.get("type") in _CONTROL_TYPES for obj in objects):
+        return objects
+    return None
+
+
+def _from_object(obj: dict[str, Any]) -> Frame:
+    kind = obj.get("type")
+    if kind == "info":
+        return Info(accepted=obj.get("realm") != _NONE_REALM, timestamp=_ts(obj.get("timestamp")))
+    if kind == "error":
+        message = obj.get("realm")
+        if not isinstance(message, str):
+            message = obj.get("message", obj.get("error", ""))
+        return ErrorFrame(message=_short(str(message), 200), timestamp=_ts(obj.get("timestamp")))
+    if kind == "subscribe":
+        return Subscribed(timestamp=_ts(obj.get("timestamp")))
+    if kind == "unsubscribe":
+        return Unsubscribed(timestamp=_ts(obj.get("timestamp")))
+    if kind == "notification" or (kind is None and _looks_like_notification(obj)):
+        return _notification(obj)
+    return Other(kind="unknown_type", detail=_short(str(kind), 64))
+
+
+def _utf8_len(text: str) -> int:
+    # Cheap bound first: a str of n code points is at most 4n UTF-8 bytes.
+    if len(text) * 4 <= DEFAULT_MAX_FRAME_BYTES:
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _as_token(raw: str | bytes) -> str | None:
+    if len(raw) > 64:
+        return None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = text.strip()
+    return text if _TEXT_TOKEN.match(text) else None
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _ts(value: Any) -> Timestamp:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (str, int, float)):
+        return value
+    return None
+
+
+def _looks_like_notification(obj: dict[str, Any]) -> bool:
+    if "event" in obj:
+        return True
+    inner = obj.get("data")
+    return isinstance(inner, dict) and "event" in inner
+
+
+def _notification(obj: dict[str, Any]) -> Notification:
+    inner = obj.get("data")
+    shape: Literal["flat", "nested"]
+    if "event" not in obj and isinstance(inner, dict) and "event" in inner:
+        # The JavaScript example's envelope: notification.data.{event,data,timestamp}.
+        shape = "nested"
+        event = inner.get("event")
+        data = inner.get("data")
+        timestamp = inner.get("timestamp", obj.get("timestamp"))
+        extras = [(k, v) for k, v in inner.items() if k not in _ENVELOPE_KEYS]
+        extras += [(k, v) for k, v in obj.items() if k not in _ENVELOPE_KEYS and k not in inner]
+    else:
+        shape = "flat"
+        event = obj.get("event")
+        data = inner
+        timestamp = obj.get("timestamp")
+        extras = [(k, v) for k, v in obj.items() if k not in _ENVELOPE_KEYS]
+    if not isinstance(event, str) or not event:
+        raise ProtocolError("missing_event", "notification has no event name")
+    validate_routing_key(event)
+    flat: dict[str, Any] = {"type": "notification", "event": event, "data": data, "timestamp": timestamp}
+    flat.update(extras)
+    try:
+        body = orjson.dumps(flat)
+    except TypeError as exc:  # pragma: no cover - orjson.loads output always dumps
+        raise ProtocolError("bad_json", _short(str(exc))) from None
+    return Notification(
+        event=event, data=data, timestamp=_ts(timestamp), body=body, shape=shape, extra=dict(extras)
+    )
+
+
+def validate_routing_key(name: str) -> str:
+    """Check that an event name is usable as an AMQP topic routing key.
+
+    Args:
+        name: the event name.
+
+    Returns:
+        The name, unchanged.
+
+    Raises:
+        ProtocolError: ``invalid_routing_key`` when it is longer than 255 UTF-8
+            bytes, has an empty word, or holds whitespace, control characters,
+            ``*`` or ``#`` (wildcards of bindings, never of routing keys).
+    """
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("invalid_routing_key", "event name is not valid UTF-8") from None
+    if len(encoded) > _MAX_ROUTING_KEY_BYTES:
+        raise ProtocolError(
+            "invalid_routing_key", f"event name is {len(encoded)} bytes, the limit is 255"
+        )
+    if "" in name.split("."):
+        raise ProtocolError("invalid_routing_key", f"event name {_short(name, 80)!r} has an empty word")
+    if _BAD_KEY_CHARS.search(name):
+        raise ProtocolError(
+            "invalid_routing_key",
+            f"event name {_short(name, 80)!r} holds whitespace, a control character, '*' or '#'",
+        )
+    return name
+
+
+def timestamp_seconds(value: Timestamp) -> float | None:
+    """Read an upstream timestamp (seconds or ``Date.now()`` milliseconds, str or number)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if number != number or number in (float("inf"), float("-inf")) or number < 0:
+        return None
+    return number / 1000.0 if number > 1e11 else number
+
+
+# -- the subscribe handshake -------------------------------------------------------
+
+
+class SubscribeOutcome(enum.Enum):
+    """Where a subscribe handshake stands."""
+
+    PENDING = "pending"  # nothing decisive yet: keep reading
+    ACCEPTED = "accepted"  # info (the realm), subscribe, or events already flowing
+    KEY_REJECTED = "key_rejected"  # an error frame, or info NONE and then nothing/closed: fatal
+    NO_ANSWER = "no_answer"  # the timeout passed without a word about the key: retry
+    CLOSED_UNANSWERED = "closed_unanswered"  # the server closed before answering: retry
+
+
+class Handshake:
+    """The subscribe handshake as a state machine: feed it frames and the time.
+
+    The documentation answers success with ``info`` (the realm) and/or
+    ``subscribe``, and failure with ``info`` ``"realm":"NONE"`` followed by
+    ``error``. A server that starts streaming without answering is delivering,
+    so that counts as success. After info NONE the machine waits ``reject_grace``
+    seconds for the error's text; without it the key still counts as rejected.
+
+    Attributes:
+        outcome: where the handshake stands.
+        detail: why it was rejected (the server's error text, unredacted: the
+            caller redacts it), or what went wrong; empty while pending.
+        deadline: the time after which ``tick`` gives up.
+    """
+
+    def __init__(self, *, now: float, timeout: float, reject_grace: float = 2.0) -> None:
+        self.deadline = now + timeout
+        self.outcome = SubscribeOutcome.PENDING
+        self.detail = ""
+        self._reject_grace = reject_grace
+        self._saw_info_none = False
+
+    def receive(self, frame: Frame, now: float) -> SubscribeOutcome:
+        """Account for one frame read while the answer is awaited."""
+        if self.outcome is not SubscribeOutcome.PENDING:
+            return self.outcome
+        if isinstance(frame, ErrorFrame):
+            return self._finish(SubscribeOutcome.KEY_REJECTED, frame.message or "error frame")
+        if isinstance(frame, Info) and not frame.accepted:
+            # info NONE: the error with its text follows; wait briefly for it.
+            self._saw_info_none = True
+            self.deadline = min(self.deadline, now + self._reject_grace)
+        elif isinstance(frame, (Info, Subscribed, Notification)) and not self._saw_info_none:
+            return self._finish(SubscribeOutcome.ACCEPTED, "")
+        return self.outcome
+
+    def tick(self, now: float) -> SubscribeOutcome:
+        """Account for the passing of time: after the deadline the handshake ends."""
+        if self.outcome is SubscribeOutcome.PENDING and now >= self.deadline:
+            if self._saw_info_none:
+                return self._finish(SubscribeOutcome.KEY_REJECTED, "the server answered info NONE")
+            return self._finish(SubscribeOutcome.NO_ANSWER, "no answer to subscribe")
+        return self.outcome
+
+    def connection_closed(self) -> SubscribeOutcome:
+        """Account for the server closing the connection before the handshake ended."""
+        if self.outcome is SubscribeOutcome.PENDING:
+            if self._saw_info_none:
+                return self._finish(
+                    SubscribeOutcome.KEY_REJECTED,
+                    "the server answered info NONE and closed the connection",
+                )
+            return self._finish(
+                SubscribeOutcome.CLOSED_UNANSWERED, "the server closed the connection before answering"
+            )
+        return self.outcome
+
+    def _finish(self, outcome: SubscribeOutcome, detail: str) -> SubscribeOutcome:
+        self.outcome, self.detail = outcome, detail
+        return outcome
+
+
+# -- link liveness -------------------------------------------------------------------
+
+
+class LinkAction(enum.Enum):
+    """What the keepalive loop should do now."""
+
+    WAIT = "wait"
+    PING = "ping"  # send the text PING and a WebSocket ping
+    SILENT = "silent"  # nothing heard for longer than the idle timeout: drop the link
+
+
+class Liveness:
+    """The link-liveness rules: when to ping, when a link counts as silent.
+
+    ``heard`` is the only writer of the last-heard time: a frame, a pong, a
+    completed handshake and a paused reader (a full spool: the silence is ours,
+    not the link's) all go through it.
+    """
+
+    def __init__(self, *, ping_interval: float, idle_timeout: float, now: float) -> None:
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self._last_heard = now
+        self._last_ping = -math.inf
+
+    @property
+    def check_every(self) -> float:
+        """How often the keepalive loop should call ``due``."""
+        return min(self.ping_interval, self.idle_timeout / 3)
+
+    def heard(self, now: float) -> None:
+        """Something came from the server (or our reader is paused on purpose)."""
+        self._last_heard = max(self._last_heard, now)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the server was last heard."""
+        return now - self._last_heard
+
+    def due(self, now: float, *, reader_paused: bool = False) -> LinkAction:
+        """What to do at ``now``; a PING answer also marks the ping as sent."""
+        if reader_paused:
+            self.heard(now)
+        if self.silent_for(now) > self.idle_timeout:
+            return LinkAction.SILENT
+        if now - self._last_ping >= self.ping_interval:
+            self._last_ping = now
+            return LinkAction.PING
+        return LinkAction.WAIT
