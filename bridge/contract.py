@@ -8,7 +8,7 @@ same contract for people; this module is it for code, tests and benchmarks.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -83,7 +83,7 @@ class Topology:
         return (self.exchange, self.unrouted)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Outbound:
     """A message ready for RabbitMQ, as stored in the spool.
 
@@ -101,13 +101,36 @@ class Outbound:
     routing_key: str
     message_id: str
     body: bytes
-    headers: dict[str, str | int] = field(default_factory=dict)
-    received_at: float = 0.0
-    metric_kind: str = "other"
+    headers: dict[str, str | int]
+    received_at: float
+    metric_kind: str
+
+    # Written by hand only to accept ``label=``, the old name of ``metric_kind``, which the
+    # spool (rewritten elsewhere right now) still uses. Back to a generated __init__ once it does not.
+    def __init__(
+        self,
+        kind: int,
+        routing_key: str,
+        message_id: str,
+        body: bytes,
+        headers: dict[str, str | int] | None = None,
+        received_at: float = 0.0,
+        metric_kind: str = "other",
+        *,
+        label: str | None = None,
+    ) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "kind", kind)
+        setattr_(self, "routing_key", routing_key)
+        setattr_(self, "message_id", message_id)
+        setattr_(self, "body", body)
+        setattr_(self, "headers", {} if headers is None else headers)
+        setattr_(self, "received_at", received_at)
+        setattr_(self, "metric_kind", metric_kind if label is None else label)
 
     @property
     def label(self) -> str:
-        """Deprecated name of ``metric_kind`` (the spool still reads it; remove once it does not)."""
+        """Deprecated: ``metric_kind`` (the bounded event metric label)."""
         return self.metric_kind
 
 

@@ -11,10 +11,14 @@ Delete it once nothing imports ``bridge.protocol``.
 
 from __future__ import annotations
 
-from typing import Any
-
-from bridge import contract
-from bridge.contract import KIND_EVENT, KIND_QUARANTINE, event_message, message_id, quarantine_message
+from bridge.contract import (
+    KIND_EVENT,
+    KIND_QUARANTINE,
+    Outbound,
+    event_message,
+    message_id,
+    quarantine_message,
+)
 from bridge.secrets import key_fingerprint, redact
 from bridge.wire import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -61,14 +65,3 @@ __all__ = [
     "unsubscribe_frame",
     "validate_routing_key",
 ]
-
-
-class Outbound(contract.Outbound):
-    """``contract.Outbound`` that still accepts the old ``label=`` keyword (for the spool)."""
-
-    __slots__ = ()
-
-    def __init__(self, *args: Any, label: str | None = None, **kwargs: Any) -> None:
-        if label is not None:
-            kwargs["metric_kind"] = label
-        super().__init__(*args, **kwargs)
