@@ -132,6 +132,11 @@ class Broker:
         return self._state
 
     @property
+    def connection(self) -> AbstractRobustConnection | None:
+        """The robust connection, once made (aio-pika keeps it alive across reconnects)."""
+        return self._connection
+
+    @property
     def connected(self) -> bool:
         """True while the connection and its channel are open."""
         return self._state is LinkState.UP

@@ -13,9 +13,10 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from bridge.catalog import metric_label
-from bridge.protocol import key_fingerprint, message_id
+from bridge.contract import message_id
+from bridge.secrets import key_fingerprint
 from bridge.spool import Spool
-from tests.conftest import (
+from tests.helpers import (
     KEY,
     BridgeProcess,
     bind_queue,
@@ -257,7 +258,7 @@ async def test_sigterm_exits_0_with_nothing_outstanding(amqp: AbstractRobustConn
 
 async def test_nacked_events_stay_in_the_spool_and_are_retried(amqp: AbstractRobustConnection, exchange_name: str) -> None:
     """Events RabbitMQ nacks (a full queue with reject-publish) are retried from the spool until they are confirmed."""
-    from bridge.publisher import declare_topology
+    from bridge.broker import declare_topology
 
     async with simulator(paused=True) as sim:
         settings = bridge_settings(sim.url, exchange_name)

@@ -11,7 +11,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.conftest import bind_queue, bridge_settings, collect, running_bridge
+from tests.helpers import bind_queue, bridge_settings, collect, running_bridge
 
 pytestmark = pytest.mark.broker
 
