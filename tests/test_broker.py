@@ -80,7 +80,7 @@ async def test_polling_survives_a_missing_queue(broker: tuple[Broker, CollectorR
     channel = await link.connection.channel()
     await channel.queue_delete(link.topology.quarantine)
     await channel.close()
-    with pytest.raises(Exception, match="NOT_FOUND|not found|404"):
+    with pytest.raises(Exception, match=r"NOT_FOUND|not found|404"):
         await link.poll_once()
     assert link.state is LinkState.UP
     raw = await link.raw_channel()

@@ -100,7 +100,7 @@ async def test_nested_and_flat_envelopes_give_the_same_message(amqp: AbstractRob
 
 
 async def test_name_outside_catalogue_is_routed(amqp: AbstractRobustConnection, exchange_name: str) -> None:
-    """An event name the seed does not list (its own example's transaction.processed) is still routed."""
+    """An event name the Orangepill WebSocket documentation does not list (its own example's transaction.processed) is still routed."""
     async with simulator(paused=True) as sim:
         settings = bridge_settings(sim.url, exchange_name)
         queue = await bind_queue(amqp, settings, "transaction.*")

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.errors import ProtocolError
 from bridge.contract import KIND_EVENT, KIND_QUARANTINE, event_message, message_id, quarantine_message
+from bridge.errors import ProtocolError
 from bridge.secrets import key_fingerprint, redact
 from bridge.wire import (
     REJECT_REASONS,
