@@ -11,10 +11,7 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,18 +24,14 @@ from typing import Any
 import psutil
 
 from bench.workers import AMQP_URL
+from bridge.contract import Topology
+from tests import helpers
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 KEY = "bench-realm-key-5e1f0a"
 _CTX = mp.get_context("spawn")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def new_exchange() -> str:
@@ -52,8 +45,8 @@ def new_exchange() -> str:
 async def _declare(exchange: str, queue: str) -> None:
     import aio_pika
 
+    from bridge.broker import declare_topology
     from bridge.config import Realm, Settings
-    from bridge.publisher import declare_topology
 
     settings = Settings(realms=(Realm("bench", KEY),), amqp_url=AMQP_URL, exchange=exchange)
     connection = await aio_pika.connect(AMQP_URL, timeout=10)
@@ -72,12 +65,13 @@ async def _delete(exchange: str, queue: str) -> None:
     connection = await aio_pika.connect(AMQP_URL, timeout=10)
     async with connection:
         channel = await connection.channel()
-        for name in (queue, f"{exchange}.unrouted", f"{exchange}.quarantine"):
+        names = Topology(exchange)
+        for name in (queue, *names.own_queues):
             with contextlib.suppress(Exception):
                 await channel.queue_delete(name)
             if channel.is_closed:
                 channel = await connection.channel()
-        for name in (exchange, f"{exchange}.unrouted"):
+        for name in names.own_exchanges:
             with contextlib.suppress(Exception):
                 await channel.exchange_delete(name)
             if channel.is_closed:
@@ -150,21 +144,14 @@ class Worker:
         self.conn.close()
 
 
-class BridgeProcess:
+class BridgeProcess(helpers.BridgeProcess):
     """``python -m bridge run`` as a subprocess: default settings, loopback, a temp spool file."""
 
     def __init__(self, stream_url: str, exchange: str, *, uvloop_on: bool, spool_dir: str) -> None:
         self.metrics_port = free_port()
         self.spool = os.path.join(spool_dir, "spool.db")
-        self.log_path = os.path.join(spool_dir, "bridge.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "BRIDGE_UVLOOP": "1" if uvloop_on else "0"}
-        for name in list(env):
-            if name.startswith(("ORANGEPILL_", "BRIDGE_")) and name != "BRIDGE_UVLOOP":
-                del env[name]
-        self.proc = subprocess.Popen(
+        super().__init__(
             [
-                sys.executable, "-m", "bridge", "run",
                 "--stream-url", stream_url,
                 "--realm-key", f"bench={KEY}",
                 "--amqp-url", AMQP_URL,
@@ -174,15 +161,10 @@ class BridgeProcess:
                 # Extra flags for experiments (e.g. "--spool memory"); results record them.
                 *shlex.split(os.environ.get("BENCH_BRIDGE_ARGS", "")),
             ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+            {"BRIDGE_UVLOOP": "1" if uvloop_on else "0"},
+            log_path=os.path.join(spool_dir, "bridge.log"),
+            clean_env=True,
+        )  # fmt: skip
 
     def _get(self, path: str) -> tuple[int, str]:
         url = f"http://127.0.0.1:{self.metrics_port}{path}"
@@ -224,24 +206,6 @@ class BridgeProcess:
                 with contextlib.suppress(ValueError):
                     out[name] = out.get(name, 0.0) + float(value)
         return out
-
-    def tail(self, n: int = 2000) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        with contextlib.suppress(OSError):
-            return Path(self.log_path).read_text(errors="replace")[-n:]
-        return ""
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
 
 
 def spool_bytes(path: str) -> int:

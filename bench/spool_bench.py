@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 
-from bridge.protocol import KIND_EVENT, Outbound
+from bridge.contract import KIND_EVENT, Outbound
 from bridge.spool import MEMORY, Spool
 
 
@@ -29,7 +29,7 @@ def message(n: int) -> Outbound:
         body=body,
         headers={"realm": "bench", "entity_id": f"{n:08d}", "received_at": 1700000000000 + n},
         received_at=1700000000.0 + n / 1000,
-        label="transaction.done",
+        metric_kind="transaction.done",
     )
 
 

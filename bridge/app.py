@@ -1,4 +1,4 @@
-"""The bridge process: wires stream clients, spool, publisher and HTTP, and stops cleanly."""
+"""The bridge process: wires stream clients, spool, broker, publisher and HTTP, and stops cleanly."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import contextlib
 import logging
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from bridge.broker import Broker
 from bridge.config import Settings
 from bridge.errors import BridgeError, ConfigError
 from bridge.http import start_http
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
-from bridge.spool import Spool, SpoolStats
+from bridge.spool import CloseReport, Spool
 from bridge.stream import StreamClient, StreamState
 
 __all__ = ["Bridge", "run_bridge"]
@@ -32,118 +34,175 @@ class Bridge:
         self.metrics = metrics
         self.spool = spool
         self.state = StreamState(settings.realms, metrics)
-        self.publisher = Publisher(settings, spool, metrics)
+        self.broker = Broker(settings, metrics)
+        self.publisher = Publisher(settings, spool, metrics, self.broker)
         self.clients = [StreamClient(settings, r, spool, metrics, self.state) for r in settings.realms]
+        self._stream_stop = asyncio.Event()
+        self._publish_stop = asyncio.Event()
+        self._streams: list[asyncio.Task[None]] = []
+        self._publisher: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._http: web.AppRunner | None = None
+        self._lost = 0  # accepted events the spool could not keep (set at shutdown)
+
+    # -- health ---------------------------------------------------------------------
+
+    def _spool_health(self) -> dict[str, Any]:
+        health = self.spool.health()
+        return {
+            "ok": health.ok,
+            "reason": health.reason,
+            "depth": self.spool.depth,
+            "bytes": self.spool.bytes,
+            "full": self.spool.full,
+        }
 
     def readiness(self) -> dict[str, Any]:
-        """What /readyz reports: ready only while every realm is subscribed and the broker is up."""
+        """What /readyz reports: ready only while every realm is subscribed and the broker is up.
+
+        It combines the health of each component: the stream links, the broker
+        link and the spool.
+        """
+        stream, broker, spool = self.state.health(), self.broker.health(), self._spool_health()
         reasons: list[str] = []
-        for label, subscribed in self.state.subscribed.items():
+        for realm, subscribed in stream.subscribed.items():
             if not subscribed:
-                why = "awaiting answer" if self.state.connected.get(label) else "stream disconnected"
-                reasons.append(f"realm {label} not subscribed ({why})")
-        if not self.publisher.connected:
-            reasons.append(f"broker not connected: {self.publisher.last_error or 'connecting'}")
-        if self.spool.full:
+                why = "awaiting answer" if stream.connected.get(realm) else "stream disconnected"
+                reasons.append(f"realm {realm} not subscribed ({why})")
+        if not broker.connected:
+            reasons.append(f"broker not connected: {broker.error or 'connecting'}")
+        if spool["full"]:
             reasons.append("spool full: the stream is not being read")
+        if not spool["ok"]:
+            reasons.append(f"spool not working: {spool['reason']}")
         return {
             "ready": not reasons,
             "reasons": reasons,
-            "stream": {
-                "connected": dict(self.state.connected),
-                "subscribed": dict(self.state.subscribed),
-            },
-            "broker": {"connected": self.publisher.connected, "error": self.publisher.last_error},
-            "spool": {"depth": self.spool.depth, "bytes": self.spool.bytes, "full": self.spool.full},
+            "stream": {"connected": stream.connected, "subscribed": stream.subscribed},
+            "broker": {"connected": broker.connected, "error": broker.error},
+            "spool": spool,
             "publish": {"in_flight": self.publisher.in_flight},
         }
 
+    # -- run --------------------------------------------------------------------------
+
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set or something fatal happens; return the exit code."""
-        settings = self.settings
-        stream_stop = asyncio.Event()
-        publish_stop = asyncio.Event()
-        runner = None
-        hostport = settings.metrics_host_port
-        if hostport is not None:
-            try:
-                runner = await start_http(hostport[0], hostport[1], self.metrics.registry, self.readiness)
-            except OSError as exc:
-                raise ConfigError(
-                    f"--metrics-addr {settings.metrics_addr}: cannot listen ({exc.strerror or exc})"
-                ) from None
-        streams = [
-            asyncio.create_task(c.run(stream_stop), name=f"stream-{c.realm.label}") for c in self.clients
-        ]
-        publisher = asyncio.create_task(self._publish(publish_stop), name="publisher")
-        poller = asyncio.create_task(self.publisher.poll_queues(publish_stop), name="queue-poll")
-        stop_wait = asyncio.create_task(stop.wait(), name="stop")
+        await self._start_http()
+        self._start_tasks()
         fatal: BaseException | None = None
         try:
-            watched: set[asyncio.Task[Any]] = {stop_wait, publisher, *streams}
-            while not stop.is_set() and fatal is None:
-                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    watched.discard(task)
-                    if task is not stop_wait and not task.cancelled() and task.exception() is not None:
-                        fatal = task.exception()
-                if not watched - {stop_wait}:
-                    break
+            fatal = await self._watch(stop)
         finally:
-            log.info("stopping: unsubscribing and closing the stream")
-            stream_stop.set()
-            _, late = await asyncio.wait(streams, timeout=_STREAM_STOP_GRACE) if streams else (set(), set())
-            for task in late:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                # Bounded: a disk that refuses commits must not hang the shutdown.
-                await asyncio.wait_for(self.spool.flush(), timeout=settings.drain_timeout)
-            publish_stop.set()
-            stop_wait.cancel()
-            for task in (publisher, poller):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, timeout=settings.drain_timeout + 2)
-            unconfirmed = await self.publisher.drain(settings.drain_timeout)
-            await self.publisher.close()
-            report = await self.spool.close(give_up_after=settings.drain_timeout)
-            if runner is not None:
-                await runner.cleanup()
-            if unconfirmed:
-                log.warning("%d publishes were not confirmed in time; they stay in the spool", unconfirmed)
-            if report.error:
-                log.error("spool %s did not close cleanly: %s", settings.spool, report.error)
-            if report.lost:
-                log.error(
-                    "%d events were accepted but are lost (%s); %d stay in the spool %s",
-                    report.lost, "the spool is in memory" if settings.spool == "memory" else "not on disk",
-                    report.kept, settings.spool,
-                )  # fmt: skip
-            elif report.kept:
-                log.info("%d events stay in the spool %s for the next start", report.kept, settings.spool)
-        for task in (*streams, publisher):
-            if task.done() and not task.cancelled() and task.exception() is not None and fatal is None:
-                fatal = task.exception()
-        if fatal is not None:
-            if isinstance(fatal, BridgeError):
-                log.error("%s", fatal)
-                return fatal.exit_code
-            log.error("fatal error: %s", fatal, exc_info=fatal)
-            return 1
-        if report.lost:
-            return 1
-        log.info("stopped cleanly")
-        return 0
+            await self._shutdown()
+        return self._exit_code(fatal)
+
+    async def _start_http(self) -> None:
+        hostport = self.settings.metrics_host_port
+        if hostport is None:
+            return
+        try:
+            self._http = await start_http(hostport[0], hostport[1], self.metrics.registry, self.readiness)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-addr {self.settings.metrics_addr}: cannot listen ({exc.strerror or exc})"
+            ) from None
+
+    def _start_tasks(self) -> None:
+        self._streams = [
+            asyncio.create_task(c.run(self._stream_stop), name=f"stream-{c.realm.label}") for c in self.clients
+        ]
+        self._publisher = asyncio.create_task(self._publish(self._publish_stop), name="publisher")
+        self._poller = asyncio.create_task(self.broker.poll_queues(self._publish_stop), name="queue-poll")
 
     async def _publish(self, stop: asyncio.Event) -> None:
-        if await self.publisher.connect(stop):
+        if await self.broker.connect(stop):
             await self.publisher.run(stop)
 
+    async def _watch(self, stop: asyncio.Event) -> BaseException | None:
+        """Wait for ``stop``, or for a stream or the publisher to end; return what made it fatal."""
+        assert self._publisher is not None
+        stop_wait = asyncio.create_task(stop.wait(), name="stop")
+        watched: set[asyncio.Task[Any]] = {stop_wait, self._publisher, *self._streams}
+        try:
+            while not stop.is_set():
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                watched -= done
+                for task in done - {stop_wait}:
+                    if not task.cancelled() and task.exception() is not None:
+                        return task.exception()
+                if not watched - {stop_wait}:
+                    break
+            return None
+        finally:
+            stop_wait.cancel()
 
-def _spool_gauges(metrics: Metrics, stats: SpoolStats) -> None:
-    # The lead replaces this with metrics.spool_state(depth, size_bytes, full).
-    metrics.spool_depth.set(stats.depth)
-    metrics.spool_bytes.set(stats.size_bytes)
-    metrics.spool_full.set(1 if stats.full else 0)
+    # -- shutdown, in order -------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        log.info("stopping: unsubscribing and closing the stream")
+        await self._stop_streams()
+        await self._flush_spool()
+        await self._stop_publishing()
+        unconfirmed = await self.publisher.drain(self.settings.drain_timeout)
+        await self.broker.close()
+        report = await self.spool.close(give_up_after=self.settings.drain_timeout)
+        self._lost = report.lost
+        if self._http is not None:
+            await self._http.cleanup()
+        self._report_leftovers(unconfirmed, report)
+
+    async def _stop_streams(self) -> None:
+        """Unsubscribe every realm; cancel the ones that do not finish in time."""
+        self._stream_stop.set()
+        if not self._streams:
+            return
+        _, late = await asyncio.wait(self._streams, timeout=_STREAM_STOP_GRACE)
+        for task in late:
+            task.cancel()
+
+    async def _flush_spool(self) -> None:
+        """Commit what the stream read last. Bounded: a disk that refuses commits must not hang the shutdown."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.spool.flush(), timeout=self.settings.drain_timeout)
+
+    async def _stop_publishing(self) -> None:
+        self._publish_stop.set()
+        for task in (self._publisher, self._poller):
+            if task is None:
+                continue
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=self.settings.drain_timeout + 2)
+
+    def _report_leftovers(self, unconfirmed: int, report: CloseReport) -> None:
+        spool = self.settings.spool
+        if unconfirmed:
+            log.warning("%d publishes were not confirmed in time; they stay in the spool", unconfirmed)
+        if report.error:
+            log.error("spool %s did not close cleanly: %s", spool, report.error)
+        if report.lost:
+            where = "the spool is in memory" if spool == "memory" else "they were never written to disk"
+            log.error(
+                "%d accepted events are lost (%s); %d stay in the spool %s", report.lost, where, report.kept, spool
+            )
+        elif report.kept:
+            log.info("%d events stay in the spool %s for the next start", report.kept, spool)
+
+    def _exit_code(self, fatal: BaseException | None) -> int:
+        tasks = [*self._streams, *([self._publisher] if self._publisher else [])]
+        for task in tasks:
+            if fatal is None and task.done() and not task.cancelled() and task.exception() is not None:
+                fatal = task.exception()
+        if fatal is None and self._lost:
+            return 1
+        if fatal is None:
+            log.info("stopped cleanly")
+            return 0
+        if isinstance(fatal, BridgeError):
+            log.error("%s", fatal)
+            return fatal.exit_code
+        log.error("fatal error: %s", fatal, exc_info=fatal)
+        return 1
 
 
 async def run_bridge(
@@ -167,7 +226,9 @@ async def run_bridge(
     log.info("starting orangepill-bridge %s", settings.describe())
     try:
         spool = await Spool.open(
-            settings.spool, max_bytes=settings.spool_max_bytes, on_stats=lambda s: _spool_gauges(metrics, s)
+            settings.spool,
+            max_bytes=settings.spool_max_bytes,
+            on_stats=lambda stats: metrics.spool_state(stats.depth, stats.size_bytes, stats.full),
         )
     except BridgeError as exc:
         log.error("%s", exc)

@@ -35,7 +35,7 @@ def _e(name: str, description: str, infobip: bool = False) -> EventSpec:
     return EventSpec(name=name, description=description, infobip=infobip)
 
 
-# Order and wording follow the seed's "Events" table.
+# Order and wording follow the "Events" table of the Orangepill WebSocket documentation ("WebSocket Subscriptions").
 CATALOG: tuple[EventSpec, ...] = (
     _e("user.created", "New user is successfully created."),
     _e("user.updated", "User is updated."),
@@ -106,7 +106,7 @@ CATALOG: tuple[EventSpec, ...] = (
     _e("apps.deposit.failed", "Apps.Deposit processing failed."),
 )
 
-# The channels the seed names; other channels still match the pattern but share
+# The channels the Orangepill WebSocket documentation names; other channels still match the pattern but share
 # one metric label so that label cardinality stays bounded.
 KNOWN_CHANNELS: frozenset[str] = frozenset({"sms", "whatsapp", "html"})
 
@@ -133,7 +133,7 @@ def lookup(name: str) -> EventSpec | None:
         name: an event name as received (``deposit.received``, ``sms.message.sent``).
 
     Returns:
-        The entry, or None for a name the seed does not document.
+        The entry, or None for a name the Orangepill WebSocket documentation does not document.
     """
     spec = _BY_NAME.get(name)
     if spec is not None:
@@ -147,7 +147,7 @@ def lookup(name: str) -> EventSpec | None:
 def metric_label(name: str) -> str:
     """Map an event name to a bounded metric label value.
 
-    Catalogue names map to themselves, the seed's channels keep their name
+    Catalogue names map to themselves, the documented channels keep their name
     (``sms.message.sent``), other channels collapse to ``CHANNEL.message.sent``,
     and anything else is ``other``.
     """

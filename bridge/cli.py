@@ -1,22 +1,23 @@
-"""The ``orangepill-bridge`` command line: arguments become settings, then the app runs."""
+"""The ``orangepill-bridge`` command line: arguments become settings, then the app runs.
+
+Each verb lives in its own module (``app``, ``demo``, ``tail``, ``check``, the
+simulator); this one only parses arguments, sets up logging and signals, and
+imports the verb it runs (lazily, so ``--help`` and ``events`` stay fast).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
-import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from bridge import __version__
 from bridge.catalog import CATALOG, EXAMPLE_BINDINGS
-from bridge.config import Settings, add_arguments, load_settings
+from bridge.config import add_arguments, load_settings
 from bridge.errors import ConfigError
 from bridge.logs import setup_logging
 
@@ -85,11 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _run_until_signal(lambda stop: run_bridge(settings, stop))
     if command == "demo":
-        return _run_until_signal(lambda stop: _demo(settings, args, stop))
+        from bridge.demo import demo
+
+        return _run_until_signal(lambda stop: demo(settings, args, stop))
     if command == "tail":
-        return _run_until_signal(lambda stop: _tail(settings, args.patterns, args.json, stop))
+        from bridge.tail import tail
+
+        return _run_until_signal(lambda stop: tail(settings, args.patterns, args.json, stop))
     if command == "check":
-        return _run_until_signal(lambda stop: _check(settings))
+        from bridge.check import preflight
+
+        return _run_until_signal(lambda stop: preflight(settings))
     parser.error(f"unknown command {command}")  # pragma: no cover - argparse rejects it first
     return 2  # pragma: no cover
 
@@ -157,116 +164,3 @@ def _simulate(args: argparse.Namespace) -> int:
         return 0
 
     return _run_until_signal(go)
-
-
-async def _demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Event) -> int:
-    """Simulator + bridge + tail in one process: the whole product on one screen."""
-    from dataclasses import replace
-
-    from bridge.app import run_bridge
-    from bridge.config import Realm
-    from bridge.simulator import Simulator, SimulatorConfig
-
-    # The tail binds its queue first, so that the demo's very first event is shown too.
-    tail_stop = asyncio.Event()
-    tail_bound = asyncio.Event()
-    tail = asyncio.create_task(_tail(settings, ["#"], False, tail_stop, tail_bound))
-    bound_wait = asyncio.ensure_future(tail_bound.wait())
-    await asyncio.wait({bound_wait, tail}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
-    bound_wait.cancel()
-    if tail.done():
-        return tail.result() or 1
-    key = "demo-realm-key"
-    sim = Simulator(SimulatorConfig(port=0, realm_keys=(key,), rate=args.rate))
-    await sim.start()
-    spool = settings.spool
-    if args.spool is None and not os.environ.get("BRIDGE_SPOOL"):
-        spool = os.path.join(tempfile.gettempdir(), f"orangepill-bridge-demo-{os.getpid()}.db")
-    demo_settings = replace(
-        settings,
-        stream_url=sim.url,
-        realms=(Realm(label="demo", key=key),),
-        spool=spool,
-        metrics_addr=settings.metrics_addr if args.metrics_addr else "127.0.0.1:9180",
-    )
-    print(
-        f"demo: simulator on {sim.url}, bridge -> {settings.exchange} on the broker, "
-        f"metrics on http://{demo_settings.metrics_addr}/metrics. Ctrl-C stops.",
-        file=sys.stderr,
-    )
-    bridge_stop = asyncio.Event()
-    bridge = asyncio.create_task(run_bridge(demo_settings, bridge_stop))
-    try:
-        if args.seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=args.seconds)
-        else:
-            stop_wait = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({stop_wait, bridge}, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-    finally:
-        bridge_stop.set()
-        code = await bridge
-        tail_stop.set()
-        with contextlib.suppress(Exception):
-            await tail
-        await sim.stop()
-    print(f"demo: simulator sent {len(sim.sent)} events", file=sys.stderr)
-    return code
-
-
-async def _tail(
-    settings: Settings,
-    patterns: Sequence[str],
-    raw: bool,
-    stop: asyncio.Event,
-    bound: asyncio.Event | None = None,
-) -> int:
-    """Print every event matching the patterns until stopped (the Event Stream Explorer, on RabbitMQ)."""
-    import aio_pika
-    import orjson
-
-    from bridge.publisher import declare_topology
-
-    try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    except Exception as exc:
-        print(f"tail: cannot reach the broker: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    async with connection:
-        channel, exchange, _ = await declare_topology(connection, settings, confirms=False)
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        for pattern in patterns:
-            await queue.bind(exchange, routing_key=pattern)
-        print(f"tail: bound to {settings.exchange} with {', '.join(patterns)}", file=sys.stderr)
-        if bound is not None:
-            bound.set()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            async with message.process():
-                if raw:
-                    print(message.body.decode("utf-8", "replace"), flush=True)
-                    return
-                headers: dict[str, Any] = dict(message.headers or {})
-                try:
-                    body = orjson.loads(message.body)
-                    data = body.get("data") if isinstance(body, dict) else None
-                except orjson.JSONDecodeError:
-                    data = None
-                stamp = time.strftime("%H:%M:%S")
-                print(
-                    f"{stamp} {message.routing_key:<28} data={data!s:<26} realm={headers.get('realm')} "
-                    f"id={(message.message_id or '')[:12]}",
-                    flush=True,
-                )
-
-        await queue.consume(on_message)
-        await stop.wait()
-    return 0
-
-
-async def _check(settings: Settings) -> int:
-    """Pre-flight: each step prints one line; exit 0 when all pass."""
-    from bridge.preflight import preflight
-
-    return await preflight(settings)

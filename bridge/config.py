@@ -10,10 +10,10 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError
-from bridge.protocol import key_fingerprint
+from bridge.secrets import key_fingerprint, redact_url
 
 __all__ = [
     "ENV_VARS",
@@ -567,15 +567,3 @@ def _check_together(settings: Settings) -> None:
             "or events of a dead leader's last seconds could be lost"
         )
 
-
-def redact_url(url: str) -> str:
-    """Hide the password of a URL (``amqp://guest:***@host/``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -10,31 +10,11 @@ from typing import Any
 
 import orjson
 
-from bridge.protocol import redact
+from bridge.secrets import LogScrubber
 
 __all__ = ["setup_logging"]
 
 _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
-
-
-class _Scrubber:
-    """Last line of defence: no realm key or password leaves through a log line.
-
-    Realm keys are replaced wherever they appear (by their fingerprint); a
-    password only where it stands in a URL (``:password@``), so that a
-    password such as ``guest`` does not also rewrite the user name. It works on
-    the formatted text, never on the record, which other handlers may share.
-    """
-
-    def __init__(self, realm_keys: tuple[str, ...], passwords: tuple[str, ...]) -> None:
-        self._keys = tuple(k for k in realm_keys if k)
-        self._passwords = tuple(p for p in passwords if p)
-
-    def __call__(self, text: str) -> str:
-        text = redact(text, self._keys)
-        for password in self._passwords:
-            text = text.replace(f":{password}@", ":***@")
-        return text
 
 
 class _TextFormatter(logging.Formatter):
@@ -83,7 +63,7 @@ def setup_logging(
         realm_keys: scrubbed from every line.
         passwords: scrubbed from every URL in every line.
     """
-    clean = _Scrubber(realm_keys, passwords)
+    clean = LogScrubber(realm_keys, passwords)
     handler = logging.StreamHandler(sys.stderr)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler.setFormatter(_JsonFormatter(clean) if use_json else _TextFormatter(clean))

@@ -1,18 +1,22 @@
 """Prometheus metrics of the bridge, built on an injected registry.
 
-Every stage reports here; ``/metrics`` serves the registry. Names carry the
+Every stage reports what happened through an action method of ``Metrics``
+(``event_received(kind)``, ``published(n, kind)`` …); this module is the only
+one that calls ``.labels()``, and it caches each label child once.
+``/metrics`` serves the registry. Names carry the
 ``orangepill_bridge_`` prefix, counters end in ``_total``, units are base units.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from bridge import __version__
 from bridge.catalog import metric_labels
-from bridge.protocol import REJECT_REASONS
+from bridge.wire import REJECT_REASONS
 
 __all__ = ["PREFIX", "DisconnectReason", "Metrics", "PublishFailure"]
 
@@ -44,17 +48,55 @@ class PublishFailure(enum.StrEnum):
     RETURNED = "returned"  # unroutable and not taken by the alternate exchange
 
 
+_M = TypeVar("_M", Counter, Gauge)
+
+
+class _Children(Generic[_M]):
+    """The label children of one single-label metric, looked up once each (no lookups per event)."""
+
+    def __init__(self, metric: _M, precreate: tuple[str, ...] = ()) -> None:
+        self._metric: _M = metric
+        self._children: dict[str, _M] = {}
+        for value in precreate:  # so that dashboards and rate() see zeros, not gaps
+            self(value)
+
+    def __call__(self, value: str) -> _M:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._metric.labels(value)
+        return child
+
+
 class Metrics:
-    """All metrics of one bridge process, registered on ``registry``."""
+    """All metrics of one bridge process, registered on ``registry``, with one action method per happening.
+
+    The metric objects stay public attributes (``/metrics`` and the tests read
+    them), but code outside this module reports through the action methods.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        p = PREFIX
-        self.build_info = Info(f"{p}_build", "Version of the bridge.", registry=r)
+        self.build_info = Info(f"{PREFIX}_build", "Version of the bridge.", registry=self.registry)
         self.build_info.info({"version": __version__})
+        self._declare_stream()
+        self._declare_events()
+        self._declare_publisher()
+        self._declare_spool()
+        kinds = tuple(metric_labels())
+        self._received = _Children(self.events_received, kinds)
+        self._published = _Children(self.events_published, kinds)
+        self._rejected = _Children(self.events_rejected, REJECT_REASONS)
+        self._failures = _Children(self.publish_failures, tuple(f.value for f in PublishFailure))
+        self._disconnects = _Children(self.stream_disconnects, tuple(d.value for d in DisconnectReason))
+        self._other = _Children(self.frames_other, ("text", "unknown_type"))
+        self._subscribed = _Children(self.subscribed_gauge)
+        self._reconnect_delay = _Children(self.stream_reconnect_delay)
+        self._queue_depth = _Children(self.queue_depth_gauge)
 
-        # stream
+    # -- declarations -------------------------------------------------------------
+
+    def _declare_stream(self) -> None:
+        p, r = PREFIX, self.registry
         self.stream_connected = Gauge(
             f"{p}_stream_connected", "1 while every realm's WebSocket link is open.", registry=r
         )
@@ -67,7 +109,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.subscribed = Gauge(
+        self.subscribed_gauge = Gauge(
             f"{p}_subscribed", "1 while the realm's subscription is confirmed.", ["realm"], registry=r
         )
         self.stream_reconnect_delay = Gauge(
@@ -86,7 +128,8 @@ class Metrics:
             f"{p}_stream_error_frames", "error frames received after subscribing.", registry=r
         )
 
-        # events
+    def _declare_events(self) -> None:
+        p, r = PREFIX, self.registry
         self.events_received = Counter(
             f"{p}_events_received", "Notifications read off the stream, by event.", ["event"], registry=r
         )
@@ -118,7 +161,8 @@ class Metrics:
             registry=r,
         )
 
-        # publisher
+    def _declare_publisher(self) -> None:
+        p, r = PREFIX, self.registry
         self.publish_failures = Counter(
             f"{p}_publish_failures",
             "Publishes not confirmed (retried from the spool), by reason.",
@@ -140,14 +184,15 @@ class Metrics:
         self.amqp_connects = Counter(
             f"{p}_amqp_connects", "RabbitMQ connections opened (first and reconnects).", registry=r
         )
-        self.queue_depth = Gauge(
+        self.queue_depth_gauge = Gauge(
             f"{p}_queue_messages",
             "Messages waiting in the bridge's own queues (unrouted, quarantine).",
             ["queue"],
             registry=r,
         )
 
-        # spool
+    def _declare_spool(self) -> None:
+        p, r = PREFIX, self.registry
         self.spool_depth = Gauge(
             f"{p}_spool_depth", "Events in the spool not yet confirmed by RabbitMQ.", registry=r
         )
@@ -158,15 +203,89 @@ class Metrics:
             registry=r,
         )
 
-        # Pre-create label sets so dashboards and rate() see zeros, not gaps.
-        for label in metric_labels():
-            self.events_received.labels(label)
-            self.events_published.labels(label)
-        for reason in REJECT_REASONS:
-            self.events_rejected.labels(reason)
-        for failure in PublishFailure:
-            self.publish_failures.labels(failure.value)
-        for disconnect in DisconnectReason:
-            self.stream_disconnects.labels(disconnect.value)
-        self.frames_other.labels("text")
-        self.frames_other.labels("unknown_type")
+    # -- stream -------------------------------------------------------------------
+
+    def stream_opened(self) -> None:
+        """A WebSocket handshake completed."""
+        self.stream_connects.inc()
+
+    def disconnected(self, reason: DisconnectReason) -> None:
+        """A WebSocket link ended."""
+        self._disconnects(reason.value).inc()
+
+    def stream_links(self, all_connected: bool) -> None:
+        """Whether every realm's link is open now."""
+        self.stream_connected.set(1 if all_connected else 0)
+
+    def subscribed(self, realm: str, subscribed: bool) -> None:
+        """Whether a realm's subscription is confirmed now."""
+        self._subscribed(realm).set(1 if subscribed else 0)
+
+    def reconnect_delay(self, realm: str, seconds: float) -> None:
+        """The backoff before a realm's next connect attempt (0 while connected)."""
+        self._reconnect_delay(realm).set(seconds)
+
+    def frame_other(self, kind: str) -> None:
+        """A frame that is neither an event nor an answer (``text``, ``unknown_type``)."""
+        self._other(kind).inc()
+
+    def error_frame(self) -> None:
+        """An ``error`` frame arrived after the subscription was confirmed."""
+        self.stream_errors.inc()
+
+    # -- events -------------------------------------------------------------------
+
+    def event_received(self, kind: str, at: float) -> None:
+        """A notification was read off the stream (``kind``: its bounded metric label)."""
+        self._received(kind).inc()
+        self.last_event_timestamp.set(at)
+
+    def rejected(self, reason: str) -> None:
+        """A frame was not a valid notification (it goes to quarantine)."""
+        self._rejected(reason).inc()
+
+    # -- publisher ----------------------------------------------------------------
+
+    def published(self, n: int, kind: str, latency: float | None = None) -> None:
+        """RabbitMQ confirmed ``n`` events of one kind (``latency``: read-to-confirm seconds)."""
+        self._published(kind).inc(n)
+        if latency is not None:
+            self.publish_latency.observe(latency)
+
+    def quarantined(self, latency: float | None = None) -> None:
+        """RabbitMQ confirmed a frame into the quarantine queue."""
+        self.events_quarantined.inc()
+        if latency is not None:
+            self.publish_latency.observe(latency)
+
+    def unroutable(self) -> None:
+        """An event no binding took (alternate exchange, or returned)."""
+        self.events_unroutable.inc()
+
+    def publish_failed(self, reason: PublishFailure) -> None:
+        """A publish was not confirmed; the message goes back to the spool."""
+        self._failures(reason.value).inc()
+
+    def in_flight(self, n: int) -> None:
+        """Publishes awaiting a confirm now."""
+        self.publish_in_flight.set(n)
+
+    def amqp_up(self, up: bool) -> None:
+        """Whether the RabbitMQ connection and its channel are usable now."""
+        self.amqp_connected.set(1 if up else 0)
+
+    def amqp_connect(self) -> None:
+        """A RabbitMQ connection was made (first or reconnect)."""
+        self.amqp_connects.inc()
+
+    def queue_depth(self, name: str, n: int) -> None:
+        """Messages waiting in one of the bridge's own queues (``unrouted``, ``quarantine``)."""
+        self._queue_depth(name).set(n)
+
+    # -- spool --------------------------------------------------------------------
+
+    def spool_state(self, depth: int, size_bytes: int, full: bool) -> None:
+        """The spool's depth, payload bytes and whether it is full (the spool's observer)."""
+        self.spool_depth.set(depth)
+        self.spool_bytes.set(size_bytes)
+        self.spool_full.set(1 if full else 0)

@@ -1,8 +1,10 @@
 """The Orangepill stream client: one WebSocket per realm, subscribe, keepalive, reconnect.
 
-Every frame read off the socket goes to the sink (the spool) before anything
-else happens to it: notifications as events, broken frames as quarantine
-messages. The only fatal outcome is a realm key the server rejects.
+This is the I/O shell around ``bridge.wire``: it reads frames and the clock,
+feeds them to the wire's handshake and liveness machines, and does what they
+answer. Every frame read off the socket goes to the sink (the spool) before
+anything else happens to it: notifications as events, broken frames as
+quarantine messages. The only fatal outcome is a realm key the server rejects.
 """
 
 from __future__ import annotations
@@ -10,38 +12,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from bridge import __version__
-from bridge.catalog import metric_labels
-from bridge.config import Realm, Settings, redact_url
+from bridge.backoff import Backoff
+from bridge.config import Realm, Settings
+from bridge.contract import Outbound, event_message, quarantine_message
 from bridge.errors import ProtocolError, RealmRejected, StreamError
 from bridge.metrics import DisconnectReason, Metrics
-from bridge.protocol import (
+from bridge.secrets import redact, redact_url
+from bridge.wire import (
     PING,
     ErrorFrame,
     Frame,
+    Handshake,
     Info,
+    LinkAction,
+    Liveness,
     Notification,
     Other,
-    Outbound,
+    SubscribeOutcome,
     Unsubscribed,
-    event_message,
     parse_frames,
-    quarantine_message,
-    redact,
-    subscribe_answer,
     subscribe_frame,
     unsubscribe_frame,
 )
 
-__all__ = ["Backoff", "EventSink", "StreamClient", "StreamState"]
+__all__ = ["EventSink", "StreamClient", "StreamHealth", "StreamState"]
 
 log = logging.getLogger(__name__)
 
@@ -62,41 +64,12 @@ class EventSink(Protocol):
         """True while ``put`` is holding the reader back."""
 
 
-class Backoff:
-    """Exponential reconnect delays with jitter, capped, reset only by a stable link.
+@dataclass(frozen=True, slots=True)
+class StreamHealth:
+    """What /readyz shows of the stream links, by realm name."""
 
-    websockets' own reconnect iterator resets after any handshake, so a server
-    that accepts and drops at once would make it spin; here only a link that
-    stayed subscribed for ``reset_after`` seconds resets the delay.
-    """
-
-    def __init__(
-        self,
-        minimum: float,
-        maximum: float,
-        reset_after: float,
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        self.minimum = minimum
-        self.maximum = maximum
-        self.reset_after = reset_after
-        self._rand = rand
-        self._attempt = 0
-
-    def next_delay(self, subscribed_for: float | None) -> float:
-        """The delay before the next attempt, given how long the last link stayed subscribed.
-
-        Args:
-            subscribed_for: seconds the last connection was subscribed, None if never.
-
-        Returns:
-            Seconds to wait: between half and all of ``min * 2**n``, capped at ``max``.
-        """
-        if subscribed_for is not None and subscribed_for >= self.reset_after:
-            self._attempt = 0
-        ceiling = min(self.maximum, self.minimum * (2.0**self._attempt))
-        self._attempt = min(self._attempt + 1, 62)
-        return ceiling * (0.5 + 0.5 * self._rand())
+    connected: dict[str, bool]
+    subscribed: dict[str, bool]
 
 
 class StreamState:
@@ -107,15 +80,19 @@ class StreamState:
         self.connected: dict[str, bool] = {realm.label: False for realm in realms}
         self.subscribed: dict[str, bool] = {realm.label: False for realm in realms}
         for realm in realms:
-            metrics.subscribed.labels(realm.label).set(0)
-        metrics.stream_connected.set(0)
+            metrics.subscribed(realm.label, False)
+        metrics.stream_links(False)
 
-    def set(self, label: str, *, connected: bool, subscribed: bool) -> None:
+    def set(self, realm: str, *, connected: bool, subscribed: bool) -> None:
         """Record one realm's state and update the gauges."""
-        self.connected[label] = connected
-        self.subscribed[label] = subscribed
-        self._metrics.subscribed.labels(label).set(1 if subscribed else 0)
-        self._metrics.stream_connected.set(1 if all(self.connected.values()) else 0)
+        self.connected[realm] = connected
+        self.subscribed[realm] = subscribed
+        self._metrics.subscribed(realm, subscribed)
+        self._metrics.stream_links(all(self.connected.values()))
+
+    def health(self) -> StreamHealth:
+        """Every realm's link and subscription, for /readyz."""
+        return StreamHealth(connected=dict(self.connected), subscribed=dict(self.subscribed))
 
 
 class _Closed(Exception):
@@ -124,6 +101,15 @@ class _Closed(Exception):
     def __init__(self, reason: DisconnectReason, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """How one connection ended: the disconnect reason, a detail, and when it got subscribed."""
+
+    reason: DisconnectReason
+    detail: str
+    subscribed_at: float | None
 
 
 class StreamClient:
@@ -139,6 +125,7 @@ class StreamClient:
     ) -> None:
         self._settings = settings
         self._realm = realm
+        self._name = realm.label  # the realm's name in logs, headers and metrics
         self._sink = sink
         self._metrics = metrics
         self._state = state
@@ -147,20 +134,22 @@ class StreamClient:
         self._backoff = Backoff(
             settings.reconnect_min, settings.reconnect_max, settings.reconnect_reset_after
         )
-        self._last_heard = time.monotonic()
-        self._last_ping = 0.0
+        self._liveness = self._new_liveness()
         self._stopping = False
         self._unsubscribed = asyncio.Event()
         self._warned_reasons: set[str] = set()
-        # Label children cached once: no label lookups per event.
-        self._received = {
-            label: metrics.events_received.labels(label) for label in metric_labels()
-        }
 
     @property
     def realm(self) -> Realm:
         """The realm this client holds."""
         return self._realm
+
+    def _new_liveness(self) -> Liveness:
+        return Liveness(
+            ping_interval=self._settings.ping_interval,
+            idle_timeout=self._settings.idle_timeout,
+            now=time.monotonic(),
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, subscribe and read until ``stop`` is set; reconnect on any failure.
@@ -168,100 +157,101 @@ class StreamClient:
         Raises:
             RealmRejected: the server refused the realm key (never retried).
         """
-        label = self._realm.label
-        delay_gauge = self._metrics.stream_reconnect_delay.labels(label)
-        url = self._settings.stream_url
         while not stop.is_set():
-            subscribed_at: float | None = None
-            reason = DisconnectReason.CONNECT_FAILED
-            detail = ""
             try:
-                async with connect(
-                    url,
-                    open_timeout=self._settings.subscribe_timeout,
-                    ping_interval=None,  # keepalive is ours: text PING plus our own pings
-                    close_timeout=2,
-                    max_size=max(self._settings.max_frame_bytes * 16, 16 * 1024 * 1024),
-                    max_queue=64,
-                    user_agent_header=f"orangepill-bridge/{__version__}",
-                ) as ws:
-                    self._metrics.stream_connects.inc()
-                    self._state.set(label, connected=True, subscribed=False)
-                    delay_gauge.set(0)
-                    log.info("stream connected realm=%s url=%s", label, redact_url(url))
-                    reason, detail = DisconnectReason.CLOSED, "closed"
-                    subscribed_at = await self._subscribe(ws, stop)
-                    reason, detail = await self._session(ws, stop)
-            except _Closed as closed:
-                reason, detail = closed.reason, str(closed)
-            except RealmRejected:
-                self._state.set(label, connected=False, subscribed=False)
-                raise
-            except ConnectionClosed as exc:
-                reason, detail = DisconnectReason.CLOSED, _close_detail(exc)
-            except (OSError, InvalidHandshake, TimeoutError, StreamError) as exc:
-                if reason is not DisconnectReason.CONNECT_FAILED:
-                    reason = DisconnectReason.ERROR
-                detail = redact(f"{type(exc).__name__}: {exc}", self._secrets)
-            except InvalidURI as exc:  # pragma: no cover - config validation catches it first
-                raise StreamError(f"invalid stream URL: {exc}") from None
+                ended = await self._connection(stop)
             finally:
-                self._state.set(label, connected=False, subscribed=False)
-            self._metrics.stream_disconnects.labels(reason.value).inc()
+                self._state.set(self._name, connected=False, subscribed=False)
+            self._metrics.disconnected(ended.reason)
             if stop.is_set():
-                log.info("stream closed realm=%s", label)
+                log.info("stream closed realm=%s", self._name)
                 return
-            stayed = None if subscribed_at is None else time.monotonic() - subscribed_at
+            stayed = None if ended.subscribed_at is None else time.monotonic() - ended.subscribed_at
             delay = self._backoff.next_delay(stayed)
-            delay_gauge.set(delay)
+            self._metrics.reconnect_delay(self._name, delay)
             log.warning(
                 "stream disconnected realm=%s reason=%s detail=%s reconnect_in=%.2fs",
-                label, reason.value, detail, delay,
+                self._name, ended.reason.value, ended.detail, delay,
             )  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-        delay_gauge.set(0)
+        self._metrics.reconnect_delay(self._name, 0)
+
+    async def _connection(self, stop: asyncio.Event) -> _Ended:
+        """One connection from dial to close; says how it ended (raises only RealmRejected)."""
+        handshake_done = False  # the WebSocket opening handshake, not the subscribe
+        subscribed_at: float | None = None
+        try:
+            async with self._dial() as ws:
+                handshake_done = True
+                self._metrics.stream_opened()
+                self._state.set(self._name, connected=True, subscribed=False)
+                self._metrics.reconnect_delay(self._name, 0)
+                log.info("stream connected realm=%s url=%s", self._name, redact_url(self._settings.stream_url))
+                subscribed_at = await self._subscribe(ws, stop)
+                reason, detail = await self._session(ws, stop)
+                return _Ended(reason, detail, subscribed_at)
+        except _Closed as closed:
+            return _Ended(closed.reason, str(closed), subscribed_at)
+        except ConnectionClosed as exc:
+            return _Ended(DisconnectReason.CLOSED, _close_detail(exc), subscribed_at)
+        except (OSError, InvalidHandshake, TimeoutError, StreamError) as exc:
+            reason = DisconnectReason.ERROR if handshake_done else DisconnectReason.CONNECT_FAILED
+            return _Ended(reason, redact(f"{type(exc).__name__}: {exc}", self._secrets), subscribed_at)
+        except InvalidURI as exc:  # pragma: no cover - config validation catches it first
+            raise StreamError(f"invalid stream URL: {exc}") from None
+
+    def _dial(self) -> connect:
+        return connect(
+            self._settings.stream_url,
+            open_timeout=self._settings.subscribe_timeout,
+            ping_interval=None,  # keepalive is ours: text PING plus our own pings
+            close_timeout=2,
+            max_size=max(self._settings.max_frame_bytes * 16, 16 * 1024 * 1024),
+            max_queue=64,
+            user_agent_header=f"orangepill-bridge/{__version__}",
+        )
 
     async def _subscribe(self, ws: ClientConnection, stop: asyncio.Event) -> float:
-        """Send subscribe and read until the server answers; frames meanwhile are kept."""
-        label = self._realm.label
+        """Send subscribe and read until the handshake ends; frames meanwhile are kept.
+
+        Returns:
+            When the subscription was accepted (monotonic seconds).
+        """
         await ws.send(subscribe_frame(self._realm.key))
-        deadline = time.monotonic() + self._settings.subscribe_timeout
-        refused = False
-        while True:
+        handshake = Handshake(
+            now=time.monotonic(), timeout=self._settings.subscribe_timeout, reject_grace=_REJECT_GRACE
+        )
+        outcome = SubscribeOutcome.PENDING
+        while outcome is SubscribeOutcome.PENDING:
             if stop.is_set():
                 raise _Closed(DisconnectReason.SHUTDOWN, "stopped while subscribing")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if refused:
-                    self._reject("the server answered info NONE")
-                raise _Closed(DisconnectReason.SUBSCRIBE_TIMEOUT, "no answer to subscribe")
+            outcome = handshake.tick(time.monotonic())
+            if outcome is not SubscribeOutcome.PENDING:
+                break
             try:
-                raw = await asyncio.wait_for(ws.recv(), timeout=min(remaining, 0.25))
+                raw = await asyncio.wait_for(ws.recv(), timeout=min(handshake.deadline - time.monotonic(), 0.25))
             except TimeoutError:
                 continue
             except ConnectionClosed:
-                if refused:
-                    self._reject("the server answered info NONE and closed the connection")
+                if handshake.connection_closed() is SubscribeOutcome.KEY_REJECTED:
+                    self._reject(handshake.detail)
                 raise
             for frame in await self._handle(raw):
-                answer = subscribe_answer(frame, refused=refused)
-                if answer == "rejected":
-                    message = frame.message if isinstance(frame, ErrorFrame) else ""
-                    self._reject(redact(message, self._secrets) or "error frame")
-                elif answer == "refused":
-                    # The seed sends info NONE and then error; wait briefly for the error's text.
-                    refused = True
-                    deadline = min(deadline, time.monotonic() + _REJECT_GRACE)
-                elif answer == "accepted":
-                    self._state.set(label, connected=True, subscribed=True)
-                    log.info("stream subscribed realm=%s", label)
-                    self._last_heard = time.monotonic()
-                    return time.monotonic()
+                outcome = handshake.receive(frame, time.monotonic())
+        if outcome is SubscribeOutcome.KEY_REJECTED:
+            self._reject(redact(handshake.detail, self._secrets))
+        if outcome is SubscribeOutcome.NO_ANSWER:
+            raise _Closed(DisconnectReason.SUBSCRIBE_TIMEOUT, handshake.detail)
+        now = time.monotonic()
+        self._state.set(self._name, connected=True, subscribed=True)
+        log.info("stream subscribed realm=%s", self._name)
+        self._liveness = self._new_liveness()
+        return now
 
     def _reject(self, why: str) -> None:
         raise RealmRejected(
-            f"the stream rejected the realm key of realm {self._realm.label!r} "
+            f"the stream rejected the realm key of realm {self._name!r} "
             f"({self._realm.fingerprint}): {why.rstrip('.')}. Check ORANGEPILL_REALM_KEY / --realm-key; "
             "the bridge does not retry a key the server refuses."
         )
@@ -270,7 +260,7 @@ class StreamClient:
         """Read frames until the link ends or the bridge stops."""
         self._stopping = False
         self._unsubscribed.clear()
-        keeper = asyncio.create_task(self._keepalive(ws, stop), name=f"keepalive-{self._realm.label}")
+        keeper = asyncio.create_task(self._keepalive(ws, stop), name=f"keepalive-{self._name}")
         closed: ConnectionClosed | None = None
         try:
             async for raw in ws:
@@ -286,39 +276,34 @@ class StreamClient:
                 await keeper
         if stop.is_set():
             return DisconnectReason.SHUTDOWN, "shutdown"
-        if not keeper.cancelled() and keeper.result() is not None:
-            outcome = keeper.result()
-            assert outcome is not None
+        if not keeper.cancelled() and (outcome := keeper.result()) is not None:
             return outcome
         return DisconnectReason.CLOSED, _close_detail(closed)
 
     async def _keepalive(
         self, ws: ClientConnection, stop: asyncio.Event
     ) -> tuple[DisconnectReason, str] | None:
-        """Send the seed's text PING, ping at the WebSocket level, drop a silent link, handle stop."""
-        interval = self._settings.ping_interval
-        idle = self._settings.idle_timeout
+        """Do what the liveness rules say (text PING plus a WebSocket ping, drop a silent link); handle stop."""
+        liveness = self._liveness
         stop_wait = asyncio.create_task(stop.wait())
         try:
             while True:
-                done, _ = await asyncio.wait({stop_wait}, timeout=min(interval, idle / 3))
+                done, _ = await asyncio.wait({stop_wait}, timeout=liveness.check_every)
                 if done:
                     await self._unsubscribe(ws)
                     return None
                 now = time.monotonic()
-                if self._sink.full:
-                    # We stopped reading ourselves (spool full): silence is ours, not the link's.
-                    self._last_heard = now
-                if now - self._last_heard > idle:
+                action = liveness.due(now, reader_paused=self._sink.full)
+                if action is LinkAction.SILENT:
+                    silent = liveness.silent_for(now)
                     log.warning(
                         "stream silent realm=%s for %.1fs (idle timeout %.1fs), redialling",
-                        self._realm.label, now - self._last_heard, idle,
+                        self._name, silent, liveness.idle_timeout,
                     )  # fmt: skip
                     if ws.transport is not None:
                         ws.transport.abort()
-                    return DisconnectReason.SILENT, f"nothing heard for {now - self._last_heard:.1f}s"
-                if now - self._last_ping >= interval:
-                    self._last_ping = now
+                    return DisconnectReason.SILENT, f"nothing heard for {silent:.1f}s"
+                if action is LinkAction.PING:
                     await ws.send(PING)
                     pong = asyncio.ensure_future(await ws.ping())
                     pong.add_done_callback(self._on_pong)
@@ -329,7 +314,7 @@ class StreamClient:
 
     def _on_pong(self, fut: asyncio.Future[float]) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            self._last_heard = time.monotonic()
+            self._liveness.heard(time.monotonic())
 
     async def _unsubscribe(self, ws: ClientConnection) -> None:
         """Unsubscribe, give the server a moment to answer, then close."""
@@ -345,43 +330,38 @@ class StreamClient:
     async def _handle(self, raw: str | bytes) -> list[Frame]:
         """Parse one frame and hand what must be kept to the sink; return the parsed frames."""
         now = time.time()
-        self._last_heard = time.monotonic()
+        self._liveness.heard(time.monotonic())
         try:
             frames = parse_frames(raw, max_bytes=self._settings.max_frame_bytes)
         except ProtocolError as exc:
-            self._metrics.events_rejected.labels(exc.reason).inc()
-            msg = quarantine_message(
-                raw, exc, realm=self._realm.label, secrets=self._secrets, received_at=now
-            )
-            level = logging.DEBUG if exc.reason in self._warned_reasons else logging.WARNING
-            self._warned_reasons.add(exc.reason)
-            log.log(
-                level,
-                "frame quarantined realm=%s reason=%s detail=%s (further ones of this reason at DEBUG)",
-                self._realm.label, exc.reason, redact(exc.detail, self._secrets),
-            )  # fmt: skip
-            await self._sink.put(msg)
+            await self._quarantine(raw, exc, now)
             return []
         for frame in frames:
             if isinstance(frame, Notification):
-                msg = event_message(
-                    frame, realm=self._realm.label, realm_fp=self._realm_fp, received_at=now
-                )
+                msg = event_message(frame, realm=self._name, realm_fp=self._realm_fp, received_at=now)
                 await self._sink.put(msg)
-                child = self._received.get(msg.label)
-                if child is None:
-                    child = self._received[msg.label] = self._metrics.events_received.labels(msg.label)
-                child.inc()
-                self._metrics.last_event_timestamp.set(now)
+                self._metrics.event_received(msg.metric_kind, now)
             elif isinstance(frame, Other):
-                self._metrics.frames_other.labels(frame.kind).inc()
-            elif isinstance(frame, ErrorFrame) and self._state.subscribed.get(self._realm.label):
-                self._metrics.stream_errors.inc()
+                self._metrics.frame_other(frame.kind)
+            elif isinstance(frame, ErrorFrame) and self._state.subscribed.get(self._name):
+                self._metrics.error_frame()
                 log.warning(
                     "stream error frame realm=%s message=%s",
-                    self._realm.label, redact(frame.message, self._secrets),
+                    self._name, redact(frame.message, self._secrets),
                 )  # fmt: skip
         return frames
+
+    async def _quarantine(self, raw: str | bytes, exc: ProtocolError, now: float) -> None:
+        self._metrics.rejected(exc.reason)
+        msg = quarantine_message(raw, exc, realm=self._name, secrets=self._secrets, received_at=now)
+        level = logging.DEBUG if exc.reason in self._warned_reasons else logging.WARNING
+        self._warned_reasons.add(exc.reason)
+        log.log(
+            level,
+            "frame quarantined realm=%s reason=%s detail=%s (further ones of this reason at DEBUG)",
+            self._name, exc.reason, redact(exc.detail, self._secrets),
+        )  # fmt: skip
+        await self._sink.put(msg)
 
 
 def _close_detail(exc: ConnectionClosed | None) -> str:
@@ -391,4 +371,3 @@ def _close_detail(exc: ConnectionClosed | None) -> str:
     if rcvd is None:
         return "connection lost without a close frame"
     return f"server closed the connection (code {rcvd.code}{', ' + rcvd.reason if rcvd.reason else ''})"
-

@@ -1,64 +1,18 @@
-"""Shared fixtures: the real RabbitMQ on loopback, the project's simulator, the bridge in-process or as a process."""
+"""Fixtures only (helpers live in tests/helpers.py): a unique exchange, a robust connection to the local RabbitMQ."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
 
 import aio_pika
-import orjson
 import pytest
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from prometheus_client import CollectorRegistry
+from aio_pika.abc import AbstractRobustConnection
 
-from bridge.app import run_bridge
-from bridge.config import Realm, Settings
-from bridge.publisher import declare_topology
-from bridge.simulator import Simulator, SimulatorConfig
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-KEY = "test-realm-key-0d6c1f"
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def bridge_settings(stream_url: str, exchange: str, **overrides: Any) -> Settings:
-    """Settings tuned for tests: loopback, fast reconnects, short timeouts."""
-    base = Settings(
-        stream_url=stream_url,
-        realms=(Realm(label="test", key=KEY),),
-        amqp_url=AMQP_URL,
-        exchange=exchange,
-        spool="memory",
-        metrics_addr="off",
-        ping_interval=0.5,
-        idle_timeout=2.0,
-        subscribe_timeout=3.0,
-        reconnect_min=0.05,
-        reconnect_max=0.5,
-        reconnect_reset_after=1.0,
-        publish_timeout=5.0,
-        drain_timeout=5.0,
-    )
-    return replace(base, **overrides)
+from bridge.contract import Topology
+from tests.helpers import AMQP_URL
 
 
 @pytest.fixture
@@ -66,18 +20,18 @@ def exchange_name() -> Iterator[str]:
     """A unique exchange name; the exchange and the bridge's queues are deleted afterwards."""
     name = f"test.{uuid.uuid4().hex[:10]}"
     yield name
-    asyncio.run(_delete_topology(name))
+    asyncio.run(_delete_topology(Topology(name)))
 
 
-async def _delete_topology(name: str) -> None:
+async def _delete_topology(names: Topology) -> None:
     with contextlib.suppress(Exception):
         connection = await aio_pika.connect(AMQP_URL, timeout=5)
         async with connection:
             channel = await connection.channel()
-            for queue in (f"{name}.unrouted", f"{name}.quarantine"):
+            for queue in names.own_queues:
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(queue)
-            for exchange in (name, f"{name}.unrouted"):
+            for exchange in names.own_exchanges:
                 with contextlib.suppress(Exception):
                     await channel.exchange_delete(exchange)
 
@@ -91,161 +45,3 @@ async def amqp() -> AsyncIterator[AbstractRobustConnection]:
     finally:
         with contextlib.suppress(Exception):
             await connection.close()
-
-
-async def bind_queue(
-    connection: AbstractRobustConnection, settings: Settings, *patterns: str
-) -> AbstractQueue:
-    """Declare the bridge's topology and a durable test queue bound to the patterns."""
-    _, exchange, _ = await declare_topology(connection, settings, confirms=False)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(
-        f"{settings.exchange}.q.{uuid.uuid4().hex[:6]}", durable=True, arguments={"x-expires": 600_000}
-    )
-    for pattern in patterns:
-        await queue.bind(exchange, routing_key=pattern)
-    return queue
-
-
-async def queue_of(connection: AbstractRobustConnection, name: str) -> AbstractQueue:
-    """An existing queue, passively."""
-    channel = await connection.channel()
-    return await channel.declare_queue(name, passive=True)
-
-
-async def collect(queue: AbstractQueue, n: int, timeout: float = 30.0, settle: float = 0.0) -> list[AbstractIncomingMessage]:
-    """Consume until ``n`` messages arrived (or the timeout), then ``settle`` more seconds for extras."""
-    got: list[AbstractIncomingMessage] = []
-    done = asyncio.Event()
-
-    async def on_message(message: AbstractIncomingMessage) -> None:
-        await message.ack()
-        got.append(message)
-        if len(got) >= n:
-            done.set()
-
-    tag = await queue.consume(on_message)
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout=timeout)
-        if settle:
-            await asyncio.sleep(settle)
-    finally:
-        with contextlib.suppress(Exception):
-            await queue.cancel(tag)
-    return got
-
-
-def seqs(messages: list[AbstractIncomingMessage]) -> list[int]:
-    """The simulator's sequence numbers carried in the bodies."""
-    return [int(orjson.loads(m.body)["seq"]) for m in messages]
-
-
-@dataclass
-class RunningBridge:
-    """A bridge running in this event loop."""
-
-    settings: Settings
-    stop: asyncio.Event
-    task: asyncio.Task[int]
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-
-    async def finish(self, timeout: float = 20.0) -> int:
-        self.stop.set()
-        return await asyncio.wait_for(self.task, timeout=timeout)
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.registry.get_sample_value(name, labels or {})
-        return 0.0 if value is None else value
-
-
-@contextlib.asynccontextmanager
-async def running_bridge(settings: Settings) -> AsyncIterator[RunningBridge]:
-    """Run the bridge in-process; stop it (and fail loudly if it crashed) on exit."""
-    stop = asyncio.Event()
-    registry = CollectorRegistry()
-    task = asyncio.create_task(run_bridge(settings, stop, registry=registry))
-    bridge = RunningBridge(settings=settings, stop=stop, task=task, registry=registry)
-    try:
-        yield bridge
-    finally:
-        if not task.done():
-            stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, timeout=30)
-
-
-@contextlib.asynccontextmanager
-async def simulator(paused: bool = False, **config: Any) -> AsyncIterator[Simulator]:
-    """The project's stream simulator on a free loopback port (``paused``: only what the test sends)."""
-    config.setdefault("realm_keys", (KEY,))
-    sim = Simulator(SimulatorConfig(host="127.0.0.1", port=0, **config))
-    if paused:
-        sim.pause()
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
-
-
-async def wait_until(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> bool:
-    """Poll a condition until it holds or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(interval)
-    return bool(predicate())
-
-
-class BridgeProcess:
-    """``python -m bridge run`` as a real process, for signal and crash tests."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, "BRIDGE_LOG_FORMAT": "json", "BRIDGE_UVLOOP": "0", **(env or {})}
-        self.log_path = Path(f"/tmp/bridge-test-{uuid.uuid4().hex[:8]}.log")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "bridge", "run", *args],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self._log.close()
-        with contextlib.suppress(OSError):
-            self.log_path.unlink()
-
-
-def process_args(stream_url: str, exchange: str, spool: str, metrics_port: int | None = None) -> list[str]:
-    """Command-line flags for a test bridge process."""
-    return [
-        "--stream-url", stream_url,
-        "--realm-key", f"test={KEY}",
-        "--amqp-url", AMQP_URL,
-        "--exchange", exchange,
-        "--spool", spool,
-        "--metrics-addr", f"127.0.0.1:{metrics_port}" if metrics_port else "off",
-        "--ping-interval", "0.5",
-        "--idle-timeout", "3",
-        "--reconnect-min", "0.05",
-        "--reconnect-max", "0.5",
-        "--reconnect-reset-after", "1",
-        "--drain-timeout", "5",
-    ]  # fmt: skip

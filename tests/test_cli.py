@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import AMQP_URL, KEY, PYTHON, ROOT, simulator
+from tests.helpers import AMQP_URL, KEY, PYTHON, ROOT, simulator
 
 
 def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from bridge.spool import Spool
-from tests.conftest import (
+from tests.helpers import (
     AMQP_URL,
     BridgeProcess,
     bind_queue,

@@ -13,9 +13,10 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from bridge.catalog import metric_label
-from bridge.protocol import key_fingerprint, message_id
+from bridge.contract import message_id
+from bridge.secrets import key_fingerprint
 from bridge.spool import Spool
-from tests.conftest import (
+from tests.helpers import (
     KEY,
     BridgeProcess,
     bind_queue,
@@ -99,7 +100,7 @@ async def test_nested_and_flat_envelopes_give_the_same_message(amqp: AbstractRob
 
 
 async def test_name_outside_catalogue_is_routed(amqp: AbstractRobustConnection, exchange_name: str) -> None:
-    """An event name the seed does not list (its own example's transaction.processed) is still routed."""
+    """An event name the Orangepill WebSocket documentation does not list (its own example's transaction.processed) is still routed."""
     async with simulator(paused=True) as sim:
         settings = bridge_settings(sim.url, exchange_name)
         queue = await bind_queue(amqp, settings, "transaction.*")
@@ -257,7 +258,7 @@ async def test_sigterm_exits_0_with_nothing_outstanding(amqp: AbstractRobustConn
 
 async def test_nacked_events_stay_in_the_spool_and_are_retried(amqp: AbstractRobustConnection, exchange_name: str) -> None:
     """Events RabbitMQ nacks (a full queue with reject-publish) are retried from the spool until they are confirmed."""
-    from bridge.publisher import declare_topology
+    from bridge.broker import declare_topology
 
     async with simulator(paused=True) as sim:
         settings = bridge_settings(sim.url, exchange_name)

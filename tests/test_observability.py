@@ -11,7 +11,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
+from tests.helpers import (
     KEY,
     BridgeProcess,
     bind_queue,

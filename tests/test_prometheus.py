@@ -30,7 +30,7 @@ import aio_pika
 import pytest
 import yaml
 
-from bridge.publisher import Topology
+from bridge.contract import Topology
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The pure protocol core: frames in, typed values or ProtocolError out."""
+"""The pure wire and contract cores: frames in, typed values or ProtocolError out; messages out."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.contract import KIND_EVENT, KIND_QUARANTINE, event_message, message_id, quarantine_message
 from bridge.errors import ProtocolError
-from bridge.protocol import (
-    KIND_EVENT,
-    KIND_QUARANTINE,
+from bridge.secrets import key_fingerprint, redact
+from bridge.wire import (
     REJECT_REASONS,
     ErrorFrame,
     Info,
@@ -20,12 +20,8 @@ from bridge.protocol import (
     Other,
     Subscribed,
     Unsubscribed,
-    event_message,
-    key_fingerprint,
-    message_id,
     parse_frame,
-    quarantine_message,
-    redact,
+    parse_frames,
     subscribe_frame,
     timestamp_seconds,
     unsubscribe_frame,
@@ -35,12 +31,12 @@ from bridge.protocol import (
 KEY = "c9d4744c-0eae-4457-a665-2c18b9ac132b"
 
 
-def test_subscribe_frame_is_the_seed_shape() -> None:
+def test_subscribe_frame_is_the_documented_shape() -> None:
     """subscribe_frame builds {"type":"subscribe","realm":KEY}."""
     assert orjson.loads(subscribe_frame(KEY)) == {"type": "subscribe", "realm": KEY}
 
 
-def test_unsubscribe_frame_is_the_seed_shape() -> None:
+def test_unsubscribe_frame_is_the_documented_shape() -> None:
     """unsubscribe_frame builds {"type":"unsubscribe","realm":KEY}."""
     assert orjson.loads(unsubscribe_frame(KEY)) == {"type": "unsubscribe", "realm": KEY}
 
@@ -64,13 +60,13 @@ def test_info_does_not_keep_the_echoed_key() -> None:
 
 
 def test_error_frame_message_comes_from_realm_field() -> None:
-    """The seed's error frame puts its text in the realm field."""
+    """The documented error frame puts its text in the realm field."""
     frame = parse_frame('{ "type":"error", "realm":"Invalid Realm Key.", "timestamp": 1671547687 }')
     assert frame == ErrorFrame(message="Invalid Realm Key.", timestamp=1671547687)
 
 
-def test_seed_error_frame_with_stray_brace_is_bad_json() -> None:
-    """The seed's own example with a stray closing brace is rejected as bad JSON, not a crash."""
+def test_documented_error_frame_with_stray_brace_is_bad_json() -> None:
+    """The documentation's own example with a stray closing brace is rejected as bad JSON, not a crash."""
     with pytest.raises(ProtocolError) as info:
         parse_frame('{ "type":"error", "realm":"Invalid Realm Key.", "timestamp": 1671547687 } }')
     assert info.value.reason == "bad_json"
@@ -295,10 +291,8 @@ def test_message_id_tells_apart_events_that_differ_only_in_extra_fields() -> Non
     assert ids[0] == ids[2]
 
 
-def test_seed_literal_control_frames_with_stray_brace_are_tolerated() -> None:
-    """The seed's subscribe and error examples, stray closing brace included, still parse as control frames."""
-    from bridge.protocol import parse_frames
-
+def test_documented_control_frames_with_stray_brace_are_tolerated() -> None:
+    """The documentation's subscribe and error examples, stray closing brace included, still parse as control frames."""
     assert parse_frames(f'{{ "type":"subscribe", "realm":"{KEY}", "timestamp": 1671547687 }} }}') == [
         Subscribed(timestamp=1671547687)
     ]
@@ -309,8 +303,6 @@ def test_seed_literal_control_frames_with_stray_brace_are_tolerated() -> None:
 
 def test_info_and_error_in_one_frame() -> None:
     """The failure answer printed as two objects in one frame yields both frames, in order."""
-    from bridge.protocol import parse_frames
-
     raw = (
         '{ "type":"info", "realm":"NONE", "timestamp": 1671547687 }\n'
         '{ "type":"error", "realm":"Invalid Realm Key.", "timestamp": 1671547687 } }'
@@ -323,8 +315,6 @@ def test_info_and_error_in_one_frame() -> None:
 
 def test_notification_with_stray_brace_is_still_quarantined() -> None:
     """A notification with trailing junk is refused (its data goes to quarantine), not guessed at."""
-    from bridge.protocol import parse_frames
-
     with pytest.raises(ProtocolError) as info:
         parse_frames('{"type":"notification","event":"deposit.received","data":"x","timestamp":"1"} }')
     assert info.value.reason == "bad_json"
@@ -332,8 +322,6 @@ def test_notification_with_stray_brace_is_still_quarantined() -> None:
 
 def test_two_notifications_in_one_frame_are_both_read() -> None:
     """Two complete notification objects in one frame are both delivered."""
-    from bridge.protocol import parse_frames
-
     frames = parse_frames('{"type":"notification","event":"a.b","data":"1"}\n{"type":"notification","event":"a.c","data":"2"}')
     assert [f.event for f in frames if isinstance(f, Notification)] == ["a.b", "a.c"]
 
@@ -342,35 +330,5 @@ def test_two_notifications_in_one_frame_are_both_read() -> None:
 @given(st.text(alphabet='{}[]":, \\nab1', max_size=120))
 def test_lenient_parser_never_raises_anything_but_protocol_error(raw: str) -> None:
     """The tolerant parser, fed brace soup, returns frames or raises ProtocolError only."""
-    from bridge.protocol import parse_frames
-
     reason = _reject_reason(parse_frames, raw)
     assert reason is None or reason in REJECT_REASONS
-
-
-@pytest.mark.parametrize(
-    ("frame", "refused", "answer"),
-    [
-        (Info(accepted=True), False, "accepted"),
-        (Subscribed(), False, "accepted"),
-        (Info(accepted=False), False, "refused"),
-        (ErrorFrame(message="Invalid Realm Key."), True, "rejected"),
-        (ErrorFrame(message="Invalid Realm Key."), False, "rejected"),
-        (Subscribed(), True, "none"),
-        (Other(kind="text", detail="PONG"), False, "none"),
-        (Unsubscribed(), False, "none"),
-    ],
-)
-def test_subscribe_answer(frame: object, refused: bool, answer: str) -> None:
-    """Each answer the seed shows to subscribe is read the same way by run and check."""
-    from bridge.protocol import subscribe_answer
-
-    assert subscribe_answer(frame, refused=refused) == answer  # type: ignore[arg-type]
-
-
-def test_notification_before_any_answer_counts_as_accepted() -> None:
-    """A server that streams without answering is delivering: accepted."""
-    from bridge.protocol import subscribe_answer
-
-    note = parse_frame('{"type":"notification","event":"a.b","data":"x"}')
-    assert subscribe_answer(note, refused=False) == "accepted"

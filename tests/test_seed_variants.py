@@ -1,4 +1,4 @@
-"""Stream servers written from the seed alone may answer in any way the seed shows; the bridge copes with each."""
+"""Stream servers written from the Orangepill WebSocket documentation alone may answer in any way it shows; the bridge copes with each."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.conftest import bind_queue, bridge_settings, collect, running_bridge
+from tests.helpers import bind_queue, bridge_settings, collect, running_bridge
 
 pytestmark = pytest.mark.broker
 
@@ -19,7 +19,7 @@ Handler = Callable[[ServerConnection, str], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def seed_server(on_subscribe: Handler) -> AsyncIterator[str]:
+async def documented_server(on_subscribe: Handler) -> AsyncIterator[str]:
     """A minimal hand-written server: calls on_subscribe with the realm of each subscribe frame."""
 
     async def handler(ws: ServerConnection) -> None:
@@ -45,7 +45,7 @@ def notification(seq: int, *, nested: bool = False) -> str:
 
 
 async def _events_arrive(amqp: AbstractRobustConnection, exchange: str, on_subscribe: Handler, n: int) -> list[int]:
-    async with seed_server(on_subscribe) as url:
+    async with documented_server(on_subscribe) as url:
         settings = bridge_settings(url, exchange)
         queue = await bind_queue(amqp, settings, "deposit.#")
         async with running_bridge(settings) as bridge:
@@ -55,8 +55,8 @@ async def _events_arrive(amqp: AbstractRobustConnection, exchange: str, on_subsc
     return [json.loads(m.body)["seq"] for m in msgs]
 
 
-async def test_seed_literal_subscribe_reply_with_stray_brace(amqp: AbstractRobustConnection, exchange_name: str) -> None:
-    """A server answering with the seed's subscribe example verbatim (stray brace included) is understood."""
+async def test_documented_subscribe_reply_with_stray_brace(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """A server answering with the documentation's subscribe example verbatim (stray brace included) is understood."""
 
     async def on_subscribe(ws: ServerConnection, realm: str) -> None:
         await ws.send(f'{{ "type":"subscribe", "realm":"{realm}", "timestamp": 1671547687 }} }}')
@@ -77,7 +77,7 @@ async def test_server_that_never_answers_but_streams(amqp: AbstractRobustConnect
 
 
 async def _rejected_exit_code(exchange: str, on_subscribe: Handler) -> int:
-    async with seed_server(on_subscribe) as url:
+    async with documented_server(on_subscribe) as url:
         settings = bridge_settings(url, exchange)
         async with running_bridge(settings) as bridge:
             return await asyncio.wait_for(bridge.task, timeout=15)

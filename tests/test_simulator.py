@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosedOK
 
 from bridge.catalog import lookup
 from bridge.errors import ConfigError, ProtocolError
-from bridge.protocol import Notification, key_fingerprint, parse_frame, subscribe_frame, unsubscribe_frame
+from bridge.secrets import key_fingerprint
 from bridge.simulator import (
     MALFORMED_KINDS,
     Simulator,
@@ -26,6 +26,7 @@ from bridge.simulator import (
     config_from_args,
     serve,
 )
+from bridge.wire import Notification, parse_frame, subscribe_frame, unsubscribe_frame
 
 KEY = "demo-realm-key"
 OBJECT_ID = re.compile(r"^[0-9a-f]{24}$")

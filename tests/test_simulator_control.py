@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from bridge.errors import ProtocolError
-from bridge.protocol import key_fingerprint, parse_frame, subscribe_frame
+from bridge.secrets import key_fingerprint, parse_frame, subscribe_frame
 from bridge.simulator import Simulator, SimulatorConfig
 
 KEY = "control-realm-key-42"

@@ -13,8 +13,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from bridge.errors import ConfigError
-from bridge.protocol import subscribe_frame
 from bridge.simulator import Simulator, SimulatorConfig
+from bridge.wire import subscribe_frame
 
 KEY = "tls-realm-key-0001"
 

@@ -9,11 +9,11 @@ import orjson
 import pytest
 
 from bridge.errors import ConfigError, ProtocolError
-from bridge.protocol import parse_frame
 from bridge.simulator import MALFORMED_KINDS, SimulatorConfig, add_simulate_arguments, config_from_args
 from bridge.simulator.faults import MalformedPicker, RejectPlan
 from bridge.simulator.flows import BURST, EventSource, RateSchedule
 from bridge.simulator.frames import malformed, padded
+from bridge.wire import parse_frame
 
 
 def _parse(*argv: str, environ: dict[str, str] | None = None) -> SimulatorConfig:

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from bridge.contract import KIND_EVENT, KIND_QUARANTINE, Outbound
 from bridge.errors import SpoolError
-from bridge.protocol import KIND_EVENT, KIND_QUARANTINE, Outbound
 from bridge.spool import MEMORY, Spool, Spooled, SpoolStats
 from bridge.spool.store import runs
 
@@ -35,7 +35,7 @@ def msg(n: int, size: int = 8) -> Outbound:
         body=body,
         headers={"realm": "r1", "received_at": 1700000000000 + n},
         received_at=1700000000.5 + n,
-        label="transaction.done",
+        metric_kind="transaction.done",
     )
 
 
@@ -175,7 +175,7 @@ async def test_replay_after_reopen_comes_before_new_puts(db: str) -> None:
 
 CRASH_SCRIPT = """
 import asyncio, os, signal, sys
-from bridge.protocol import Outbound
+from bridge.contract import Outbound
 from bridge.spool import Spool
 
 async def main():
@@ -403,7 +403,7 @@ async def test_quarantine_messages_round_trip(db: str) -> None:
         body=b"\x00\xff{not json",
         headers={"realm": "caf\u00e9", "reason": "bad_json", "received_at": 5},
         received_at=12.25,
-        label="bad_json",
+        metric_kind="bad_json",
     )
     spool = await Spool.open(db)
     await spool.put(original)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.contract import KIND_EVENT, Outbound
 from bridge.errors import SpoolError
-from bridge.protocol import KIND_EVENT, Outbound
 from bridge.spool import Spool, Spooled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ async def test_damage_found_at_run_time_fails_health_and_hand_out(tmp_path: Path
 
 DISK_FULL_SCRIPT = """
 import asyncio, json, resource, signal, sys, time
-from bridge.protocol import Outbound
+from bridge.contract import Outbound
 from bridge.spool import Spool
 
 async def main():

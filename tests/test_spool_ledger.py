@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.protocol import KIND_EVENT, Outbound
+from bridge.contract import KIND_EVENT, Outbound
 from bridge.spool import MEMORY, Spool, Spooled
 from bridge.spool.ledger import Ledger, Limits, Threshold
 from bridge.spool.store import Snapshot

@@ -1,8 +1,8 @@
-"""The reconnect policy, a pure function of attempts and link stability."""
+"""The reconnect policy: a pure function of attempts and link stability, and the retry-or-give-up rule."""
 
 from __future__ import annotations
 
-from bridge.stream import Backoff
+from bridge.backoff import Backoff
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
@@ -30,3 +30,16 @@ def test_stable_subscription_resets() -> None:
     for _ in range(4):
         backoff.next_delay(None)
     assert backoff.next_delay(12.0) == 0.5
+
+
+def test_network_errors_are_retried_and_bridge_errors_are_not() -> None:
+    """A refused connection or a timeout is retried; a rejected key or a bad topology is not."""
+    from bridge.backoff import Verdict, classify
+    from bridge.errors import RealmRejected, StreamError, TopologyError
+
+    assert classify(ConnectionRefusedError()) is Verdict.RETRY
+    assert classify(TimeoutError()) is Verdict.RETRY
+    assert classify(StreamError("dropped")) is Verdict.RETRY
+    assert classify(RealmRejected("no")) is Verdict.GIVE_UP
+    assert classify(TopologyError("no")) is Verdict.GIVE_UP
+    assert classify(KeyError("bug")) is Verdict.GIVE_UP

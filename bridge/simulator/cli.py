@@ -12,7 +12,7 @@ from typing import Final
 
 from bridge.config import ConfigFile, Setting, add_setting_arguments, boolean, choice, number, resolve, whole_number
 from bridge.errors import ConfigError
-from bridge.protocol import key_fingerprint
+from bridge.secrets import key_fingerprint
 from bridge.simulator.server import SentEvent, Simulator, load_tls
 from bridge.simulator.settings import ACKS, MAX_DATA_BYTES, SHAPES, SimulatorConfig, control_host_port
 

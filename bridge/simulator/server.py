@@ -17,11 +17,12 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from bridge.errors import ConfigError
-from bridge.protocol import PING, key_fingerprint
+from bridge.secrets import key_fingerprint
 from bridge.simulator import frames
 from bridge.simulator.faults import DROP_CODE, MalformedPicker, RejectPlan, release_when_gone, stop_reading
 from bridge.simulator.flows import BURST, EventSource, RateSchedule, Step
 from bridge.simulator.settings import SHAPES, SimulatorConfig, control_host_port
+from bridge.wire import PING
 
 __all__ = ["SentEvent", "Simulator", "load_tls"]
 

@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
 
+from bridge.contract import Outbound
 from bridge.errors import SpoolError
-from bridge.protocol import Outbound
 from bridge.spool.committer import Committer
 from bridge.spool.ledger import Ledger, Limits, Threshold
 from bridge.spool.store import SYNCHRONOUS, DiskUsage, Snapshot, Spooled, SqliteStore

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from bridge.protocol import Outbound
+from bridge.contract import Outbound
 from bridge.spool.store import Snapshot, Spooled
 
 __all__ = ["Ledger", "Limits", "PageRequest", "Threshold"]

@@ -16,8 +16,8 @@ from typing import Any, Final
 
 import orjson
 
+from bridge.contract import Outbound
 from bridge.errors import SpoolError
-from bridge.protocol import Outbound
 
 __all__ = [
     "APPLICATION_ID",
@@ -122,7 +122,7 @@ def runs(ids: Iterable[int]) -> list[tuple[int, int]]:
 def _to_row(item: Spooled) -> tuple[int, int, str, str, bytes, str, float, str]:
     m = item.msg
     headers = orjson.dumps(m.headers).decode()
-    return (item.id, m.kind, m.routing_key, m.message_id, m.body, headers, m.received_at, m.label)
+    return (item.id, m.kind, m.routing_key, m.message_id, m.body, headers, m.received_at, m.metric_kind)
 
 
 def _from_row(row: tuple[Any, ...]) -> Spooled:
@@ -134,7 +134,7 @@ def _from_row(row: tuple[Any, ...]) -> Spooled:
         body=bytes(body),
         headers=orjson.loads(headers),
         received_at=float(received_at),
-        label=str(label),
+        metric_kind=str(label),
     )
     return Spooled(int(rid), msg)
 

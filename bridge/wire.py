@@ -1,44 +1,43 @@
-"""The Orangepill stream protocol and the bridge's message contract: pure, no I/O.
+"""The Orangepill WebSocket wire protocol, sans-I/O: frames, the subscribe handshake, link liveness.
 
-Everything that decides what a frame means, which routing key an event gets and
-which ``message_id`` it carries lives here, so it can be tested without sockets.
+Pure and synchronous, like websockets' ``Protocol``: nothing here reads a socket
+or the clock. ``bridge.stream`` and ``bridge.check`` feed it frames and the
+time, and act on what it answers. The upstream reference is "WebSocket
+Subscriptions" in the Orangepill WebSocket documentation; the quirks this
+module absorbs are written down in ``docs/protocol.md``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import enum
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
 import orjson
 
-from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
-    "KIND_EVENT",
-    "KIND_QUARANTINE",
     "PING",
     "REJECT_REASONS",
     "ErrorFrame",
     "Frame",
+    "Handshake",
     "Info",
+    "LinkAction",
+    "Liveness",
     "Notification",
     "Other",
-    "Outbound",
+    "SubscribeOutcome",
     "Subscribed",
+    "Timestamp",
     "Unsubscribed",
-    "event_message",
-    "key_fingerprint",
-    "message_id",
     "parse_frame",
     "parse_frames",
-    "quarantine_message",
-    "redact",
-    "subscribe_answer",
     "subscribe_frame",
     "timestamp_seconds",
     "unsubscribe_frame",
@@ -46,14 +45,12 @@ __all__ = [
 ]
 
 PING: Final = "PING"
-"""The text keepalive the seed's JavaScript client sends every 10 seconds."""
+"""The text keepalive the documentation's JavaScript client sends every 10 seconds."""
 
 DEFAULT_MAX_FRAME_BYTES: Final = 1024 * 1024
 
-KIND_EVENT: Final = 0
-KIND_QUARANTINE: Final = 1
-
-# Bounded values of the ``reason`` label of events_rejected_total.
+# Why a frame is not a valid notification: the ``reason`` of ProtocolError, the
+# ``reason`` label of events_rejected_total, and the quarantine routing key.
 REJECT_REASONS: Final = (
     "bad_json",
     "not_object",
@@ -76,12 +73,12 @@ Timestamp: TypeAlias = "str | int | float | None"
 
 
 def subscribe_frame(realm_key: str) -> str:
-    """Build the seed's ``{"type":"subscribe","realm":KEY}`` text frame."""
+    """Build the ``{"type":"subscribe","realm":KEY}`` text frame."""
     return orjson.dumps({"type": "subscribe", "realm": realm_key}).decode()
 
 
 def unsubscribe_frame(realm_key: str) -> str:
-    """Build the seed's ``{"type":"unsubscribe","realm":KEY}`` text frame."""
+    """Build the ``{"type":"unsubscribe","realm":KEY}`` text frame."""
     return orjson.dumps({"type": "unsubscribe", "realm": realm_key}).decode()
 
 
@@ -200,39 +197,12 @@ def parse_frame(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
     return _from_object(obj)
 
 
-SubscribeAnswer: TypeAlias = Literal["accepted", "rejected", "refused", "none"]
-
-
-def subscribe_answer(frame: Frame, *, refused: bool) -> SubscribeAnswer:
-    """What a frame read while waiting for the answer to subscribe says about the key.
-
-    The seed answers success with ``info`` (the realm) and/or ``subscribe``, and
-    failure with ``info`` ``"realm":"NONE"`` followed by ``error``. A server that
-    starts streaming without answering is delivering, so that counts as success.
-
-    Args:
-        frame: the parsed frame.
-        refused: whether an ``info`` NONE was seen already.
-
-    Returns:
-        ``rejected`` (an error frame: give up), ``refused`` (info NONE: expect the
-        error), ``accepted``, or ``none`` (says nothing about the subscription).
-    """
-    if isinstance(frame, ErrorFrame):
-        return "rejected"
-    if isinstance(frame, Info) and not frame.accepted:
-        return "refused"
-    if isinstance(frame, (Info, Subscribed, Notification)) and not refused:
-        return "accepted"
-    return "none"
-
-
 def parse_frames(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Frame]:
-    """Parse a frame, tolerating the variations the seed itself shows.
+    """Parse a frame, tolerating the variations the Orangepill WebSocket documentation itself shows.
 
     Besides what ``parse_frame`` accepts: several JSON objects in one frame
-    (the seed prints its info + error answer as two objects), and a control
-    frame followed by stray closing braces (the seed's own examples end in
+    (the documentation prints its info + error answer as two objects), and a control
+    frame followed by stray closing braces (the documentation's own examples end in
     ``} }``). A notification with trailing junk is still refused: its data
     goes to quarantine for a person to look at.
 
@@ -411,124 +381,127 @@ def timestamp_seconds(value: Timestamp) -> float | None:
     return number / 1000.0 if number > 1e11 else number
 
 
-# -- identity and ids ----------------------------------------------------------------
+# -- the subscribe handshake -------------------------------------------------------
 
 
-def key_fingerprint(realm_key: str) -> str:
-    """A short, stable, non-reversible name for a realm key (``fp-`` + 12 hex)."""
-    digest = hashlib.sha256(realm_key.encode("utf-8", "surrogatepass")).hexdigest()
-    return "fp-" + digest[:12]
+class SubscribeOutcome(enum.Enum):
+    """Where a subscribe handshake stands."""
+
+    PENDING = "pending"  # nothing decisive yet: keep reading
+    ACCEPTED = "accepted"  # info (the realm), subscribe, or events already flowing
+    KEY_REJECTED = "key_rejected"  # an error frame, or info NONE and then nothing/closed: fatal
+    NO_ANSWER = "no_answer"  # the timeout passed without a word about the key: retry
+    CLOSED_UNANSWERED = "closed_unanswered"  # the server closed before answering: retry
 
 
-def _norm_ts(value: Timestamp) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+class Handshake:
+    """The subscribe handshake as a state machine: feed it frames and the time.
 
-
-def message_id(
-    realm_fp: str, event: str, data: Any, timestamp: Timestamp, extra: dict[str, Any] | None = None
-) -> str:
-    """Deterministic id of an event: the same event always gets the same id.
-
-    The timestamp counts by value, so ``"1671547687"`` and ``1671547687`` agree.
-    Extra upstream fields count too (when there are any), so two different
-    events that share entity and millisecond still get different ids.
-    """
-    parts: list[Any] = [realm_fp, event, data, _norm_ts(timestamp)]
-    if extra:
-        parts.append(extra)
-    canonical = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()[:32]
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Replace every occurrence of a secret by its fingerprint."""
-    for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, f"<realm-key {key_fingerprint(secret)}>")
-    return text
-
-
-# -- outbound messages -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    """A message ready for RabbitMQ, as stored in the spool.
+    The documentation answers success with ``info`` (the realm) and/or
+    ``subscribe``, and failure with ``info`` ``"realm":"NONE"`` followed by
+    ``error``. A server that starts streaming without answering is delivering,
+    so that counts as success. After info NONE the machine waits ``reject_grace``
+    seconds for the error's text; without it the key still counts as rejected.
 
     Attributes:
-        kind: ``KIND_EVENT`` (to the topic exchange) or ``KIND_QUARANTINE``.
-        routing_key: the event name; for quarantine, the rejection reason.
-        message_id: deterministic id shared by every copy of this event.
-        body: the bytes to publish.
-        headers: AMQP headers (``realm``, ``entity_id``, ``received_at`` …).
-        received_at: when the frame was read off the socket (unix seconds).
-        label: the bounded metric label of the event.
+        outcome: where the handshake stands.
+        detail: why it was rejected (the server's error text, unredacted: the
+            caller redacts it), or what went wrong; empty while pending.
+        deadline: the time after which ``tick`` gives up.
     """
 
-    kind: int
-    routing_key: str
-    message_id: str
-    body: bytes
-    headers: dict[str, str | int] = field(default_factory=dict)
-    received_at: float = 0.0
-    label: str = "other"
+    def __init__(self, *, now: float, timeout: float, reject_grace: float = 2.0) -> None:
+        self.deadline = now + timeout
+        self.outcome = SubscribeOutcome.PENDING
+        self.detail = ""
+        self._reject_grace = reject_grace
+        self._saw_info_none = False
+
+    def receive(self, frame: Frame, now: float) -> SubscribeOutcome:
+        """Account for one frame read while the answer is awaited."""
+        if self.outcome is not SubscribeOutcome.PENDING:
+            return self.outcome
+        if isinstance(frame, ErrorFrame):
+            return self._finish(SubscribeOutcome.KEY_REJECTED, frame.message or "error frame")
+        if isinstance(frame, Info) and not frame.accepted:
+            # info NONE: the error with its text follows; wait briefly for it.
+            self._saw_info_none = True
+            self.deadline = min(self.deadline, now + self._reject_grace)
+        elif isinstance(frame, (Info, Subscribed, Notification)) and not self._saw_info_none:
+            return self._finish(SubscribeOutcome.ACCEPTED, "")
+        return self.outcome
+
+    def tick(self, now: float) -> SubscribeOutcome:
+        """Account for the passing of time: after the deadline the handshake ends."""
+        if self.outcome is SubscribeOutcome.PENDING and now >= self.deadline:
+            if self._saw_info_none:
+                return self._finish(SubscribeOutcome.KEY_REJECTED, "the server answered info NONE")
+            return self._finish(SubscribeOutcome.NO_ANSWER, "no answer to subscribe")
+        return self.outcome
+
+    def connection_closed(self) -> SubscribeOutcome:
+        """Account for the server closing the connection before the handshake ended."""
+        if self.outcome is SubscribeOutcome.PENDING:
+            if self._saw_info_none:
+                return self._finish(
+                    SubscribeOutcome.KEY_REJECTED,
+                    "the server answered info NONE and closed the connection",
+                )
+            return self._finish(
+                SubscribeOutcome.CLOSED_UNANSWERED, "the server closed the connection before answering"
+            )
+        return self.outcome
+
+    def _finish(self, outcome: SubscribeOutcome, detail: str) -> SubscribeOutcome:
+        self.outcome, self.detail = outcome, detail
+        return outcome
 
 
-def event_message(note: Notification, *, realm: str, realm_fp: str, received_at: float) -> Outbound:
-    """Turn a parsed notification into the message the contract promises.
+# -- link liveness -------------------------------------------------------------------
 
-    Args:
-        note: the parsed notification.
-        realm: the realm's label (configured, or the key fingerprint).
-        realm_fp: the key fingerprint, which feeds ``message_id``.
-        received_at: when the frame was read (unix seconds).
+
+class LinkAction(enum.Enum):
+    """What the keepalive loop should do now."""
+
+    WAIT = "wait"
+    PING = "ping"  # send the text PING and a WebSocket ping
+    SILENT = "silent"  # nothing heard for longer than the idle timeout: drop the link
+
+
+class Liveness:
+    """The link-liveness rules: when to ping, when a link counts as silent.
+
+    ``heard`` is the only writer of the last-heard time: a frame, a pong, a
+    completed handshake and a paused reader (a full spool: the silence is ours,
+    not the link's) all go through it.
     """
-    headers: dict[str, str | int] = {"realm": realm, "received_at": int(received_at * 1000)}
-    entity = note.entity_id
-    if entity is not None:
-        headers["entity_id"] = entity
-    return Outbound(
-        kind=KIND_EVENT,
-        routing_key=note.event,
-        message_id=message_id(realm_fp, note.event, note.data, note.timestamp, note.extra),
-        body=note.body,
-        headers=headers,
-        received_at=received_at,
-        label=metric_label(note.event),
-    )
 
+    def __init__(self, *, ping_interval: float, idle_timeout: float, now: float) -> None:
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self._last_heard = now
+        self._last_ping = -math.inf
 
-def quarantine_message(
-    raw: str | bytes,
-    error: ProtocolError,
-    *,
-    realm: str,
-    secrets: tuple[str, ...],
-    received_at: float,
-) -> Outbound:
-    """Keep a frame that is not a valid notification, with the reason, for the quarantine queue.
+    @property
+    def check_every(self) -> float:
+        """How often the keepalive loop should call ``due``."""
+        return min(self.ping_interval, self.idle_timeout / 3)
 
-    Any realm key that appears in the raw frame is replaced by its fingerprint.
-    """
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    body = redact(text, secrets).encode("utf-8", "surrogatepass")
-    digest = hashlib.sha256(realm.encode() + b"\x00" + body).hexdigest()[:32]
-    headers: dict[str, str | int] = {
-        "realm": realm,
-        "reason": error.reason,
-        "detail": redact(error.detail, secrets),
-        "received_at": int(received_at * 1000),
-    }
-    return Outbound(
-        kind=KIND_QUARANTINE,
-        routing_key=error.reason,
-        message_id=digest,
-        body=body,
-        headers=headers,
-        received_at=received_at,
-        label=error.reason,
-    )
+    def heard(self, now: float) -> None:
+        """Something came from the server (or our reader is paused on purpose)."""
+        self._last_heard = max(self._last_heard, now)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the server was last heard."""
+        return now - self._last_heard
+
+    def due(self, now: float, *, reader_paused: bool = False) -> LinkAction:
+        """What to do at ``now``; a PING answer also marks the ping as sent."""
+        if reader_paused:
+            self.heard(now)
+        if self.silent_for(now) > self.idle_timeout:
+            return LinkAction.SILENT
+        if now - self._last_ping >= self.ping_interval:
+            self._last_ping = now
+            return LinkAction.PING
+        return LinkAction.WAIT

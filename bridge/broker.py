@@ -1,0 +1,322 @@
+"""The RabbitMQ connection: connect, declare the topology, report health, poll the bridge's queues.
+
+Reconnection is aio-pika's robust connection. This module adds only what it
+lacks: the first-connect retry and one state value (``LinkState``) whose setter
+logs every change and drives the ``amqp_connected`` gauge. ``bridge.publisher``
+publishes on the channel this module opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    ExchangeType,
+)
+from aiormq.abc import AbstractChannel as RawChannel
+
+from bridge.backoff import Backoff, Verdict, classify
+from bridge.config import Settings
+from bridge.contract import APP_ID, Topology
+from bridge.errors import TopologyError
+from bridge.metrics import Metrics
+from bridge.secrets import redact_url
+
+__all__ = ["Broker", "BrokerHealth", "LinkState", "declare_topology", "describe_error"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_POLL_INTERVAL = 10.0
+_RECONNECT_INTERVAL = 1.0
+
+
+class LinkState(enum.Enum):
+    """Where the RabbitMQ link stands (the only connection state the bridge keeps)."""
+
+    CONNECTING = "connecting"  # first connect not made yet
+    UP = "up"
+    DOWN = "down"  # lost; aio-pika is reconnecting
+    CLOSED = "closed"  # closed by us
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerHealth:
+    """What /readyz shows of the broker link."""
+
+    connected: bool
+    error: str
+
+
+async def declare_topology(
+    connection: AbstractConnection, settings: Settings, *, confirms: bool
+) -> tuple[AbstractChannel, AbstractExchange, bool]:
+    """Declare the exchange, the quarantine queue and (with ``keep``) the alternate exchange and queue.
+
+    Returns:
+        The channel to publish on, the topic exchange, and whether the
+        alternate exchange is attached (False when the exchange already existed
+        without it: returned events are then moved to the unrouted queue by us).
+
+    Raises:
+        TopologyError: the exchange cannot be used at all.
+    """
+    names = Topology(settings.exchange)
+    keep = settings.unroutable == "keep"
+    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=False)
+    await channel.declare_queue(names.quarantine, durable=True)
+    arguments: dict[str, Any] = {}
+    if keep:
+        unrouted_x = await channel.declare_exchange(names.unrouted, ExchangeType.FANOUT, durable=True)
+        unrouted_q = await channel.declare_queue(names.unrouted, durable=True)
+        await unrouted_q.bind(unrouted_x)
+        arguments["alternate-exchange"] = names.unrouted
+    try:
+        exchange = await channel.declare_exchange(
+            names.exchange, ExchangeType.TOPIC, durable=True, arguments=arguments or None
+        )
+        return channel, exchange, keep
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        # The exchange exists with other arguments (no alternate exchange, or another type).
+        log.warning(
+            "exchange %s already exists with different arguments; using it as it is. Unroutable "
+            "events are still kept: the bridge publishes with mandatory and moves returned events "
+            "to queue %s itself. To attach the alternate exchange on the broker instead, use a "
+            "policy: rabbitmqctl set_policy AE '^%s$' '{\"alternate-exchange\":\"%s\"}' "
+            "--apply-to exchanges",
+            names.exchange, names.unrouted, names.exchange.replace(".", "\\."), names.unrouted,
+        )  # fmt: skip
+    # The failed declare closed that channel: a second one, once per connect (no leak).
+    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=False)
+    try:
+        exchange = await channel.get_exchange(names.exchange, ensure=True)
+    except aiormq.exceptions.AMQPError as exc:
+        raise TopologyError(f"exchange {names.exchange} cannot be used: {describe_error(exc)}") from None
+    return channel, exchange, False
+
+
+class Broker:
+    """One robust RabbitMQ connection with the bridge's topology, for the bridge's lifetime."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.topology = Topology(settings.exchange)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None  # publishing, with confirms
+        self._poll_channel: AbstractChannel | None = None  # queue depths only (see poll_once)
+        self._state = LinkState.CONNECTING
+        self._up = asyncio.Event()  # mirrors state is UP, for waiting; written only by _set_state
+        self.alternate_exchange = False
+        self.last_error = "not connected yet"
+        self.reconnected_callbacks: list[Callable[[], None]] = []
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def state(self) -> LinkState:
+        """Where the link stands."""
+        return self._state
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None:
+        """The robust connection, once made (aio-pika keeps it alive across reconnects)."""
+        return self._connection
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection and its channel are open."""
+        return self._state is LinkState.UP
+
+    def _set_state(self, state: LinkState, error: str = "") -> None:
+        if state is LinkState.UP:
+            self.last_error = ""
+        elif error:
+            self.last_error = error
+        if state is not self._state:
+            log.debug("broker link %s -> %s", self._state.value, state.value)
+            self._state = state
+        if state is LinkState.UP:
+            self._up.set()
+        else:
+            self._up.clear()
+        self._metrics.amqp_up(state is LinkState.UP)
+
+    async def wait_up(self) -> None:
+        """Wait until the link is up."""
+        await self._up.wait()
+
+    def health(self) -> BrokerHealth:
+        """The link's health for /readyz."""
+        return BrokerHealth(connected=self.connected, error=self.last_error)
+
+    # -- connection ---------------------------------------------------------------
+
+    async def connect(self, stop: asyncio.Event) -> bool:
+        """Connect (retrying with backoff while the broker is down) and declare the topology.
+
+        aio-pika's ``connect_robust`` raises when the broker is down at the first
+        attempt. Its ``fail_fast=false`` retries instead, but at a fixed interval,
+        with a warning per attempt from the library, no error text for /readyz and
+        no way to give up on ``stop`` short of closing: hence this small loop.
+
+        Returns:
+            False when ``stop`` was set before a connection was made.
+
+        Raises:
+            TopologyError: RabbitMQ refused the layout in a way a retry cannot fix.
+        """
+        backoff = Backoff(self._settings.reconnect_min, self._settings.reconnect_max, float("inf"))
+        url = self._settings.amqp_url
+        while not stop.is_set():
+            try:
+                connection = await aio_pika.connect_robust(
+                    url,
+                    reconnect_interval=_RECONNECT_INTERVAL,
+                    client_properties={"connection_name": APP_ID},
+                    timeout=10,
+                )
+            except Exception as exc:
+                if classify(exc) is Verdict.GIVE_UP:
+                    raise
+                delay = backoff.next_delay(None)
+                self.last_error = f"broker unreachable at {redact_url(url)}: {describe_error(exc)}"
+                log.warning("broker down: %s; retrying in %.1fs", self.last_error, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                continue
+            await self._adopt(connection)
+            return True
+        return False
+
+    async def _adopt(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        try:
+            channel, _, alternate = await declare_topology(connection, self._settings, confirms=True)
+            self._channel, self.alternate_exchange = channel, alternate
+            if alternate:
+                await self._tap_unrouted(connection)
+        except BaseException:
+            await connection.close()
+            raise
+        self._metrics.amqp_connect()
+        self._set_state(LinkState.UP)
+        log.info(
+            "broker up url=%s exchange=%s alternate_exchange=%s",
+            redact_url(self._settings.amqp_url), self.topology.exchange, alternate,
+        )  # fmt: skip
+
+    async def _tap_unrouted(self, connection: AbstractRobustConnection) -> None:
+        """Count events the alternate exchange takes.
+
+        RabbitMQ confirms an event routed to the alternate exchange like any
+        other, so the publisher never hears of it. A private queue bound to the
+        (fanout) alternate exchange sees a copy of each; the bridge counts and
+        drops the copies, the originals stay in ``<exchange>.unrouted``.
+        """
+        channel = await connection.channel()
+        tap = await channel.declare_queue(
+            f"{self.topology.unrouted}.tap.{uuid.uuid4().hex[:8]}",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": 10_000},
+        )
+        await tap.bind(self.topology.unrouted)
+        metrics = self._metrics
+
+        async def count(message: AbstractIncomingMessage) -> None:
+            metrics.unroutable()
+
+        await tap.consume(count, no_ack=True)
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
+        if self._state is LinkState.UP:
+            error = f"broker connection lost: {describe_error(exc) if exc else 'closed'}"
+            log.warning("broker down: %s; aio-pika reconnects every %gs", error, _RECONNECT_INTERVAL)
+            self._set_state(LinkState.DOWN, error)
+        elif self._state is not LinkState.CLOSED:
+            self._set_state(LinkState.DOWN)
+
+    def _on_reconnected(self, _sender: object) -> None:
+        self._metrics.amqp_connect()
+        self._set_state(LinkState.UP)
+        log.info("broker up again url=%s", redact_url(self._settings.amqp_url))
+        for callback in self.reconnected_callbacks:
+            callback()
+
+    async def raw_channel(self) -> RawChannel | None:
+        """The current aiormq channel under the publishing channel (aio-pika reopens it after a reconnect)."""
+        channel = self._channel
+        if channel is None or not self.connected:
+            return None
+        try:
+            return await asyncio.wait_for(channel.get_underlay_channel(), timeout=5)
+        except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError):
+            return None
+
+    async def close(self) -> None:
+        """Close the RabbitMQ connection."""
+        connection, self._connection = self._connection, None
+        self._set_state(LinkState.CLOSED)
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        self._set_state(LinkState.CLOSED)
+
+    # -- the bridge's own queues -----------------------------------------------------
+
+    async def poll_queues(self, stop: asyncio.Event) -> None:
+        """Export the depth of the unrouted and quarantine queues every 10 s until ``stop``."""
+        while not stop.is_set():
+            if self.connected:
+                try:
+                    await self.poll_once()
+                except Exception:  # a depth gauge must never take the bridge down
+                    log.debug("queue depth poll failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=QUEUE_POLL_INTERVAL)
+
+    async def poll_once(self) -> None:
+        """Read the depth of the bridge's own queues once, on the one polling channel.
+
+        The channel is kept and reused: opening and closing one per poll leaks two
+        close callbacks per cycle on the connection in aiormq 7.2 (see
+        docs/aiormq-closing-observer-leak.md). It is not the publishing channel,
+        because a 404 on a passive declare closes the channel it ran on. The
+        declare goes to the aiormq channel underneath, so that the robust channel
+        does not remember the queue and re-declare it after each reopen.
+        """
+        connection = self._connection
+        if connection is None:
+            return
+        if self._poll_channel is None or self._poll_channel.is_closed:
+            self._poll_channel = await connection.channel()
+        raw = await self._poll_channel.get_underlay_channel()
+        for name in self.topology.own_queues:
+            if name == self.topology.unrouted and self._settings.unroutable != "keep":
+                continue
+            declared = await raw.queue_declare(name, passive=True)
+            self._metrics.queue_depth(name.rsplit(".", 1)[1], declared.message_count or 0)
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """A short ``Type: text`` description of an exception, for logs and /readyz."""
+    if exc is None:
+        return "unknown error"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]

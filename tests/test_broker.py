@@ -1,0 +1,103 @@
+"""The broker link against the real RabbitMQ: topology, queue polling, and no per-poll leak (issue 14)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from prometheus_client import CollectorRegistry
+
+from bridge.broker import Broker, LinkState
+from bridge.metrics import Metrics
+from tests.helpers import bridge_settings, free_port
+
+pytestmark = pytest.mark.broker
+
+POLLS = 40
+
+
+def close_callbacks(connection: AbstractRobustConnection) -> int:
+    """How many callbacks wait on the aiormq connection's private ``_closing`` future.
+
+    aiormq 7.2's ``closing`` property hands out a new observer per access, each
+    registering a callback here; a leak shows up as this number growing.
+    """
+    transport = connection.transport
+    assert transport is not None
+    callbacks = transport.connection._closing._callbacks  # type: ignore[attr-defined]
+    return len(callbacks or ())
+
+
+@pytest.fixture
+async def broker(exchange_name: str) -> AsyncIterator[tuple[Broker, CollectorRegistry]]:
+    """A connected Broker on a unique exchange."""
+    registry = CollectorRegistry()
+    broker = Broker(bridge_settings("ws://127.0.0.1:9", exchange_name), Metrics(registry))
+    assert await broker.connect(asyncio.Event())
+    try:
+        yield broker, registry
+    finally:
+        await broker.close()
+
+
+async def test_polling_keeps_the_close_callback_count_constant(
+    broker: tuple[Broker, CollectorRegistry],
+) -> None:
+    """Many queue-depth polls reuse one channel: the connection's close callbacks do not grow."""
+    link, registry = broker
+    assert link.connection is not None
+    await link.poll_once()
+    before = close_callbacks(link.connection)
+    for _ in range(POLLS):
+        await link.poll_once()
+    assert close_callbacks(link.connection) == before
+    depth = registry.get_sample_value("orangepill_bridge_queue_messages", {"queue": "quarantine"})
+    assert depth == 0
+
+
+async def test_a_channel_per_poll_leaks_in_this_aiormq(broker: tuple[Broker, CollectorRegistry]) -> None:
+    """The pattern the fix replaced (open and close a channel per poll) grows the callbacks, so the check above can fail.
+
+    If this starts failing, aiormq fixed the observer leak
+    (docs/aiormq-closing-observer-leak.md); the reused channel is still right.
+    """
+    link, _ = broker
+    connection = link.connection
+    assert connection is not None
+    before = close_callbacks(connection)
+    for _ in range(10):
+        channel = await connection.channel()
+        await channel.close()
+    assert close_callbacks(connection) > before
+
+
+async def test_polling_survives_a_missing_queue(broker: tuple[Broker, CollectorRegistry]) -> None:
+    """A 404 on the passive declare closes only the polling channel; the next poll reopens it and publishing stays up."""
+    link, _ = broker
+    assert link.connection is not None
+    channel = await link.connection.channel()
+    await channel.queue_delete(link.topology.quarantine)
+    await channel.close()
+    with pytest.raises(Exception, match=r"NOT_FOUND|not found|404"):
+        await link.poll_once()
+    assert link.state is LinkState.UP
+    raw = await link.raw_channel()
+    assert raw is not None and not raw.is_closed
+
+
+async def test_first_connect_retries_until_stopped() -> None:
+    """With nothing listening, connect keeps retrying, reports the error for /readyz, and returns False on stop."""
+    port = free_port()
+    settings = bridge_settings("ws://127.0.0.1:9", "unused", amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    link = Broker(settings, Metrics(CollectorRegistry()))
+    stop = asyncio.Event()
+    attempt = asyncio.create_task(link.connect(stop))
+    await asyncio.sleep(0.5)
+    assert not attempt.done()
+    assert "broker unreachable" in link.health().error
+    assert "guest:guest" not in link.health().error
+    stop.set()
+    assert await asyncio.wait_for(attempt, timeout=10) is False
+    assert link.health().connected is False
