@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from bridge.config import Settings
 from bridge.errors import BridgeError, ConfigError
+from bridge.explorer.hub import ExplorerHub
 from bridge.http import start_http
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
@@ -34,6 +35,11 @@ class Bridge:
         self.state = StreamState(settings.realms, metrics)
         self.publisher = Publisher(settings, spool, metrics)
         self.clients = [StreamClient(settings, r, spool, metrics, self.state) for r in settings.realms]
+        self.explorer: ExplorerHub | None = None
+        if settings.explorer == "on" and settings.metrics_host_port is not None:
+            self.explorer = ExplorerHub(self.readiness)
+            for client in self.clients:
+                client.on_event = self.explorer.record
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz reports: ready only while every realm is subscribed and the broker is up."""
@@ -67,7 +73,9 @@ class Bridge:
         hostport = settings.metrics_host_port
         if hostport is not None:
             try:
-                runner = await start_http(hostport[0], hostport[1], self.metrics.registry, self.readiness)
+                runner = await start_http(
+                    hostport[0], hostport[1], self.metrics.registry, self.readiness, explorer=self.explorer
+                )
             except OSError as exc:
                 raise ConfigError(
                     f"--metrics-addr {settings.metrics_addr}: cannot listen ({exc.strerror or exc})"

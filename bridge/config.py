@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+from bridge.bindings import Binding, parse_bindings
 from bridge.errors import ConfigError
 from bridge.protocol import key_fingerprint
 
@@ -63,6 +64,8 @@ class Settings:
     drain_timeout: float = 10.0
     log_format: str = "auto"
     log_level: str = "INFO"
+    explorer: str = "on"
+    bindings: tuple[Binding, ...] = ()
 
     @property
     def realm_keys(self) -> tuple[str, ...]:
@@ -272,6 +275,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("log_format", "--log-format", "BRIDGE_LOG_FORMAT", _choice("auto", "json", "text"),
             "log format (auto: text on a terminal, JSON otherwise)"),
     Setting("log_level", "--log-level", "BRIDGE_LOG_LEVEL", _log_level, "log level"),
+    Setting("explorer", "--explorer", "BRIDGE_EXPLORER", _choice("on", "off"),
+            "the Explorer page at / on the metrics port"),
+    Setting("bindings", "--bind", "BRIDGE_BINDINGS", str,
+            "declare a durable quorum queue bound to patterns, QUEUE=PATTERN[,PATTERN...] (repeatable; "
+            "env: ';'-separated; TOML: [[bindings]] queue, patterns)"),
 )  # fmt: skip
 
 CONFIG_FLAG: Final = "--config"
@@ -287,7 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, only: Sequence[str] | None
         default = getattr(Settings(), s.name)
         shown = "required for run" if s.name == "realms" else redact_url(str(default))
         kwargs: dict[str, Any] = {"dest": s.name, "default": None, "metavar": s.env}
-        if s.name == "realms":
+        if s.name in ("realms", "bindings"):
             kwargs["action"] = "append"
         parser.add_argument(s.flag, help=f"{s.help} [env {s.env}; default {shown}]", **kwargs)
     parser.add_argument(
@@ -300,6 +308,8 @@ def _where(s: Setting, source: str) -> str:
 
 
 def _convert(s: Setting, raw: Any, source: str) -> Any:
+    if s.name == "bindings":
+        return parse_bindings(raw, _where(s, source))
     if s.name == "realms":
         items = raw if isinstance(raw, list) else str(raw).split(",")
         realms: list[Realm] = []

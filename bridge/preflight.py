@@ -10,6 +10,7 @@ import aiormq
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from bridge.bindings import declare_bindings
 from bridge.config import Realm, Settings, redact_url
 from bridge.errors import BridgeError, ProtocolError
 from bridge.protocol import (
@@ -93,6 +94,11 @@ async def preflight(settings: Settings) -> int:
             _, _, alternate = await declare_topology(connection, settings, confirms=True)
             extra = "with alternate exchange" if alternate else "WITHOUT alternate exchange (returns handled)"
             _say(True, f"topology: exchange {settings.exchange} declared {extra}")
+            if settings.bindings:
+                side = await connection.channel()
+                for binding, kind in await declare_bindings(side, settings.exchange, settings.bindings):
+                    what = "quorum queue" if kind == "quorum" else "existing queue (kept as it is)"
+                    _say(True, f"binding: {what} {binding.queue} <- {', '.join(binding.patterns)}")
     except (BridgeError, aiormq.exceptions.AMQPError) as exc:
         _say(False, f"topology: {exc}")
         code = max(code, 1)

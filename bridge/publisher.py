@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -32,6 +33,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
+from bridge.bindings import declare_bindings
 from bridge.catalog import metric_labels
 from bridge.config import Settings, redact_url
 from bridge.errors import TopologyError
@@ -193,7 +195,7 @@ class Publisher:
                 )
             except (aiormq.exceptions.AMQPError, OSError, ConnectionError, TimeoutError) as exc:
                 delay = backoff.next_delay(None)
-                self.last_error = f"broker unreachable at {redact_url(url)}: {_describe(exc)}"
+                self.last_error = f"broker unreachable at {_host_port(url)}: {_describe(exc)}"
                 log.warning("broker down: %s; retrying in %.1fs", self.last_error, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
@@ -218,6 +220,12 @@ class Publisher:
     async def _declare(self, connection: AbstractRobustConnection) -> None:
         channel, _, alternate = await declare_topology(connection, self._settings, confirms=True)
         self._channel, self._alternate_active = channel, alternate
+        if self._settings.bindings:
+            side = await connection.channel()
+            try:
+                await declare_bindings(side, self._settings.exchange, self._settings.bindings)
+            finally:
+                await side.close()
         if alternate:
             await self._tap_unrouted(connection)
 
@@ -443,6 +451,14 @@ class Publisher:
                     log.debug("queue depth poll failed", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=_QUEUE_POLL_INTERVAL)
+
+
+def _host_port(url: str) -> str:
+    """``host:port`` of a broker URL: never the user name or password (shown in /readyz)."""
+    parts = urlsplit(url)
+    default = 5671 if parts.scheme == "amqps" else 5672
+    host = parts.hostname or "?"
+    return f"[{host}]:{parts.port or default}" if ":" in host else f"{host}:{parts.port or default}"
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -152,6 +152,8 @@ class StreamClient:
         self._stopping = False
         self._unsubscribed = asyncio.Event()
         self._warned_reasons: set[str] = set()
+        # Called per accepted event (after the sink took it): the Explorer's ExplorerHub.record.
+        self.on_event: Callable[[float, str, str, str, str], None] | None = None
         # Label children cached once: no label lookups per event.
         self._received = {
             label: metrics.events_received.labels(label) for label in metric_labels()
@@ -368,6 +370,9 @@ class StreamClient:
                     frame, realm=self._realm.label, realm_fp=self._realm_fp, received_at=now
                 )
                 await self._sink.put(msg)
+                if self.on_event is not None:
+                    entity = msg.headers.get("entity_id", "")
+                    self.on_event(now, msg.routing_key, str(entity), self._realm.label, msg.message_id)
                 child = self._received.get(msg.label)
                 if child is None:
                     child = self._received[msg.label] = self._metrics.events_received.labels(msg.label)
