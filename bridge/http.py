@@ -96,7 +96,7 @@ class _ServerLogger(logging.Logger):
         exc = exc_info if isinstance(exc_info, BaseException) else None
         if isinstance(exc, HttpProcessingError):
             peer = args[0] if args else "?"
-            reason = (getattr(exc, "message", "") or type(exc).__name__).splitlines()[0][:120]
+            reason = (getattr(exc, "message", "") or type(exc).__name__).splitlines()[0][:60]
             self.warn_bad("http: bad request from %s refused (%s: %s)", peer, type(exc).__name__, reason)
             return
         super().exception(msg, *args, exc_info=exc_info, **kwargs)
