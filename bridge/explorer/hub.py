@@ -20,6 +20,8 @@ __all__ = ["Client", "ExplorerHub", "Row", "Status"]
 
 log = logging.getLogger(__name__)
 
+_MAX_ENTITY = 96
+
 Row = tuple[float, str, str, str, str]
 """One event as the page shows it: (unix time, event name, entity id, realm label, message_id)."""
 
@@ -73,6 +75,8 @@ class ExplorerHub:
 
     def record(self, at: float, event: str, entity_id: str, realm: str, message_id: str) -> None:
         """Note one accepted event; never blocks, never raises on a slow browser."""
+        if len(entity_id) > _MAX_ENTITY:  # upstream data: bound what 200 rows can hold
+            entity_id = entity_id[: _MAX_ENTITY - 1] + "…"
         row: Row = (at, event, entity_id, realm, message_id)
         self._recent.append(row)
         self.recorded += 1
