@@ -98,11 +98,11 @@ def parse_bindings(raw: Any, where: str) -> tuple[Binding, ...]:
                 queue = entry.get("queue")
                 patterns = entry.get("patterns")
                 if not isinstance(queue, str):
-                    raise ConfigError(f"{where}: every binding needs queue = \"NAME\"")
+                    raise ConfigError(f'{where}: every binding needs queue = "NAME"')
                 if isinstance(patterns, str):
                     patterns = [patterns]
                 if not isinstance(patterns, list):
-                    raise ConfigError(f"{where}: queue {queue[:80]!r} needs patterns = [\"...\"]")
+                    raise ConfigError(f'{where}: queue {queue[:80]!r} needs patterns = ["..."]')
                 queue = _check_queue(queue, where)
                 items.append(Binding(queue, _check_patterns(queue, patterns, where)))
             else:

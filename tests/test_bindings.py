@@ -96,7 +96,9 @@ async def cleanup_queues(connection: AbstractRobustConnection, *names: str) -> A
 
 
 @pytest.mark.broker
-async def test_quorum_queues_keep_events_before_any_consumer(exchange_name: str, amqp: AbstractRobustConnection) -> None:
+async def test_quorum_queues_keep_events_before_any_consumer(
+    exchange_name: str, amqp: AbstractRobustConnection
+) -> None:
     """The bridge declares the bound quorum queues at start; events land there with no consumer running."""
     q_tx, q_failed = f"{exchange_name}.tx", f"{exchange_name}.failed"
     bindings = (Binding(q_tx, ("transaction.#",)), Binding(q_failed, ("*.failed", "#.failed")))
@@ -105,8 +107,10 @@ async def test_quorum_queues_keep_events_before_any_consumer(exchange_name: str,
         async with running_bridge(settings) as bridge:
             await sim.wait_sent(300, timeout=60)
             assert await wait_until(
-                lambda: bridge.metric("orangepill_bridge_spool_depth") == 0
-                and bridge.metric("orangepill_bridge_events_published_total", {"event": "transaction.done"}) > 0,
+                lambda: (
+                    bridge.metric("orangepill_bridge_spool_depth") == 0
+                    and bridge.metric("orangepill_bridge_events_published_total", {"event": "transaction.done"}) > 0
+                ),
                 timeout=30,
             )
         sent = [e.event for e in sim.sent]
@@ -138,7 +142,9 @@ async def test_existing_classic_queue_is_used_with_a_warning(
         await channel.declare_queue(name, durable=True)  # classic
         other = await amqp.channel()
         caplog.set_level(logging.WARNING, logger="bridge.bindings")
-        done = await declare_bindings(other, exchange_name, [Binding(name, ("deposit.#",)), Binding(name + ".q", ("x",))])
+        done = await declare_bindings(
+            other, exchange_name, [Binding(name, ("deposit.#",)), Binding(name + ".q", ("x",))]
+        )
         assert [kind for _, kind in done] == ["existing", "quorum"]
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any(name in w and "PRECONDITION_FAILED" in w for w in warnings), warnings

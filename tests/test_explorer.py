@@ -257,9 +257,7 @@ async def test_explorer_page_in_headless_chromium(exchange_name: str, tmp_path: 
 
     port = free_port()
     async with simulator(rate=8, shape="mixed") as sim:
-        settings = replace(
-            bridge_settings(sim.url, exchange_name, metrics_addr=f"127.0.0.1:{port}"), spool="memory"
-        )
+        settings = replace(bridge_settings(sim.url, exchange_name, metrics_addr=f"127.0.0.1:{port}"), spool="memory")
         async with bridge_with_page(settings), async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
             try:
@@ -267,7 +265,9 @@ async def test_explorer_page_in_headless_chromium(exchange_name: str, tmp_path: 
                 errors: list[str] = []
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
                 await page.goto(f"http://127.0.0.1:{port}/")
-                await page.wait_for_selector('#realms tr[data-realm="test"] td[data-subscription="subscribed"]', timeout=15_000)
+                await page.wait_for_selector(
+                    '#realms tr[data-realm="test"] td[data-subscription="subscribed"]', timeout=15_000
+                )
                 await page.wait_for_selector("#live.ok", timeout=10_000)
 
                 # A chosen event appears in the list within 2 s of being sent.
@@ -280,7 +280,9 @@ async def test_explorer_page_in_headless_chromium(exchange_name: str, tmp_path: 
                         arg=entity, timeout=5_000,
                     )  # fmt: skip
                     assert time.monotonic() - sent_at < 2.0
-                entities = await page.eval_on_selector_all("#events tr", "(rows) => rows.map((r) => r.children[2].textContent)")
+                entities = await page.eval_on_selector_all(
+                    "#events tr", "(rows) => rows.map((r) => r.children[2].textContent)"
+                )
                 probes = [e.split("-")[1] for e in entities if e.startswith("probe-")]
                 assert probes == ["2", "1", "0"]  # newest on top
 
@@ -297,15 +299,21 @@ async def test_explorer_page_in_headless_chromium(exchange_name: str, tmp_path: 
                 await page.wait_for_timeout(700)
                 assert "held-back" not in await page.inner_text("#events")
                 assert await page.eval_on_selector_all("#events tr", "(rows) => rows.length") == before
-                await page.keyboard.press("Tab")  # keyboard use: the button is focusable and toggles with Enter
-                await page.focus("#pause")
+                # Keyboard use: Tab from the filter box reaches the button, Enter resumes.
+                await page.focus("#filter")
+                await page.keyboard.press("Tab")
+                assert await page.evaluate("() => document.activeElement.id") == "pause"
                 await page.keyboard.press("Enter")
-                await page.wait_for_function("() => document.querySelector('#events').textContent.includes('held-back')")
+                await page.wait_for_function(
+                    "() => document.querySelector('#events').textContent.includes('held-back')"
+                )
 
                 # The pattern panel lists the documented events a pattern catches.
                 await page.fill("#pattern", "*.failed")
                 await page.wait_for_timeout(200)
-                listed = await page.eval_on_selector_all("#pattern-matches li", "(li) => li.map((x) => x.dataset.event)")
+                listed = await page.eval_on_selector_all(
+                    "#pattern-matches li", "(li) => li.map((x) => x.dataset.event)"
+                )
                 assert set(listed) == FAILED_DOCUMENTED
 
                 await page.fill("#filter", "")

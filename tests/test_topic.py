@@ -89,7 +89,11 @@ def test_documented_matches() -> None:
     """The catalogue panel lists the documented failed events for *.failed, and channel events for #.failed."""
     failed = documented_matches("*.failed")
     assert set(failed) == {
-        "account.failed", "transaction.failed", "deposit.failed", "withdrawal.failed", "currency.failed",
+        "account.failed",
+        "transaction.failed",
+        "deposit.failed",
+        "withdrawal.failed",
+        "currency.failed",
     }
     assert "CHANNEL.message.failed" in documented_matches("#.failed")
     assert "CHANNEL.message.sent" in documented_matches("sms.#")
