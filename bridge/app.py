@@ -12,12 +12,14 @@ from prometheus_client import CollectorRegistry
 
 from bridge.broker import Broker
 from bridge.config import Settings
+from bridge.contract import KIND_EVENT, Outbound
 from bridge.errors import BridgeError, ConfigError
+from bridge.explorer.hub import ExplorerHub
 from bridge.http import start_http
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
 from bridge.spool import CloseReport, Spool
-from bridge.stream import StreamClient, StreamState
+from bridge.stream import EventSink, StreamClient, StreamState
 
 __all__ = ["Bridge", "run_bridge"]
 
@@ -36,7 +38,12 @@ class Bridge:
         self.state = StreamState(settings.realms, metrics)
         self.broker = Broker(settings, metrics)
         self.publisher = Publisher(settings, spool, metrics, self.broker)
-        self.clients = [StreamClient(settings, r, spool, metrics, self.state) for r in settings.realms]
+        self.explorer: ExplorerHub | None = None
+        sink: EventSink = spool
+        if settings.explorer == "on" and settings.metrics_host_port is not None:
+            self.explorer = ExplorerHub(self.readiness)
+            sink = _ShownSink(spool, self.explorer)
+        self.clients = [StreamClient(settings, r, sink, metrics, self.state) for r in settings.realms]
         self._stream_stop = asyncio.Event()
         self._publish_stop = asyncio.Event()
         self._streams: list[asyncio.Task[None]] = []
@@ -73,11 +80,13 @@ class Bridge:
             reasons.append(f"broker not connected: {broker.error or 'connecting'}")
         if spool["full"]:
             reasons.append("spool full: the stream is not being read")
-        if not spool["ok"]:
-            reasons.append(f"spool not working: {spool['reason']}")
+        fatal = [] if spool["ok"] else [f"spool not working: {spool['reason']}"]
+        reasons += fatal
         return {
             "ready": not reasons,
             "reasons": reasons,
+            "alive": not fatal,
+            "fatal": fatal,
             "stream": {"connected": stream.connected, "subscribed": stream.subscribed},
             "broker": {"connected": broker.connected, "error": broker.error},
             "spool": spool,
@@ -102,7 +111,9 @@ class Bridge:
         if hostport is None:
             return
         try:
-            self._http = await start_http(hostport[0], hostport[1], self.metrics.registry, self.readiness)
+            self._http = await start_http(
+                hostport[0], hostport[1], self.metrics.registry, self.readiness, explorer=self.explorer
+            )
         except OSError as exc:
             raise ConfigError(
                 f"--metrics-addr {self.settings.metrics_addr}: cannot listen ({exc.strerror or exc})"
@@ -203,6 +214,27 @@ class Bridge:
             return fatal.exit_code
         log.error("fatal error: %s", fatal, exc_info=fatal)
         return 1
+
+
+class _ShownSink:
+    """The spool, plus the Explorer page's live list: each accepted event is shown once it is spooled."""
+
+    def __init__(self, spool: Spool, explorer: ExplorerHub) -> None:
+        self._spool = spool
+        self._explorer = explorer
+
+    @property
+    def full(self) -> bool:
+        return self._spool.full
+
+    async def put(self, msg: Outbound) -> None:
+        await self._spool.put(msg)
+        if msg.kind == KIND_EVENT:
+            headers = msg.headers
+            self._explorer.record(
+                msg.received_at, msg.routing_key, str(headers.get("entity_id", "")), str(headers.get("realm", "")),
+                msg.message_id,
+            )  # fmt: skip
 
 
 async def run_bridge(

@@ -30,11 +30,12 @@ from aio_pika.abc import (
 from aiormq.abc import AbstractChannel as RawChannel
 
 from bridge.backoff import Backoff, Verdict, classify
+from bridge.bindings import declare_bindings
 from bridge.config import Settings
 from bridge.contract import APP_ID, Topology
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics
-from bridge.secrets import redact_url
+from bridge.secrets import host_port
 
 __all__ = ["Broker", "BrokerHealth", "LinkState", "declare_topology", "describe_error"]
 
@@ -193,7 +194,7 @@ class Broker:
                 if classify(exc) is Verdict.GIVE_UP:
                     raise
                 delay = backoff.next_delay(None)
-                self.last_error = f"broker unreachable at {redact_url(url)}: {describe_error(exc)}"
+                self.last_error = f"broker unreachable at {host_port(url)}: {describe_error(exc)}"
                 log.warning("broker down: %s; retrying in %.1fs", self.last_error, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
@@ -209,6 +210,8 @@ class Broker:
         try:
             channel, _, alternate = await declare_topology(connection, self._settings, confirms=True)
             self._channel, self.alternate_exchange = channel, alternate
+            if self._settings.bindings:
+                await self._declare_bindings(connection)
             if alternate:
                 await self._tap_unrouted(connection)
         except BaseException:
@@ -218,8 +221,16 @@ class Broker:
         self._set_state(LinkState.UP)
         log.info(
             "broker up url=%s exchange=%s alternate_exchange=%s",
-            redact_url(self._settings.amqp_url), self.topology.exchange, alternate,
+            host_port(self._settings.amqp_url), self.topology.exchange, alternate,
         )  # fmt: skip
+
+    async def _declare_bindings(self, connection: AbstractRobustConnection) -> None:
+        """Declare the configured consumer queues (quorum) and their bindings, once per connect."""
+        side = await connection.channel()
+        try:
+            await declare_bindings(side, self.topology.exchange, self._settings.bindings)
+        finally:
+            await side.close()
 
     async def _tap_unrouted(self, connection: AbstractRobustConnection) -> None:
         """Count events the alternate exchange takes.
@@ -255,7 +266,7 @@ class Broker:
     def _on_reconnected(self, _sender: object) -> None:
         self._metrics.amqp_connect()
         self._set_state(LinkState.UP)
-        log.info("broker up again url=%s", redact_url(self._settings.amqp_url))
+        log.info("broker up again url=%s", host_port(self._settings.amqp_url))
         for callback in self.reconnected_callbacks:
             callback()
 

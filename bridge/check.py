@@ -13,6 +13,7 @@ import aiormq
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from bridge.bindings import declare_bindings
 from bridge.broker import declare_topology
 from bridge.config import Realm, Settings
 from bridge.errors import BridgeError, ProtocolError
@@ -109,6 +110,11 @@ async def _check_broker(settings: Settings) -> int:
             _, _, alternate = await declare_topology(connection, settings, confirms=True)
             extra = "with alternate exchange" if alternate else "WITHOUT alternate exchange (returns handled)"
             _say(True, f"topology: exchange {settings.exchange} declared {extra}")
+            if settings.bindings:
+                side = await connection.channel()
+                for binding, kind in await declare_bindings(side, settings.exchange, settings.bindings):
+                    what = "quorum queue" if kind == "quorum" else "existing queue (kept as it is)"
+                    _say(True, f"binding: {what} {binding.queue} <- {', '.join(binding.patterns)}")
     except (BridgeError, aiormq.exceptions.AMQPError) as exc:
         _say(False, f"topology: {exc}")
         return 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from bridge.bindings import Binding, parse_bindings
 from bridge.errors import ConfigError
 from bridge.secrets import key_fingerprint, redact_url
 
@@ -77,6 +78,8 @@ class Settings:
     drain_timeout: float = 10.0
     log_format: str = "auto"
     log_level: str = "INFO"
+    explorer: str = "on"
+    bindings: tuple[Binding, ...] = ()
 
     @property
     def realm_keys(self) -> tuple[str, ...]:
@@ -314,6 +317,8 @@ class Setting:
         switch: a ``--flag/--no-flag`` boolean rather than a flag with a value.
         file_keys: other names accepted for it in the TOML file.
         shown_default: the default as ``--help`` shows it (else the dataclass default).
+        convert: for a structured setting, turns the raw value (flag list, variable text or
+            TOML value) and where it came from into the value itself, instead of ``parse``.
     """
 
     name: str
@@ -326,6 +331,7 @@ class Setting:
     switch: bool = False
     file_keys: tuple[str, ...] = ()
     shown_default: str | None = None
+    convert: Callable[[Any, str], Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +413,8 @@ def resolve(
 
 
 def _convert(s: Setting, raw: Any, where: str, *, skip_empty: bool = False) -> Any:
+    if s.convert is not None:
+        return s.convert(raw, where)
     if s.item:
         items = raw if isinstance(raw, list) else str(raw).split(",")
         out: list[Any] = []
@@ -489,6 +497,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("log_format", "--log-format", "BRIDGE_LOG_FORMAT", choice("auto", "json", "text"),
             "log format (auto: text on a terminal, JSON otherwise)"),
     Setting("log_level", "--log-level", "BRIDGE_LOG_LEVEL", _log_level, "log level"),
+    Setting("explorer", "--explorer", "BRIDGE_EXPLORER", choice("on", "off"),
+            "the Explorer page at / on the metrics port"),
+    Setting("bindings", "--bind", "BRIDGE_BINDINGS", str,
+            "declare a durable quorum queue bound to patterns, QUEUE=PATTERN[,PATTERN...] (repeatable; "
+            "env: ';'-separated; TOML: [[bindings]] queue, patterns)",
+            item="binding", convert=parse_bindings, shown_default="none"),
     Setting("standby_window", "--standby-window", "BRIDGE_STANDBY_WINDOW", _positive_float,
             "seconds of events a standby keeps to publish on promotion"),
     Setting("standby_window_bytes", "--standby-window-bytes", "BRIDGE_STANDBY_WINDOW_BYTES", _size,

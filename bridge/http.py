@@ -1,13 +1,35 @@
-"""The HTTP endpoints: ``/metrics``, ``/healthz`` and ``/readyz`` (aiohttp)."""
+"""The HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz`` and the Explorer page at ``/`` (aiohttp).
+
+Hardened for a port that may face an untrusted network:
+
+- a connection must deliver a complete request head within ``header_timeout``
+  seconds (aiohttp's keep-alive timer, which runs from the first byte and is
+  not extended by partial data), so slow partial requests are closed;
+- at most ``max_connections`` connections are open at once; more are answered
+  503 and closed at accept time, so file descriptors stay for the broker and
+  the stream;
+- malformed requests (a 9 KB URL, bad headers) get their 4xx from aiohttp but
+  log at most one WARNING line per ``_BAD_REQUEST_LOG_EVERY`` seconds, never a
+  traceback.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, Final
 
+import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from bridge.catalog import CATALOG, KNOWN_CHANNELS
+from bridge.explorer.hub import ExplorerHub
 
 __all__ = ["Readiness", "start_http"]
 
@@ -16,41 +38,274 @@ log = logging.getLogger(__name__)
 Readiness = Callable[[], dict[str, Any]]
 """Returns ``{"ready": bool, "reasons": [...], ...}``; called on every /readyz."""
 
+HEADER_TIMEOUT: Final = 10.0
+MAX_CONNECTIONS: Final = 256
+_BAD_REQUEST_LOG_EVERY: Final = 60.0
+_SSE_BATCH: Final = 0.1
+_SSE_STATUS_EVERY: Final = 1.0
+_SSE_WRITE_TIMEOUT: Final = 10.0
+_STATIC: Final = {
+    "app.js": "text/javascript",
+    "topic.js": "text/javascript",
+    "style.css": "text/css",
+}
+_SECURITY_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+_PAGE_CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
-def _app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
+
+class _RateLimitedWarning:
+    """One WARNING line per period, saying how many were held back since."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._last = -period
+        self.suppressed = 0
+
+    def __call__(self, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.period:
+            self.suppressed += 1
+            return
+        held, self.suppressed, self._last = self.suppressed, 0, now
+        suffix = f" ({held} more since the last such line)" if held else ""
+        log.warning(fmt + "%s", *args, suffix)
+
+
+class _ServerLogger(logging.Logger):
+    """aiohttp's server logger: client mistakes become a rate-limited one-line warning.
+
+    aiohttp logs a malformed request (``LineTooLong`` for a 9 KB URL …) with
+    ``logger.exception`` and a full traceback. Those are the client's fault and
+    cheap for anyone to send, so they must not flood the log. Errors of our own
+    handlers still log in full.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("bridge.http.server")
+        self.parent = logging.getLogger("bridge.http")
+        self.warn_bad = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        if isinstance(exc, HttpProcessingError):
+            peer = args[0] if args else "?"
+            reason = (getattr(exc, "message", "") or type(exc).__name__).splitlines()[0][:60]
+            self.warn_bad("http: bad request from %s refused (%s: %s)", peer, type(exc).__name__, reason)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+class _CappedSite(web.TCPSite):
+    """A TCP site that refuses connections beyond a cap, at accept time."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int) -> None:
+        super().__init__(runner, host, port, reuse_address=True)
+        self.max_connections = max_connections
+        self.refused = 0
+        self._warn = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        cap = self.max_connections
+
+        def factory() -> asyncio.Protocol:
+            if len(server.connections) >= cap:
+                self.refused += 1
+                self._warn("http: %d connections open, the cap; refusing more", cap)
+                return _Refuse()
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, self._host, self._port, reuse_address=True, backlog=self._backlog
+        )
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        transport.close()
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("bridge.explorer") / "static" / name).read_bytes()
+
+
+def _catalog_json() -> bytes:
+    entries = []
+    for spec in CATALOG:
+        names = [spec.name]
+        if spec.name.startswith("CHANNEL."):
+            rest = spec.name.removeprefix("CHANNEL")
+            names += [ch + rest for ch in sorted(KNOWN_CHANNELS)]
+        entries.append({"name": spec.name, "description": spec.description, "infobip": spec.infobip,
+                        "candidates": names})  # fmt: skip
+    return orjson.dumps(entries)
+
+
+@web.middleware
+async def _security_headers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    response = await handler(request)
+    if not response.prepared:
+        response.headers.update(_SECURITY_HEADERS)
+    return response
+
+
+def _explorer_routes(app: web.Application, hub: ExplorerHub) -> None:
+    page = _static("index.html")
+    files = {name: _static(name) for name in _STATIC}
+    catalog = _catalog_json()
+
+    async def index(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"},
+        )
+
+    async def static(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in files:
+            raise web.HTTPNotFound()
+        return web.Response(body=files[name], content_type=_STATIC[name], charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+    async def catalog_json(_request: web.Request) -> web.Response:
+        return web.Response(body=catalog, content_type="application/json")
+
+    async def snapshot(_request: web.Request) -> web.Response:
+        body = {"status": hub.status(), "rates": hub.rates(), "recent": hub.recent()}
+        return web.Response(body=orjson.dumps(body), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        return await _sse(request, hub)
+
+    app.router.add_get("/", index)
+    app.router.add_get("/explorer/catalog.json", catalog_json)
+    app.router.add_get("/explorer/snapshot.json", snapshot)
+    app.router.add_get("/explorer/events", events)
+    app.router.add_get("/explorer/{name}", static)
+
+
+async def _sse(request: web.Request, hub: ExplorerHub) -> web.StreamResponse:
+    """Server-sent events: a ``hello`` snapshot, then ``rows`` and ``status`` as they come."""
+    client = hub.subscribe()
+    if client is None:
+        raise web.HTTPServiceUnavailable(text="too many Explorer pages open\n")
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
+    loop = asyncio.get_running_loop()
+
+    async def send(kind: str, data: Any) -> None:
+        frame = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+        # A browser that stops reading blocks this write, not the bridge: record() only
+        # fills the client's bounded buffer. One that never reads again is closed.
+        await asyncio.wait_for(response.write(frame), timeout=_SSE_WRITE_TIMEOUT)
+
+    try:
+        await response.prepare(request)
+        await send("hello", {"status": hub.status(), "rates": hub.rates(), "recent": hub.recent()})
+        client.take()  # those rows are in the snapshot already
+        next_status = loop.time() + _SSE_STATUS_EVERY
+        while True:
+            timeout = max(0.0, next_status - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.wake.wait(), timeout=timeout)
+            if client.buffer:
+                await asyncio.sleep(_SSE_BATCH)  # batch rows: a few writes a second, not one per event
+                dropped, client.dropped = client.dropped, 0
+                await send("rows", {"rows": client.take(), "dropped": dropped})
+            if loop.time() >= next_status:
+                rates = hub.rates(2)
+                await send("status", {"status": hub.status(), "last": rates[-1] if rates else None})
+                next_status = loop.time() + _SSE_STATUS_EVERY
+    except (ConnectionError, TimeoutError):
+        log.debug("explorer: a browser went away or stopped reading")
+    finally:
+        hub.unsubscribe(client)
+    return response
+
+
+def _app(registry: CollectorRegistry, readiness: Readiness, explorer: ExplorerHub | None) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        # Liveness: 503 only for what a restart can mend (a spool that stopped working);
+        # a broker or stream outage is readiness, and a restart would not help it.
+        state = readiness()
+        if state.get("alive", True):
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "failing", "reasons": state.get("fatal", [])}, status=503)
 
     async def readyz(_request: web.Request) -> web.Response:
         state = readiness()
         return web.json_response(state, status=200 if state.get("ready") else 503)
 
-    app = web.Application()
+    app = web.Application(middlewares=[_security_headers])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if explorer is not None:
+        _explorer_routes(app, explorer)
     return app
 
 
 async def start_http(
-    host: str, port: int, registry: CollectorRegistry, readiness: Readiness
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    *,
+    explorer: ExplorerHub | None = None,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> web.AppRunner:
     """Serve the endpoints on ``host:port``; the caller cleans up the returned runner.
+
+    Args:
+        host: address to listen on.
+        port: TCP port (0 picks a free one; read it from the runner's addresses).
+        registry: the metrics registry.
+        readiness: what /readyz reports.
+        explorer: serve the Explorer page at ``/`` from this hub (None: no page).
+        header_timeout: seconds a connection may take to send a complete request
+            head, and to stay idle between requests.
+        max_connections: open connections at once; more are refused with 503.
 
     Raises:
         OSError: the address cannot be bound (in use, not local).
     """
-    runner = web.AppRunner(_app(registry, readiness), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        _app(registry, readiness, explorer),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=header_timeout,
+        logger=_ServerLogger(),
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = _CappedSite(runner, host, port, max_connections)
     try:
         await site.start()
     except OSError:
         await runner.cleanup()
         raise
-    log.info("http listening on %s:%d (/metrics /healthz /readyz)", host, port)
+    pages = " /" if explorer is not None else ""
+    log.info("http listening on %s:%d (/metrics /healthz /readyz%s)", host, port, pages)
     return runner

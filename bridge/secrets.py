@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["LogScrubber", "key_fingerprint", "redact", "redact_url"]
+__all__ = ["LogScrubber", "host_port", "key_fingerprint", "redact", "redact_url"]
 
 
 def key_fingerprint(realm_key: str) -> str:
@@ -58,3 +58,15 @@ class LogScrubber:
         for password in self._passwords:
             text = text.replace(f":{password}@", ":***@")
         return text
+
+
+def host_port(url: str) -> str:
+    """``host:port`` of a broker or stream URL: never the user name or the password."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<invalid url>"
+    default = {"amqps": 5671, "wss": 443, "ws": 80}.get(parts.scheme, 5672)
+    host = parts.hostname or "?"
+    return f"[{host}]:{port or default}" if ":" in host else f"{host}:{port or default}"

@@ -1,0 +1,72 @@
+"""Progress reporting: a log line every few seconds with done/total, rate and ETA; a bar on a terminal."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from bridge.progress import Progress, format_eta
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0s"), (7.4, "7s"), (245, "4m05s"), (3723, "1h02m03s"), (None, "?"), (float("inf"), "?")]
+)
+def test_format_eta(seconds: float | None, text: str) -> None:
+    """ETAs read as h/m/s, and unknown ones as '?'."""
+    assert format_eta(seconds) == text
+
+
+def test_logs_a_line_every_few_seconds_with_rate_and_eta(caplog: pytest.LogCaptureFixture) -> None:
+    """One line per interval, not per item, saying done/total, percentage, rate and ETA."""
+    caplog.set_level(logging.INFO, logger="bridge.progress")
+    clock = _Clock()
+    progress = Progress("spool replay", 1000, every=5.0, bar=False, clock=clock)
+    for _ in range(100):  # 100 items in 4.95 s: no line yet
+        clock.now += 0.0495
+        progress.update()
+    assert not caplog.records
+    clock.now = 5.0
+    progress.update(100)  # 200 done after 5 s: 40/s, 800 left -> 20 s
+    assert [r.getMessage() for r in caplog.records] == ["spool replay: 200/1000 (20%), 40/s, ETA 20s"]
+    clock.now = 6.0
+    progress.update()
+    assert len(caplog.records) == 1  # next line only 5 s later
+    clock.now = 10.0
+    progress.update(799)
+    progress.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1] == "spool replay: 1000/1000 (100%), 100/s, ETA 0s (finished in 10s)"
+
+
+def test_unknown_total() -> None:
+    """Without a total the line gives the count and rate only."""
+    clock = _Clock()
+    progress = Progress("drain", None, bar=False, clock=clock)
+    clock.now = 2.0
+    progress.update(10)
+    assert progress.line() == "drain: 10 done, 5/s"
+
+
+def test_bar_only_on_a_terminal() -> None:
+    """A terminal gets a tqdm bar; a pipe or file gets none."""
+    tty, pipe = _Tty(), io.StringIO()
+    with Progress("tail", 50, stream=tty) as shown, Progress("tail", 50, stream=pipe) as hidden:
+        shown.update(25)
+        hidden.update(25)
+    assert "tail:" in tty.getvalue() and "/50" in tty.getvalue()
+    assert pipe.getvalue() == ""
