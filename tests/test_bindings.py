@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractRobustConnection
 from bridge.bindings import Binding, declare_bindings, parse_bind, parse_bindings
 from bridge.config import add_arguments, load_settings
 from bridge.errors import ConfigError
-from tests.conftest import AMQP_URL, KEY, PYTHON, ROOT, bridge_settings, collect, running_bridge, simulator, wait_until
+from tests.helpers import AMQP_URL, KEY, PYTHON, ROOT, bridge_settings, collect, running_bridge, simulator, wait_until
 
 
 def test_parse_bind_flag() -> None:

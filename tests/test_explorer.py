@@ -24,7 +24,7 @@ from bridge.config import Settings
 from bridge.explorer.hub import ExplorerHub
 from bridge.metrics import Metrics
 from bridge.spool import Spool
-from tests.conftest import KEY, ROOT, bridge_settings, free_port, simulator, wait_until
+from tests.helpers import KEY, ROOT, bridge_settings, free_port, simulator, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -103,7 +103,7 @@ def test_long_entity_ids_are_cut() -> None:
 async def bridge_with_page(settings: Settings, client_buffer: int | None = None) -> AsyncIterator[Bridge]:
     """A Bridge object running in this loop, so the test can look at its hub."""
     metrics = Metrics(CollectorRegistry())
-    spool = await Spool.open(settings.spool, max_bytes=settings.spool_max_bytes, metrics=metrics)
+    spool = await Spool.open(settings.spool, max_bytes=settings.spool_max_bytes)
     bridge = Bridge(settings, metrics, spool)
     if client_buffer is not None and bridge.explorer is not None:
         bridge.explorer.client_buffer = client_buffer

@@ -10,7 +10,7 @@ import pytest
 
 from bridge.errors import ProtocolError
 from bridge.ha import Announcer, Follower, ha_exchange_name, pack_ids, unpack_ids
-from tests.conftest import AMQP_URL, wait_until
+from tests.helpers import AMQP_URL, wait_until
 
 
 def test_pack_round_trip() -> None:

@@ -13,7 +13,7 @@ import pytest
 from bridge.leadership import Leadership, RealmLock
 from bridge.nodes import connect_robust_nodes, node_in_use
 from tests.cluster import Cluster, ClusterUnavailable, rabbit_cluster
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from bridge.http import start_http
-from tests.conftest import bridge_settings, free_port, running_bridge, simulator
+from tests.helpers import bridge_settings, free_port, running_bridge, simulator
 
 
 def _ready() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.leadership import Leadership, RealmLock, Role, lock_queue_name
-from tests.conftest import AMQP_URL, wait_until
+from tests.helpers import AMQP_URL, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -19,8 +19,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from bridge.errors import ProtocolError
-from bridge.secrets import key_fingerprint, parse_frame, subscribe_frame
+from bridge.secrets import key_fingerprint
 from bridge.simulator import Simulator, SimulatorConfig
+from bridge.wire import parse_frame, subscribe_frame
 
 KEY = "control-realm-key-42"
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import BridgeProcess, free_port, process_args, simulator
+from tests.helpers import BridgeProcess, free_port, process_args, simulator
 
 EVENTS = 3000
 BODY = 100_000
