@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -239,13 +240,19 @@ def busy_cpu_seconds() -> float:
     return float(sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0))
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
+    """User + system CPU seconds of a process (all its threads), from ``/proc/<pid>/stat``; NaN if gone."""
     try:
-        t = psutil.Process(pid).cpu_times()
-        return float(t.user + t.system)
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
         return float("nan")
+    # Fields after the ")" that closes the command name: state is field 3, utime 14 and stime 15.
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
@@ -265,13 +272,43 @@ def peak_rss_bytes(pid: int) -> int:
 
 
 def broker_pid() -> int | None:
-    """The RabbitMQ node (beam.smp), to account for its CPU."""
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            name = proc.info["name"] or ""
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if name.startswith("beam") and "rabbit" in cmd:
-                return int(proc.pid)
+    """The RabbitMQ node on 5672 (``beam.smp``), to account for its CPU.
+
+    ``pgrep -o``: the oldest ``beam.smp``, the system's node; private test clusters
+    (tests/cluster.py) start later ones.
+    """
+    try:
+        out = subprocess.run(["pgrep", "-o", "-x", "beam.smp"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.stdout.split()
+    return int(first[0]) if first else None
+
+
+# -- the Node.js peer ----------------------------------------------------------------------
+
+NODE_PEER = ROOT / "bench" / "node-peer"
+
+
+def node_peer_ready() -> str | None:
+    """Install the Node peer's packages on first use; None when it can run, else why not."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None:
+        return "no `node` on PATH"
+    if all((NODE_PEER / "node_modules" / name / "package.json").exists() for name in ("ws", "amqplib")):
+        return None
+    if npm is None:
+        return "no `npm` on PATH to install ws and amqplib"
+    try:
+        out = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund"],
+            cwd=NODE_PEER, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"npm install failed: {exc}"
+    if out.returncode != 0:
+        lines = [x for x in (out.stderr or out.stdout).strip().splitlines() if "nodedir" not in x]
+        return f"npm install failed (exit {out.returncode}): {' '.join(lines[-3:])[:300]}"
     return None
 
 
@@ -317,6 +354,19 @@ def rabbitmq_version() -> str:
         return f"unknown ({exc})"
 
 
+def node_versions() -> dict[str, str | None]:
+    """Node.js and the peer's installed ws/amqplib versions (None when absent)."""
+    out: dict[str, str | None] = {"node": None, "ws": None, "amqplib": None}
+    node = shutil.which("node")
+    if node is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out["node"] = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    for name in ("ws", "amqplib"):
+        with contextlib.suppress(OSError, ValueError):
+            out[name] = json.loads((NODE_PEER / "node_modules" / name / "package.json").read_text())["version"]
+    return out
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     packages = {}
@@ -335,5 +385,6 @@ def machine() -> dict[str, Any]:
         "python_impl": platform.python_implementation(),
         "rabbitmq": rabbitmq_version(),
         "packages": packages,
+        "node": node_versions(),
         "tmpdir": tempfile.gettempdir(),
     }

@@ -1,10 +1,12 @@
-"""The end-to-end benchmark: ceiling, naive and bridge, each on uvloop and on the default loop.
+"""The end-to-end benchmark: ceiling, naive and bridge, each on uvloop and on the default loop, and a Node.js peer.
 
 Every measurement is a fresh set of processes on a fresh exchange ``bench.<random>``:
 the consumer (its own process, counting on a durable queue bound to ``#``), the
 simulator (its own process) and the subject (the ceiling publisher, the naive bridge,
-or ``orangepill-bridge run``). CPU and RSS are read with psutil/procfs from the
-subject's process only.
+``orangepill-bridge run``, or the Node.js peer ``bench/node-peer/peer.js``). CPU is read
+from ``/proc/<pid>/stat`` (utime + stime) of the subject and of the broker's ``beam.smp``;
+RSS from the subject only. The Node peer runs once, on Node's own loop (``loop`` = ``node``);
+if ``node`` or the npm registry is missing, the bench says so and skips it.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from typing import Any
 
 from bench import common
 from bench.common import KEY, BridgeProcess, RssSampler, Worker
-from bench.workers import ceiling_main, consumer_main, naive_main, simulator_main
+from bench.workers import ceiling_main, consumer_main, naive_main, node_main, simulator_main
 
-SUBJECTS = ("ceiling", "naive", "bridge")
+SUBJECTS = ("ceiling", "naive", "node", "bridge")
+NODE_LOOP = "node"
 LOOPS = ("uvloop", "asyncio")
 LATENCY_RATE = 1000.0
 WINDOW = 256
 MIN_SECONDS = 10.0
 
 # Throughput phases size N from a short pilot so that the main run lasts >= 10 s.
-_PILOT = {"ceiling": 4000, "naive": 2000, "bridge": 4000}
+_PILOT = {"ceiling": 4000, "naive": 2000, "node": 4000, "bridge": 4000}
 _N_MIN, _N_MAX = 10_000, 400_000
 
 
@@ -84,6 +87,10 @@ def _measure(
                 workers.append(pub)
                 pub.expect("ready", 30)
                 pid = pub.pid
+            elif subject == "node":
+                pub = Worker("node", node_main, str(common.NODE_PEER), url, KEY, exchange, count)
+                workers.append(pub)
+                pid = pub.expect("ready", 30)["pid"]  # node's own pid, not its Python relay's
             else:
                 bridge = BridgeProcess(url, exchange, uvloop_on=uv, spool_dir=tmp.name)
                 bridge.wait_ready(30)
@@ -105,7 +112,7 @@ def _measure(
         if hook is not None:
             result["profile"] = hook()
         cpu = common.cpu_seconds(pid) - cpu0
-        cpu_others = {k: round(common.cpu_seconds(others[k]) - v, 2) for k, v in cpu_others0.items()}  # type: ignore[index]
+        cpu_others = {k: round(common.cpu_seconds(others[k]) - v, 3) for k, v in cpu_others0.items()}  # type: ignore[index]
         busy = common.busy_cpu_seconds() - busy0
         samples = sampler.stop()
         peak = common.peak_rss_bytes(pid)
@@ -123,6 +130,8 @@ def _measure(
             latency=got["latency"],
             cpu_s=round(cpu, 3),
             cpu_s_per_100k=round(cpu / n * 100_000, 2) if n else None,
+            cpu_us_per_event=_per_event_us(cpu, n),
+            broker_cpu_us_per_event=_per_event_us(cpu_others.get("broker"), n),
             cpu_other_processes_s=cpu_others,
             # Machine-wide busy CPU not spent by the subject, consumer, simulator or broker:
             # other users of this machine (a large value means a disturbed measurement).
@@ -150,6 +159,13 @@ def _measure(
         finally:
             common.delete(exchange, queue)
             tmp.cleanup()
+
+
+def _per_event_us(cpu_s: float | None, n: int) -> float | None:
+    """CPU microseconds per event, or None when unknown."""
+    if cpu_s is None or not n or math.isnan(cpu_s):
+        return None
+    return round(cpu_s / n * 1e6, 1)
 
 
 def _log(text: str) -> None:
@@ -184,8 +200,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios bridge/ceiling and bridge/naive for each loop, and the targets."""
+    """Ratios bridge/ceiling, bridge/naive and bridge/node for each loop, and the targets."""
     by = {(r["subject"], r["loop"]): r for r in rows}
+    node = by.get(("node", NODE_LOOP))
     ratios: dict[str, Any] = {}
     targets: dict[str, Any] = {}
     for loop in LOOPS:
@@ -195,12 +212,22 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ratios[loop] = {
             "bridge_over_ceiling": _ratio(b["events_per_s"], c["events_per_s"]) if c else None,
             "bridge_over_naive": _ratio(b["events_per_s"], n["events_per_s"]) if n else None,
+            "bridge_over_node": _ratio(b["events_per_s"], node["events_per_s"]) if node else None,
         }
+        r_node = ratios[loop]["bridge_over_node"]
+        cpu_ev = b.get("cpu_us_per_event")
+        broker_ev, node_broker_ev = b.get("broker_cpu_us_per_event"), (node or {}).get("broker_cpu_us_per_event")
         r = ratios[loop]["bridge_over_ceiling"]
         p99 = (b.get("latency") or {}).get("p99_ms")
         rss = b.get("rss_steady_mb")
         targets[loop] = {
             "throughput_ge_0.8_ceiling": {"value": r, "met": r is not None and r >= 0.8},
+            "throughput_ge_1.0_node": {"value": r_node, "met": r_node is not None and r_node >= 1.0},
+            "cpu_per_event_le_80us": {"value": cpu_ev, "met": cpu_ev is not None and cpu_ev <= 80.0},
+            "broker_cpu_per_event_le_node": {
+                "value": _ratio(broker_ev, node_broker_ev),  # bridge's broker cost / the peer's
+                "met": broker_ev is not None and node_broker_ev is not None and broker_ev <= node_broker_ev,
+            },
             "p99_lt_5ms_at_1000_per_s": {"value": p99, "met": p99 is not None and p99 < 5.0},
             "rss_steady_lt_80mb": {"value": rss, "met": rss is not None and rss < 80.0},
             "rss_peak_mb": b.get("rss_peak_mb"),
@@ -220,7 +247,7 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The results as printed."""
     head = (
         f"{'row':<8} {'loop':<8} {'events/s':>9} {'N':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-        f"{'CPU s/100k':>10} {'peak RSS MB':>11} {'steady RSS MB':>13}"
+        f"{'CPU s/100k':>10} {'CPU us/ev':>9} {'broker us/ev':>12} {'peak RSS MB':>11} {'steady RSS MB':>13}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -229,14 +256,16 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"{r['subject']:<8} {r['loop']:<8} {_fmt(r['events_per_s']):>9} {_fmt(r['count']):>8} "
             f"{_fmt(lat.get('p50_ms'), '.2f'):>7} {_fmt(lat.get('p99_ms'), '.2f'):>7} "
             f"{_fmt(lat.get('max_ms'), '.1f'):>7} "
-            f"{_fmt(r['cpu_s_per_100k'], '.1f'):>10} {_fmt(r['rss_peak_mb'], '.1f'):>11} "
+            f"{_fmt(r['cpu_s_per_100k'], '.1f'):>10} {_fmt(r.get('cpu_us_per_event'), '.1f'):>9} "
+            f"{_fmt(r.get('broker_cpu_us_per_event'), '.1f'):>12} {_fmt(r['rss_peak_mb'], '.1f'):>11} "
             f"{_fmt(r.get('rss_steady_mb'), '.1f'):>13}"
         )
     lines.append("")
     for loop, ratio in summary["ratios"].items():
         lines.append(
             f"{loop:<8} bridge/ceiling = {_fmt(ratio['bridge_over_ceiling'], '.2f')}   "
-            f"bridge/naive = {_fmt(ratio['bridge_over_naive'], '.2f')}"
+            f"bridge/naive = {_fmt(ratio['bridge_over_naive'], '.2f')}   "
+            f"bridge/node = {_fmt(ratio['bridge_over_node'], '.2f')}"
         )
     for loop, t in summary["targets"].items():
         marks = []
@@ -258,6 +287,10 @@ def merge(tput: dict[str, Any], lat: dict[str, Any]) -> dict[str, Any]:
         "latency": lat["latency"],
         "cpu_s_per_100k": tput["cpu_s_per_100k"],
         "cpu_s_per_100k_at_1000_per_s": lat["cpu_s_per_100k"],
+        "cpu_us_per_event": tput["cpu_us_per_event"],
+        "broker_cpu_us_per_event": tput["broker_cpu_us_per_event"],
+        "cpu_us_per_event_at_1000_per_s": lat["cpu_us_per_event"],
+        "broker_cpu_us_per_event_at_1000_per_s": lat["broker_cpu_us_per_event"],
         "rss_peak_mb": tput["rss_peak_mb"],
         "rss_steady_mb": lat["rss_steady_mb"],
         "throughput_run": tput,
@@ -275,8 +308,15 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
     info = common.machine()
     _log(f"machine: {info['cores']} cores, {info['cpu_model']}, Python {info['python']}, RabbitMQ {info['rabbitmq']}")
     rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     for subject in only or SUBJECTS:
-        for loop in loops or LOOPS:
+        if subject == "node":
+            reason = common.node_peer_ready()
+            if reason is not None:
+                skipped["node"] = reason
+                _log(f"  node     skipped: {reason}")
+                continue
+        for loop in [NODE_LOOP] if subject == "node" else loops or LOOPS:
             _log(f"  {subject:<8} {loop:<8} throughput ...")
             t = throughput(subject, loop, smoke, count)
             rate = t["events_per_s"] or 0
@@ -304,11 +344,19 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
             "consumer": "own process, aiormq, uvloop, no_ack",
             "simulator": "bridge.simulator in its own process, uvloop, rate=0 (full speed) or 1000/s",
             "bridge": "python -m bridge run, default settings except loopback addresses and a temp spool file",
-            "cpu": "psutil user+system of the subject process only, from 'go' to the consumer's last event",
+            "node_peer": (
+                "bench/node-peer/peer.js on Node's loop: ws + amqplib confirm channel, 256 unconfirmed publishes, "
+                "persistent, no spool, no mandatory flag, no headers"
+            ),
+            "cpu": (
+                "utime+stime from /proc/<pid>/stat of the subject process, from 'go' to the consumer's last event; "
+                "broker = the oldest beam.smp (pgrep -o), which also carries the consumer's deliveries"
+            ),
             "rss_peak": "VmHWM of the subject process during the full-speed run",
             "rss_steady": "median RSS over the second half of the 1,000/s run",
         },
         "rows": rows,
+        "skipped": skipped,
         **summary,
     }
     text = table(rows, summary)

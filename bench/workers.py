@@ -350,6 +350,51 @@ async def _naive(conn: Connection, url: str, key: str, exchange_name: str, count
     await connection.close()
 
 
+# -- node: the 40-line Node.js peer (ws + amqplib confirm channel) ------------------------
+
+
+def node_main(conn: Connection, peer_dir: str, url: str, key: str, exchange: str, count: int) -> None:
+    """Run ``node peer.js`` and relay its JSON lines; ``ready`` carries node's pid (the measured one)."""
+    import json
+    import subprocess
+    import threading
+
+    env = {**os.environ, "PEER_REALM_KEY": key, "PEER_AMQP_URL": AMQP_URL}
+    proc = subprocess.Popen(
+        ["node", "peer.js", url, exchange, str(count)],
+        cwd=peer_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    stopping = threading.Event()
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with contextlib.suppress(ValueError):
+                conn.send(json.loads(line))
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        code = proc.wait()
+        if stopping.is_set():
+            return
+        with contextlib.suppress(Exception):
+            conn.send({"kind": "error", "error": f"node peer exited with {code}: {err.strip()[-300:]}"})
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        while proc.poll() is None:
+            if conn.poll(0.2) and conn.recv().get("cmd") == "stop":
+                break
+    except (EOFError, OSError):
+        pass
+    finally:
+        stopping.set()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def peak_rss_self() -> int:
     """This process's peak RSS in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -6,20 +6,30 @@ Asserts the shape of the JSON and that the consumer counted every event sent; ne
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bench import common
 
 ROOT = Path(__file__).resolve().parent.parent
 
 ROW_KEYS = {
     "subject", "loop", "count", "events_per_s", "complete", "latency", "cpu_s_per_100k",
-    "rss_peak_mb", "rss_steady_mb", "throughput_run", "latency_run",
+    "rss_peak_mb", "rss_steady_mb", "throughput_run", "latency_run", "cpu_us_per_event", "broker_cpu_us_per_event",
 }  # fmt: skip
-RUN_KEYS = {"count", "distinct", "duplicates", "missing", "complete", "cpu_s", "rss_peak_mb"}
+RUN_KEYS = {
+    "count", "distinct", "duplicates", "missing", "complete", "cpu_s", "rss_peak_mb",
+    "cpu_us_per_event", "broker_cpu_us_per_event",
+}  # fmt: skip
+HAS_NODE = shutil.which("node") is not None
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
+    """Every subject (the Node peer too, when node is here) delivers every event and reports CPU per event."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--results-dir", str(tmp_path)],
         cwd=ROOT,
@@ -32,9 +42,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {"machine", "rows", "ratios", "targets", "setup", "table"} <= report.keys()
     assert {"cores", "cpu_model", "python", "rabbitmq", "packages"} <= report["machine"].keys()
     rows = {(r["subject"], r["loop"]): r for r in report["rows"]}
-    assert set(rows) == {(s, loop) for s in ("ceiling", "naive", "bridge") for loop in ("uvloop", "asyncio")}
+    expected = {(s, loop) for s in ("ceiling", "naive", "bridge") for loop in ("uvloop", "asyncio")}
+    if HAS_NODE and "node" not in report["skipped"]:
+        expected.add(("node", "node"))
+    else:
+        assert "node" in report["skipped"], report["skipped"]
+    assert set(rows) == expected
     for row in rows.values():
         assert row.keys() >= ROW_KEYS
+        # CPU read from procfs for the subject and the broker: known, and positive over 1,500 events.
+        assert row["cpu_us_per_event"] > 0, row["subject"]
+        assert row["broker_cpu_us_per_event"] > 0, row["subject"]
         assert {"p50_ms", "p99_ms", "max_ms"} <= row["latency"].keys()
         for run in (row["throughput_run"], row["latency_run"]):
             assert run.keys() >= RUN_KEYS
@@ -43,5 +61,44 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert run["distinct"] == run["count"], run
             assert run["missing"] == 0, run
     for loop in ("uvloop", "asyncio"):
-        assert {"bridge_over_ceiling", "bridge_over_naive"} <= report["ratios"][loop].keys()
+        assert {"bridge_over_ceiling", "bridge_over_naive", "bridge_over_node"} <= report["ratios"][loop].keys()
+        assert {"throughput_ge_1.0_node", "cpu_per_event_le_80us"} <= report["targets"][loop].keys()
     assert "bridge" in report["table"]
+    assert "broker us/ev" in report["table"]
+
+
+@pytest.mark.skipif(not HAS_NODE, reason="no `node` on PATH: the bench skips the Node peer")
+def test_bench_node_peer_alone(tmp_path: Path) -> None:
+    """The Node.js peer (installed on first use) republishes every simulator event to the exchange."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "node", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads((tmp_path / "smoke-latest.json").read_text())
+    if "node" in report["skipped"]:
+        pytest.skip(f"the bench skipped the Node peer: {report['skipped']['node']}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = report["rows"]
+    assert (row["subject"], row["loop"]) == ("node", "node")
+    for run in (row["throughput_run"], row["latency_run"]):
+        assert run["complete"] and run["missing"] == 0 and run["distinct"] == run["count"], run
+    assert report["machine"]["node"]["amqplib"] and report["machine"]["node"]["ws"]
+
+
+def test_node_peer_without_node_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without `node` on PATH the peer is reported unavailable with the reason, so the bench skips it."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert common.node_peer_ready() == "no `node` on PATH"
+
+
+def test_cpu_seconds_reads_procfs() -> None:
+    """CPU seconds come from /proc/<pid>/stat, grow with work, and are NaN for a process that is gone."""
+    import os
+
+    before = common.cpu_seconds(os.getpid())
+    sum(i * i for i in range(3_000_000))
+    assert common.cpu_seconds(os.getpid()) > before
+    assert common.cpu_seconds(2**22 + 12345) != common.cpu_seconds(2**22 + 12345)  # NaN
