@@ -86,6 +86,13 @@ class Progress:
             self._next = now + self.every
             self._log.info("%s", self.line(now))
 
+    def set_total(self, total: int) -> None:
+        """Change the total (work that grows while it is done, such as a backlog still being fed)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def rate(self, now: float | None = None) -> float:
         """Items per second since the start."""
         elapsed = (self._clock() if now is None else now) - self._start

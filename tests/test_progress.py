@@ -70,3 +70,16 @@ def test_bar_only_on_a_terminal() -> None:
         hidden.update(25)
     assert "tail:" in tty.getvalue() and "/50" in tty.getvalue()
     assert pipe.getvalue() == ""
+
+
+def test_total_can_grow_and_the_bar_follows() -> None:
+    """set_total changes the total of the log line and of the terminal bar."""
+    tty = _Tty()
+    clock = _Clock()
+    progress = Progress("backlog drain", 100, stream=tty, clock=clock)
+    progress.update(50)
+    progress.set_total(200)
+    clock.now = 10.0
+    assert progress.line() == "backlog drain: 50/200 (25%), 5/s, ETA 30s"
+    progress.close()
+    assert "/200" in tty.getvalue()
