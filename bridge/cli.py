@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from bridge import __version__
 from bridge.catalog import CATALOG, EXAMPLE_BINDINGS
-from bridge.config import add_arguments, load_settings
+from bridge.config import add_arguments, load_settings, whole_number
 from bridge.errors import ConfigError
 from bridge.logs import setup_logging
 
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="bind a temporary queue to the exchange and print events live")
     tail.add_argument("patterns", nargs="*", default=["#"], metavar="PATTERN", help="binding keys [#]")
     tail.add_argument("--json", action="store_true", help="print each message body as received")
+    tail.add_argument(
+        "--count", type=_count, default=0, metavar="N", help="stop after N events, with a bar on a terminal [0 = never]"
+    )
     add_arguments(tail, only=_BROKER_ONLY)
 
     events = sub.add_parser("events", help="list the documented events and example binding patterns")
@@ -92,13 +95,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "tail":
         from bridge.tail import tail
 
-        return _run_until_signal(lambda stop: tail(settings, args.patterns, args.json, stop))
+        return _run_until_signal(lambda stop: tail(settings, args.patterns, args.json, stop, count=args.count))
     if command == "check":
         from bridge.check import preflight
 
         return _run_until_signal(lambda stop: preflight(settings))
     parser.error(f"unknown command {command}")  # pragma: no cover - argparse rejects it first
     return 2  # pragma: no cover
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse type; the message is the settings parser's own)."""
+    try:
+        return whole_number(0)(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run_until_signal(factory: Callable[[asyncio.Event], Awaitable[int]]) -> int:
@@ -155,12 +166,17 @@ def _events(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from bridge.simulator import config_from_args, serve
+    from bridge.simulator.cli import SentProgress
 
     config = config_from_args(args)
     setup_logging(os.environ.get("BRIDGE_LOG_LEVEL", "INFO"), os.environ.get("BRIDGE_LOG_FORMAT", "auto"))
 
     async def go(stop: asyncio.Event) -> int:
-        await serve(config, stop)
+        if not config.count:
+            await serve(config, stop)
+            return 0
+        with SentProgress(config) as progress:  # --count N: a bar on a terminal
+            await serve(config, stop, on_sent=progress)
         return 0
 
     return _run_until_signal(go)

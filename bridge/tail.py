@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.broker import declare_topology
 from bridge.config import Settings
+from bridge.progress import Progress
 
 __all__ = ["format_line", "tail"]
 
@@ -39,8 +40,11 @@ async def tail(
     raw: bool,
     stop: asyncio.Event,
     bound: asyncio.Event | None = None,
+    *,
+    count: int = 0,
+    progress: Progress | None = None,
 ) -> int:
-    """Print every event matching the patterns until stopped (the Event Stream Explorer, on RabbitMQ).
+    """Print every event matching the patterns until stopped, or until ``count`` events (the Explorer, on RabbitMQ).
 
     Args:
         settings: broker settings (URL, exchange, unroutable mode).
@@ -48,6 +52,8 @@ async def tail(
         raw: print each body as received instead of one summary line.
         stop: set it to stop.
         bound: set once the queue is bound (the demo waits for it).
+        count: stop after this many events; 0 = never. A bar on a terminal shows how far it is.
+        progress: reports the ``count`` events (default: a :class:`Progress` on standard error).
 
     Returns:
         The exit code: 0, or 1 when the broker cannot be reached.
@@ -66,12 +72,38 @@ async def tail(
         print(f"tail: bound to {settings.exchange} with {', '.join(patterns)}", file=sys.stderr)
         if bound is not None:
             bound.set()
+        if count and progress is None:
+            progress = Progress("tail", count)
+        shown = 0
+        enough = asyncio.Event()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal shown
             async with message.process():
+                if count and shown >= count:
+                    return  # already past N: the consumer is being cancelled
                 text = message.body.decode("utf-8", "replace") if raw else format_line(message)
                 print(text, flush=True)
+                shown += 1
+                if progress is not None:
+                    progress.update()
+                if count and shown >= count:
+                    enough.set()
 
         await queue.consume(on_message)
-        await stop.wait()
+        try:
+            await _first(stop, enough)
+        finally:
+            if progress is not None:
+                progress.close()
     return 0
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of the events is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

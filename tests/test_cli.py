@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import signal
 import subprocess
 
+import aio_pika
+import orjson
 import pytest
+import websockets
 
-from tests.helpers import AMQP_URL, KEY, PYTHON, ROOT, simulator
+from bridge.progress import Progress
+from bridge.tail import tail
+from tests.helpers import AMQP_URL, KEY, PYTHON, ROOT, bridge_settings, free_port, simulator
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -82,3 +95,91 @@ def test_demo_runs_end_to_end(exchange_name: str) -> None:
     assert result.stdout.count("\n") >= 10
     # The tail is bound before the simulator starts: the first event (user.created) is shown too.
     assert result.stdout.splitlines()[0].split()[1] == "user.created"
+
+
+def test_tail_count_must_be_a_whole_number() -> None:
+    """tail --count refuses a negative or non-numeric N with exit 2, naming the flag."""
+    result = _run("tail", "--count", "-1")
+    assert result.returncode == 2
+    assert "--count" in result.stderr and "whole number" in result.stderr
+
+
+async def _publish(exchange_name: str, keys: list[str]) -> None:
+    connection = await aio_pika.connect(AMQP_URL, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(exchange_name, ensure=True)
+        for i, key in enumerate(keys):
+            body = orjson.dumps({"type": "notification", "event": key, "data": f"{i:024x}"})
+            await exchange.publish(aio_pika.Message(body, message_id=f"m{i}"), routing_key=key)
+
+
+@pytest.mark.broker
+async def test_tail_count_stops_after_n_events_with_a_bar(exchange_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """tail with count=3 prints exactly 3 events, returns 0 without being stopped, and counts them on its bar."""
+    tty = _Tty()
+    bound, stop = asyncio.Event(), asyncio.Event()
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name)
+    progress = Progress("tail", 3, stream=tty)
+    task = asyncio.create_task(tail(settings, ["#"], False, stop, bound, count=3, progress=progress))
+    await asyncio.wait_for(bound.wait(), 30)
+    await _publish(exchange_name, ["user.created", "deposit.done", "transaction.done", "user.updated", "x.y"])
+    assert await asyncio.wait_for(task, 30) == 0
+    assert not stop.is_set()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["user.created", "deposit.done", "transaction.done"]
+    assert progress.done == 3
+    assert "tail:" in tty.getvalue() and "/3 [" in tty.getvalue()  # the bar was drawn on the "terminal"
+
+
+@pytest.mark.broker
+async def test_tail_count_command_exits_by_itself(exchange_name: str) -> None:
+    """orangepill-bridge tail --count 2 exits 0 after two events, printing two lines."""
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "bridge", "tail", "--count", "2", "--amqp-url", AMQP_URL, "--exchange", exchange_name,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        while b"tail: bound" not in line and line:
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        await _publish(exchange_name, ["user.created", "deposit.done", "transaction.done"])
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert len(out.decode().splitlines()) == 2
+
+
+async def test_simulate_count_logs_progress_to_the_total() -> None:
+    """simulate --count 5 reports its progress; the final line says 5/5 once a subscriber took them."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "bridge", "simulate", "--port", str(port), "--count", "5", "--realm-key", KEY,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "BRIDGE_LOG_FORMAT": "text"},
+    )  # fmt: skip
+    try:
+        events = 0
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            try:
+                ws = await websockets.connect(f"ws://127.0.0.1:{port}")
+                break
+            except OSError:
+                assert asyncio.get_running_loop().time() < deadline, "simulator did not listen"
+                await asyncio.sleep(0.1)
+        async with ws:
+            await ws.send(orjson.dumps({"type": "subscribe", "realm": KEY}).decode())
+            while events < 5:
+                frame = await asyncio.wait_for(ws.recv(), 30)
+                if isinstance(frame, str) and '"notification"' in frame:
+                    events += 1
+        await asyncio.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert "simulate: 5/5 (100%)" in out.decode(), out.decode()[-2000:]

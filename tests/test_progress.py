@@ -8,6 +8,8 @@ import logging
 import pytest
 
 from bridge.progress import Progress, format_eta
+from bridge.simulator import SentEvent, SimulatorConfig
+from bridge.simulator.cli import SentProgress
 
 
 class _Clock:
@@ -83,3 +85,28 @@ def test_total_can_grow_and_the_bar_follows() -> None:
     assert progress.line() == "backlog drain: 50/200 (25%), 5/s, ETA 30s"
     progress.close()
     assert "/200" in tty.getvalue()
+
+
+def _sent(seq: int) -> SentEvent:
+    return SentEvent(seq, "fp", "user.created", "id", "0", 0.0, "flat", "{}")
+
+
+def test_simulate_count_progress_counts_every_realm_and_closes_at_the_total() -> None:
+    """simulate --count N: the bar's total is N per realm key, and it ends itself once all are sent."""
+    tty = _Tty()
+    config = SimulatorConfig(realm_keys=("key-a-123456", "key-b-123456"), count=3)
+    hook = SentProgress(config, stream=tty)
+    assert hook.progress.total == 6
+    for seq in range(1, 7):
+        hook(_sent(seq))
+    assert hook._closed and hook.progress.done == 6
+    assert "simulate:" in tty.getvalue() and "/6 [" in tty.getvalue()
+    hook.close()  # a second close (at stop) does nothing
+
+
+def test_simulate_count_progress_bar_only_on_a_terminal() -> None:
+    """Without a terminal the simulate hook draws no bar (log lines only)."""
+    pipe = io.StringIO()
+    with SentProgress(SimulatorConfig(count=2), stream=pipe) as hook:
+        hook(_sent(1))
+    assert pipe.getvalue() == ""

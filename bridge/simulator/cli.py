@@ -8,15 +8,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Final
+from types import TracebackType
+from typing import IO, Final, Self
 
 from bridge.config import ConfigFile, Setting, add_setting_arguments, boolean, choice, number, resolve, whole_number
 from bridge.errors import ConfigError
+from bridge.progress import Progress
 from bridge.secrets import key_fingerprint
 from bridge.simulator.server import SentEvent, Simulator, load_tls
 from bridge.simulator.settings import ACKS, MAX_DATA_BYTES, SHAPES, SimulatorConfig, control_host_port
 
-__all__ = ["SIM_SETTINGS", "add_simulate_arguments", "config_from_args", "serve"]
+__all__ = ["SIM_SETTINGS", "SentProgress", "add_simulate_arguments", "config_from_args", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,39 @@ def config_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None =
     config = SimulatorConfig(record=False, **values)
     load_tls(config)  # fail now, with exit code 2, rather than at bind time
     return config
+
+
+class SentProgress:
+    """An ``on_sent`` hook showing ``--count`` progress (every realm's events): a bar on a terminal, log lines.
+
+    Args:
+        config: the settings; the total is ``count`` times the number of realm keys.
+        stream: where the bar goes (standard error; a bar only when it is a terminal).
+    """
+
+    def __init__(self, config: SimulatorConfig, *, stream: IO[str] | None = None) -> None:
+        self.progress = Progress("simulate", config.count * len(config.realm_keys), stream=stream)
+        self._closed = False
+
+    def __call__(self, _event: SentEvent) -> None:
+        progress = self.progress
+        progress.update()
+        if progress.done == progress.total:
+            self.close()
+
+    def close(self) -> None:
+        """End the bar (once; the first call logs the final line)."""
+        if not self._closed:
+            self._closed = True
+            self.progress.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 async def serve(
