@@ -1,4 +1,4 @@
-"""The event catalogue of the seed."""
+"""The event catalogue of the Orangepill WebSocket documentation."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from bridge.catalog import CATALOG, lookup, metric_label, metric_labels
 
 
 def test_catalogue_has_every_seed_event() -> None:
-    """All 55 events of the seed's table are listed, each once."""
+    """All 55 events of the documentation's table are listed, each once."""
     names = [spec.name for spec in CATALOG]
     assert len(names) == 55 == len(set(names))
     assert {"deposit.received", "transaction.done", "apps.deposit.failed", "persons.sync.started"} <= set(names)
 
 
 def test_infobip_marks() -> None:
-    """Events marked * in the seed need the Infobip extension, others do not."""
+    """Events marked * in the documentation need the Infobip extension, others do not."""
     assert lookup("person.created") is not None and lookup("person.created").infobip  # type: ignore[union-attr]
     assert lookup("deposit.received") is not None and not lookup("deposit.received").infobip  # type: ignore[union-attr]
 

@@ -157,7 +157,7 @@ async def test_notification_shapes(shape: str, expected: list[str]) -> None:
     assert [e.shape for e in sim.sent] == expected
     for frame, kind in zip(frames, expected, strict=True):
         obj = orjson.loads(frame)
-        # The seed's JavaScript reads notification.data.event in the nested envelope.
+        # The JavaScript example of the Orangepill WebSocket documentation reads notification.data.event (nested envelope).
         event = obj["data"]["event"] if kind == "nested" else obj["event"]
         assert lookup(event) is not None
 
