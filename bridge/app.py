@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from bridge.backlog import watch_backlog
 from bridge.broker import Broker
 from bridge.config import Settings
 from bridge.contract import KIND_EVENT, Outbound
@@ -49,6 +50,7 @@ class Bridge:
         self._streams: list[asyncio.Task[None]] = []
         self._publisher: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._backlog: asyncio.Task[None] | None = None
         self._http: web.AppRunner | None = None
         self._lost = 0  # accepted events the spool could not keep (set at shutdown)
 
@@ -125,6 +127,10 @@ class Bridge:
         ]
         self._publisher = asyncio.create_task(self._publish(self._publish_stop), name="publisher")
         self._poller = asyncio.create_task(self.broker.poll_queues(self._publish_stop), name="queue-poll")
+        self._backlog = asyncio.create_task(
+            watch_backlog(lambda: self.spool.depth, lambda: self.broker.connected, self._publish_stop),
+            name="backlog-progress",
+        )
 
     async def _publish(self, stop: asyncio.Event) -> None:
         if await self.broker.connect(stop):
@@ -179,7 +185,7 @@ class Bridge:
 
     async def _stop_publishing(self) -> None:
         self._publish_stop.set()
-        for task in (self._publisher, self._poller):
+        for task in (self._publisher, self._poller, self._backlog):
             if task is None:
                 continue
             with contextlib.suppress(asyncio.CancelledError, Exception):
