@@ -319,8 +319,8 @@ def parse_realm(text: str, *, label: str = "") -> Realm:
     """Read ``KEY`` or ``LABEL=KEY``; without a label the key's fingerprint is the label.
 
     The text before the first ``=`` is a label only when it looks like one
-    (``[A-Za-z0-9_.-]{1,32}``) and the rest is not empty; otherwise the whole value
-    is the key (``YWJj==`` stays whole). A key that itself holds ``=`` after such a
+    (``[A-Za-z0-9_.-]{1,32}``) and the rest could be a key (16 characters or more,
+    not only ``=``); otherwise the whole value is the key (base64 padding stays). A key that itself holds ``=`` after such a
     prefix must be given with a label (``prod=pk_live_4f9a2c=9b7e…``) or with an
     explicit ``label`` (``--realm-label``), in which case the value is never split.
 
@@ -331,7 +331,7 @@ def parse_realm(text: str, *, label: str = "") -> Realm:
     value = text.strip()
     if not label:
         head, sep, tail = value.partition("=")
-        if sep and tail and _REALM_LABEL.match(head):
+        if sep and tail.strip("=") and len(tail) >= MIN_KEY_LENGTH and _REALM_LABEL.match(head):
             label, value = head, tail
     elif not _REALM_LABEL.match(label):
         raise ValueError("a realm label must be 1-32 letters, digits, '_', '.' or '-'")
