@@ -24,6 +24,7 @@ from bridge.secrets import (
     url_credentials_problem,
     url_passwords,
 )
+from bridge.tls import check_files as check_tls_files
 from bridge.tls import url_disables_verification
 
 __all__ = [
@@ -320,9 +321,10 @@ def parse_realm(text: str, *, label: str = "") -> Realm:
 
     The text before the first ``=`` is a label only when it looks like one
     (``[A-Za-z0-9_.-]{1,32}``) and the rest could be a key (16 characters or more,
-    not only ``=``); otherwise the whole value is the key (base64 padding stays). A key that itself holds ``=`` after such a
-    prefix must be given with a label (``prod=pk_live_4f9a2c=9b7e…``) or with an
-    explicit ``label`` (``--realm-label``), in which case the value is never split.
+    not only ``=``); otherwise the whole value is the key (base64 padding stays).
+    A key that itself holds ``=`` after such a prefix must be given with a label
+    (``prod=pk_live_4f9a2c=9b7e…``) or with an explicit ``label`` (``--realm-label``),
+    in which case the value is never split.
 
     Raises:
         ValueError: the key is empty, shorter than 16 characters, too long or holds
@@ -708,6 +710,7 @@ def load_settings(
         values["amqp_url"], values["amqp_urls"] = urls[0], tuple(urls)
     settings = Settings(realms=realms, **values)
     _check_together(settings)
+    check_tls_files(settings)
     return settings
 
 

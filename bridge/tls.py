@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "amqp_connect_kwargs",
     "amqp_ssl_context",
+    "check_files",
     "cleartext_remote",
     "is_loopback",
     "log_transport_warnings",
@@ -64,13 +65,19 @@ def cleartext_remote(url: str) -> bool:
 
 
 def _context(settings: Settings, *, cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    # The messages name the file, which is not a secret; a key's content never shows.
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile or None)
-        if certfile:
-            context.load_cert_chain(certfile, keyfile or None)
     except (OSError, ssl.SSLError) as exc:
-        # The message names the file, which is not a secret; the key's content never shows.
-        raise ConfigError(f"TLS: cannot load {exc.filename or 'the CA or client certificate'} ({exc})") from None
+        raise ConfigError(f"--ca-file {cafile}: cannot load the CA bundle ({exc.strerror or exc})") from None
+    if certfile:
+        try:
+            context.load_cert_chain(certfile, keyfile or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--amqp-client-cert {certfile} / --amqp-client-key {keyfile or '(in the same file)'}: "
+                f"cannot load the client certificate and key ({exc.strerror or exc})"
+            ) from None
     if settings.tls_insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -112,6 +119,17 @@ def amqp_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         certfile=settings.amqp_client_cert or first("certfile"),
         keyfile=settings.amqp_client_key or first("keyfile"),
     )
+
+
+def check_files(settings: Settings) -> None:
+    """Load the CA and client certificate files now, so that a bad one fails at start (exit code 2).
+
+    Raises:
+        ConfigError: a file cannot be read or is not valid PEM.
+    """
+    if settings.ca_file or settings.amqp_client_cert:
+        stream_ssl_context(settings)
+        amqp_ssl_context(settings)
 
 
 def amqp_connect_kwargs(settings: Settings) -> dict[str, Any]:
