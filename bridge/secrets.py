@@ -259,6 +259,6 @@ def host_port(url: str) -> str:
         port = parts.port
     except ValueError:
         return "<invalid url>"
-    default = {"amqps": 5671, "wss": 443, "ws": 80}.get(parts.scheme, 5672)
+    default = {"amqps": 5671, "wss": 443, "https": 443, "ws": 80, "http": 80}.get(parts.scheme, 5672)
     host = parts.hostname or "?"
     return f"[{host}]:{port or default}" if ":" in host else f"{host}:{port or default}"
