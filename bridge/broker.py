@@ -36,6 +36,7 @@ from bridge.contract import APP_ID, Topology
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics
 from bridge.secrets import host_port
+from bridge.tls import amqp_connect_kwargs
 
 __all__ = ["Broker", "BrokerHealth", "LinkState", "declare_topology", "describe_error"]
 
@@ -182,6 +183,7 @@ class Broker:
         """
         backoff = Backoff(self._settings.reconnect_min, self._settings.reconnect_max, float("inf"))
         url = self._settings.amqp_url
+        tls = amqp_connect_kwargs(self._settings)  # built once: the CA and client files are read here
         while not stop.is_set():
             try:
                 connection = await aio_pika.connect_robust(
@@ -189,6 +191,7 @@ class Broker:
                     reconnect_interval=_RECONNECT_INTERVAL,
                     client_properties={"connection_name": APP_ID},
                     timeout=10,
+                    **tls,
                 )
             except Exception as exc:
                 if classify(exc) is Verdict.GIVE_UP:

@@ -16,8 +16,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from bridge.bindings import declare_bindings
 from bridge.broker import declare_topology
 from bridge.config import Realm, Settings
+from bridge.contract import DETAIL_LIMIT
 from bridge.errors import BridgeError, ProtocolError
-from bridge.secrets import redact, redact_url
+from bridge.secrets import LogScrubber, clip, redact, redact_url
+from bridge.tls import amqp_connect_kwargs, stream_ssl_context
 from bridge.wire import Handshake, SubscribeOutcome, parse_frames, subscribe_frame, unsubscribe_frame
 
 __all__ = ["KeyCheck", "RealmCheck", "check_realm", "preflight"]
@@ -47,11 +49,16 @@ async def check_realm(settings: Settings, realm: Realm) -> RealmCheck:
     """Subscribe once and unsubscribe, driving the same handshake machine as the bridge."""
     handshake = Handshake(now=time.monotonic(), timeout=settings.subscribe_timeout)
     try:
-        async with connect(settings.stream_url, open_timeout=settings.subscribe_timeout, ping_interval=None) as ws:
-            await ws.send(subscribe_frame(realm.key))
+        async with connect(
+            settings.stream_url,
+            open_timeout=settings.subscribe_timeout,
+            ping_interval=None,
+            ssl=stream_ssl_context(settings),
+        ) as ws:
+            await ws.send(subscribe_frame(realm.key.reveal()))
             outcome = await _await_answer(ws, handshake, settings)
             if outcome is SubscribeOutcome.ACCEPTED:
-                await ws.send(unsubscribe_frame(realm.key))
+                await ws.send(unsubscribe_frame(realm.key.reveal()))
     except ConnectionClosed:
         outcome = handshake.connection_closed()
     except (OSError, InvalidHandshake) as exc:
@@ -59,7 +66,7 @@ async def check_realm(settings: Settings, realm: Realm) -> RealmCheck:
     if outcome is SubscribeOutcome.ACCEPTED:
         return RealmCheck(KeyCheck.ACCEPTED, "subscribed and unsubscribed")
     if outcome is SubscribeOutcome.KEY_REJECTED:
-        return RealmCheck(KeyCheck.REJECTED, redact(handshake.detail, settings.secrets))
+        return RealmCheck(KeyCheck.REJECTED, clip(redact(handshake.detail, settings.secrets), DETAIL_LIMIT))
     if outcome is SubscribeOutcome.NO_ANSWER:
         return RealmCheck(KeyCheck.UNREACHABLE, f"no answer to subscribe within {settings.subscribe_timeout:g}s")
     return RealmCheck(KeyCheck.UNREACHABLE, handshake.detail)
@@ -100,9 +107,10 @@ async def _check_stream(settings: Settings) -> int:
 async def _check_broker(settings: Settings) -> int:
     broker = redact_url(settings.amqp_url)
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings))
     except (aiormq.exceptions.AMQPError, OSError, ConnectionError, TimeoutError) as exc:
-        _say(False, f"broker {broker}: unreachable ({type(exc).__name__}: {exc})")
+        scrub = LogScrubber(settings.realm_keys, settings.passwords)
+        _say(False, f"broker {broker}: unreachable ({scrub(f'{type(exc).__name__}: {exc}')})")
         return 1
     _say(True, f"broker {broker}: reachable")
     try:

@@ -20,12 +20,16 @@ from bridge.catalog import CATALOG, EXAMPLE_BINDINGS
 from bridge.config import add_arguments, load_settings, whole_number
 from bridge.errors import ConfigError
 from bridge.logs import setup_logging
+from bridge.tls import log_transport_warnings
 
 __all__ = ["main"]
 
 log = logging.getLogger("bridge.cli")
 
-_BROKER_ONLY = ("amqp_url", "exchange", "unroutable", "log_format", "log_level")
+_BROKER_ONLY = (
+    "amqp_url", "amqp_url_file", "ca_file", "tls_insecure", "amqp_client_cert", "amqp_client_key",
+    "exchange", "unroutable", "log_format", "log_level",
+)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"orangepill-bridge {command}: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format, settings.realm_keys, settings.passwords)
+    log_transport_warnings(settings)
     if command == "run":
         from bridge.app import run_bridge
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import re
@@ -14,19 +15,31 @@ from urllib.parse import urlsplit
 
 from bridge.bindings import Binding, parse_bindings
 from bridge.errors import ConfigError
-from bridge.secrets import key_fingerprint, redact_url
+from bridge.secrets import (
+    MIN_KEY_LENGTH,
+    Secret,
+    host_port,
+    key_fingerprint,
+    redact_url,
+    url_credentials_problem,
+    url_passwords,
+)
+from bridge.tls import check_files as check_tls_files
+from bridge.tls import url_disables_verification
 
 __all__ = [
     "ENV_VARS",
     "SETTINGS",
     "ConfigFile",
     "Realm",
+    "Secret",
     "Setting",
     "Settings",
     "add_arguments",
     "add_setting_arguments",
     "boolean",
     "choice",
+    "file_realms",
     "load_settings",
     "number",
     "parse_realm",
@@ -38,10 +51,14 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Realm:
-    """A realm to subscribe to: the key (never shown) and the label used in headers and metrics."""
+    """A realm to subscribe to: the key (a ``Secret``: never shown) and the label used in headers and metrics."""
 
     label: str
-    key: str = field(repr=False)
+    key: Secret = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, Secret):
+            object.__setattr__(self, "key", Secret(self.key))
 
     @property
     def fingerprint(self) -> str:
@@ -80,17 +97,21 @@ class Settings:
     log_level: str = "INFO"
     explorer: str = "on"
     bindings: tuple[Binding, ...] = ()
+    ca_file: str = ""
+    tls_insecure: bool = False
+    amqp_client_cert: str = ""
+    amqp_client_key: str = ""
 
     @property
     def realm_keys(self) -> tuple[str, ...]:
         """The realm keys, which must never be printed."""
-        return tuple(realm.key for realm in self.realms)
+        return tuple(realm.key.reveal() for realm in self.realms)
 
     @property
     def passwords(self) -> tuple[str, ...]:
-        """Passwords inside the configured URLs, which must never be printed."""
-        found = (*(urlsplit(u).password for u in self.amqp_nodes), urlsplit(self.stream_url).password)
-        return tuple(p for p in found if p)
+        """Passwords inside the configured URLs (as written and decoded), which must never be printed."""
+        found = [p for u in (*self.amqp_nodes, self.stream_url) for p in url_passwords(u)]
+        return tuple(dict.fromkeys(found))
 
     @property
     def amqp_nodes(self) -> tuple[str, ...]:
@@ -175,22 +196,35 @@ def _size(text: str) -> int:
     return value
 
 
+def _checked_url(text: str, schemes: tuple[str, ...]) -> str:
+    """A URL of one of ``schemes`` with a host; the messages never hold the URL."""
+    value = text.strip()
+    problem = url_credentials_problem(value)
+    if problem is not None:
+        raise ValueError(f"is refused: {problem}")
+    try:
+        parts = urlsplit(value)
+        _ = parts.port
+    except ValueError:
+        raise ValueError("must be a URL with a valid host and port") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError("must be " + " or ".join(f"a {s}://" for s in schemes) + " URL with a host")
+    return value
+
+
 def _ws_url(text: str) -> str:
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError("must be a ws:// or wss:// URL with a host")
-    return text.strip()
+    return _checked_url(text, ("ws", "wss"))
 
 
 def _amqp_url(text: str) -> str:
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError("must be an amqp:// or amqps:// URL with a host")
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    return text.strip()
+    return _checked_url(text, ("amqp", "amqps"))
+
+
+def _file_path(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must be a file path")
+    return value
 
 
 def _exchange(text: str) -> str:
@@ -279,22 +313,98 @@ def _log_level(text: str) -> str:
     return value
 
 
-def parse_realm(text: str) -> Realm:
+_REALM_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def parse_realm(text: str, *, label: str = "") -> Realm:
     """Read ``KEY`` or ``LABEL=KEY``; without a label the key's fingerprint is the label.
 
+    The text before the first ``=`` is a label only when it looks like one
+    (``[A-Za-z0-9_.-]{1,32}``) and the rest could be a key (16 characters or more,
+    not only ``=``); otherwise the whole value is the key (base64 padding stays).
+    A key that itself holds ``=`` after such a prefix must be given with a label
+    (``prod=pk_live_4f9a2c=9b7e…``) or with an explicit ``label`` (``--realm-label``),
+    in which case the value is never split.
+
     Raises:
-        ValueError: the key is empty or holds whitespace (the message never shows the key).
+        ValueError: the key is empty, shorter than 16 characters, too long or holds
+            whitespace (the message never shows the key).
     """
     value = text.strip()
-    label = ""
-    head, sep, tail = value.partition("=")
-    if sep and tail.strip("=") and _LABEL.match(head):
-        label, value = head, tail
+    if not label:
+        head, sep, tail = value.partition("=")
+        if sep and tail.strip("=") and len(tail) >= MIN_KEY_LENGTH and _REALM_LABEL.match(head):
+            label, value = head, tail
+    elif not _REALM_LABEL.match(label):
+        raise ValueError("a realm label must be 1-32 letters, digits, '_', '.' or '-'")
     if not value:
         raise ValueError("a realm key is empty")
     if any(ch.isspace() for ch in value) or len(value) > 4096:
         raise ValueError("a realm key holds whitespace or is too long")
-    return Realm(label=label or key_fingerprint(value), key=value)
+    if len(value) < MIN_KEY_LENGTH:
+        raise ValueError(
+            f"a realm key is shorter than {MIN_KEY_LENGTH} characters: that is not a real key "
+            "(Orangepill realm keys are UUIDs), and a key that short could not be kept out of logs"
+        )
+    return Realm(label=label or key_fingerprint(value), key=Secret(value))
+
+
+def _raw_items(raw: Any, where: str) -> list[tuple[str, str]]:
+    """A list setting's raw items (flag list, comma-separated text or TOML array), each with where it was."""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    out: list[tuple[str, str]] = []
+    for index, item in enumerate(items, 1):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: item #{index} must be a string")
+        if item.strip():
+            out.append((item, f"{where} #{index}"))
+    return out
+
+
+def _secret_lines(raw: Any, where: str) -> list[tuple[str, str]]:
+    """The lines of a secret file (blank lines and ``#`` comment lines skipped), each with where it was."""
+    path = str(raw).strip()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(1024 * 1024)
+    except OSError as exc:
+        raise ConfigError(f"{where} {path}: cannot read the file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} {path}: not UTF-8 text") from None
+    out: list[tuple[str, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            out.append((stripped, f"{where} {path} line {number}"))
+    if not out:
+        raise ConfigError(f"{where} {path}: the file holds no value")
+    return out
+
+
+def file_realms(raw: Any, where: str) -> list[Realm]:
+    """The realms of a realm-key file (one ``KEY`` or ``LABEL=KEY`` per line, ``#`` comment lines).
+
+    Raises:
+        ConfigError: the file cannot be read, or a line is not a valid realm (never shown).
+    """
+    realms: list[Realm] = []
+    for line, at in _secret_lines(raw, where):
+        try:
+            realms.append(parse_realm(line))
+        except ValueError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
+    return realms
+
+
+def _amqp_url_lines(raw: Any, where: str) -> list[str]:
+    urls: list[str] = []
+    for line, at in _secret_lines(raw, where):
+        for item in (u for u in line.split(",") if u.strip()):
+            try:
+                urls.append(_amqp_url(item))
+            except ValueError as exc:
+                raise ConfigError(f"{at}: AMQP URL {exc}") from None
+    return urls
 
 
 # -- the generic machinery: a list of Setting specs and one resolver -------------------
@@ -380,6 +490,8 @@ def resolve(
     args: argparse.Namespace | None,
     environ: Mapping[str, str],
     config: ConfigFile | None,
+    *,
+    sources: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Read each setting from its flag, else its variable, else the TOML file; unset ones are left out.
 
@@ -388,6 +500,7 @@ def resolve(
         args: parsed flags (attributes named like the settings; None = not given).
         environ: the environment.
         config: the flag and variable naming a TOML file, or None for no file.
+        sources: if given, filled with where each value came from (0 flag, 1 environment, 2 file).
 
     Returns:
         The parsed values of the settings that were given, by name.
@@ -404,11 +517,18 @@ def resolve(
         flag_value = getattr(ns, s.name, None)
         if flag_value is not None:
             values[s.name] = _convert(s, flag_value, s.flag)
+            rank = 0
         elif environ.get(s.env, "").strip():
             values[s.name] = _convert(s, environ[s.env], s.env, skip_empty=True)
+            rank = 1
         elif s.name in in_file:
             raw, where = in_file[s.name]
             values[s.name] = _convert(s, raw, where)
+            rank = 2
+        else:
+            continue
+        if sources is not None:
+            sources[s.name] = rank
     return values
 
 
@@ -429,14 +549,24 @@ def _convert(s: Setting, raw: Any, where: str, *, skip_empty: bool = False) -> A
     try:
         return s.parse(str(raw))
     except ValueError as exc:
-        shown = "" if s.secret else f" (got {_shown(raw)})"
+        shown = "" if s.secret else _shown(raw)
         message = str(exc) if "must" in str(exc) else "is not valid"
         raise ConfigError(f"{where}: {message}{shown}") from None
 
 
+# A value is echoed in an error only when it cannot be a secret: short and plain (a
+# number, a size, a word). Anything else may be a key or password put under the wrong
+# setting; a URL is shown as host:port only.
+_PLAIN = re.compile(r"^[A-Za-z0-9.:+-]{0,11}$")
+
+
 def _shown(raw: Any) -> str:
-    text = str(raw)
-    return repr(text if len(text) <= 60 else text[:59] + "…")
+    text = str(raw).strip()
+    if "://" in text:
+        return f" (got a URL to {host_port(text)})"
+    if _PLAIN.match(text):
+        return f" (got {text!r})"
+    return ""
 
 
 def _read_toml(path: str, specs: Sequence[Setting], config: ConfigFile) -> dict[str, tuple[Any, str]]:
@@ -451,7 +581,15 @@ def _read_toml(path: str, specs: Sequence[Setting], config: ConfigFile) -> dict[
     names = {key: s.name for s in specs for key in (s.name, *s.file_keys)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{config.flag} {path}: unknown setting(s) {', '.join(unknown)}")
+        # An unknown name may be a secret written as a key: only a near miss of a real name is shown.
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)"
+            for key in unknown
+            if (close := difflib.get_close_matches(key, list(names), n=1, cutoff=0.75))
+        ]
+        hidden = len(unknown) - len(hints)
+        shown = ", ".join([*hints, *([f"{hidden} other name(s), not shown"] if hidden else [])])
+        raise ConfigError(f"{config.flag} {path}: unknown setting(s): {shown}")
     return {names[key]: (value, f"{key} in {config.flag} {path}") for key, value in data.items()}
 
 
@@ -460,12 +598,32 @@ def _read_toml(path: str, specs: Sequence[Setting], config: ConfigFile) -> dict[
 # One entry per setting; add new ones anywhere in the list.
 SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("stream_url", "--stream-url", "ORANGEPILL_STREAM_URL", _ws_url, "Orangepill stream URL"),
-    Setting("realms", "--realm-key", "ORANGEPILL_REALM_KEY", parse_realm,
-            "realm key, KEY or LABEL=KEY (repeatable; env: comma-separated)",
-            item="realm key", secret=True, file_keys=("realm_keys",), shown_default="required for run"),
+    Setting("realms", "--realm-key", "ORANGEPILL_REALM_KEY", str,
+            "realm key, KEY or LABEL=KEY (repeatable; env: comma-separated); prefer --realm-key-file",
+            item="realm key", secret=True, file_keys=("realm_keys",), shown_default="required for run",
+            convert=_raw_items),
+    Setting("realm_key_file", "--realm-key-file", "ORANGEPILL_REALM_KEY_FILE", _file_path,
+            "file of realm keys, one KEY or LABEL=KEY per line, '#' comment lines (a Docker or Kubernetes secret)",
+            shown_default="none", convert=_secret_lines),
+    Setting("realm_labels", "--realm-label", "ORANGEPILL_REALM_LABEL", str,
+            "label of each realm key, in order (repeatable; env: comma-separated); keys are then never split at '='",
+            item="realm label", file_keys=("realm_label",), shown_default="LABEL= prefix, else the key's fingerprint",
+            convert=_raw_items),
     Setting("amqp_url", "--amqp-url", "BRIDGE_AMQP_URL", _amqp_url,
-            "RabbitMQ URL, one per cluster node (repeatable; env: comma-separated)",
+            "RabbitMQ URL, one per cluster node (repeatable; env: comma-separated); prefer --amqp-url-file",
             item="AMQP URL", secret=True),
+    Setting("amqp_url_file", "--amqp-url-file", "BRIDGE_AMQP_URL_FILE", _file_path,
+            "file of RabbitMQ URLs, one per line (several for a cluster), '#' comment lines",
+            shown_default="none", convert=_amqp_url_lines),
+    Setting("ca_file", "--ca-file", "BRIDGE_CA_FILE", _file_path,
+            "PEM CA bundle to verify the stream (wss://) and the broker (amqps://) with", shown_default="system CAs"),
+    Setting("tls_insecure", "--tls-insecure", "BRIDGE_TLS_INSECURE", boolean,
+            "do not verify TLS certificates (stream and broker; logged as a WARNING at every start)",
+            switch=True, shown_default="off"),
+    Setting("amqp_client_cert", "--amqp-client-cert", "BRIDGE_AMQP_CLIENT_CERT", _file_path,
+            "PEM client certificate for amqps://", shown_default="none"),
+    Setting("amqp_client_key", "--amqp-client-key", "BRIDGE_AMQP_CLIENT_KEY", _file_path,
+            "PEM private key of --amqp-client-cert", shown_default="none"),
     Setting("exchange", "--exchange", "BRIDGE_EXCHANGE", _exchange, "topic exchange to publish to"),
     Setting("spool", "--spool", "BRIDGE_SPOOL", _spool, "spool file, or 'memory' for no disk"),
     Setting("spool_max_bytes", "--spool-max-bytes", "BRIDGE_SPOOL_MAX_BYTES", _size,
@@ -544,13 +702,41 @@ def load_settings(
         ConfigError: a value is invalid; the message names the flag, variable or
             file key, and never shows a secret.
     """
-    values = resolve(SETTINGS, args, os.environ if environ is None else environ, CONFIG_FILE)
-    realms = _checked_realms(values.pop("realms", []), require_realm=require_realm)
-    if urls := values.pop("amqp_url", None):
+    sources: dict[str, int] = {}
+    values = resolve(SETTINGS, args, os.environ if environ is None else environ, CONFIG_FILE, sources=sources)
+    raw_keys = _one_of(values, sources, "realms", "realm_key_file", "--realm-key", "--realm-key-file")
+    realms = _checked_realms(_realms(raw_keys, values.pop("realm_labels", None)), require_realm=require_realm)
+    if urls := _one_of(values, sources, "amqp_url", "amqp_url_file", "--amqp-url", "--amqp-url-file"):
         values["amqp_url"], values["amqp_urls"] = urls[0], tuple(urls)
     settings = Settings(realms=realms, **values)
     _check_together(settings)
+    check_tls_files(settings)
     return settings
+
+
+def _one_of(values: dict[str, Any], sources: dict[str, int], direct: str, file: str, flag: str, file_flag: str) -> Any:
+    """The value given directly or in a file: the one from the higher source; both from one source is an error."""
+    given, in_file = values.pop(direct, None), values.pop(file, None)
+    if given is None or in_file is None:
+        return given if in_file is None else in_file
+    if sources[direct] == sources[file]:
+        raise ConfigError(f"{flag} and {file_flag} are both given: use one of them")
+    return given if sources[direct] < sources[file] else in_file
+
+
+def _realms(raw: list[tuple[str, str]] | None, labels: list[tuple[str, str]] | None) -> list[Realm]:
+    items = raw or []
+    if labels is not None and len(labels) != len(items):
+        raise ConfigError(
+            f"--realm-label is given {len(labels)} time(s) for {len(items)} realm key(s): give one per key"
+        )
+    realms: list[Realm] = []
+    for index, (text, where) in enumerate(items):
+        try:
+            realms.append(parse_realm(text, label=labels[index][0].strip() if labels else ""))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return realms
 
 
 def _checked_realms(realms: list[Realm], *, require_realm: bool) -> tuple[Realm, ...]:
@@ -567,6 +753,13 @@ def _checked_realms(realms: list[Realm], *, require_realm: bool) -> tuple[Realm,
 
 def _check_together(settings: Settings) -> None:
     """Refuse settings that are each valid but do not fit together."""
+    if not settings.tls_insecure and any(url_disables_verification(u) for u in settings.amqp_nodes):
+        raise ConfigError(
+            "--amqp-url: no_verify_ssl in the URL turns TLS verification off; remove it, or give --tls-insecure "
+            "to turn verification off on purpose"
+        )
+    if bool(settings.amqp_client_cert) != bool(settings.amqp_client_key) and not settings.amqp_client_cert:
+        raise ConfigError("--amqp-client-key needs --amqp-client-cert")
     if settings.reconnect_max < settings.reconnect_min:
         raise ConfigError("--reconnect-max must not be smaller than --reconnect-min")
     if settings.idle_timeout <= settings.ping_interval:

@@ -17,7 +17,7 @@ from pamqp.commands import Basic
 
 from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
-from bridge.secrets import redact
+from bridge.secrets import clip, redact
 from bridge.wire import REJECT_REASONS, Notification, Timestamp
 
 __all__ = [
@@ -154,6 +154,9 @@ def event_message(note: Notification, *, realm: str, realm_fp: str, received_at:
     )
 
 
+DETAIL_LIMIT: Final = 200
+"""Characters of a reason kept in headers and log lines (cut after redaction)."""
+
 def quarantine_message(
     raw: str | bytes,
     error: ProtocolError,
@@ -164,7 +167,8 @@ def quarantine_message(
 ) -> Outbound:
     """Keep a frame that is not a valid notification, with the reason, for the quarantine queue.
 
-    Any realm key that appears in the raw frame is replaced by its fingerprint.
+    Any realm key that appears in the raw frame or the reason, raw or escaped, is replaced by its
+    fingerprint; the detail is truncated only after that.
     """
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     body = redact(text, secrets).encode("utf-8", "surrogatepass")
@@ -172,7 +176,7 @@ def quarantine_message(
     headers: dict[str, str | int] = {
         "realm": realm,
         "reason": error.reason,
-        "detail": redact(error.detail, secrets),
+        "detail": clip(redact(error.detail, secrets), DETAIL_LIMIT),
         "received_at": int(received_at * 1000),
     }
     return Outbound(

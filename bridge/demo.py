@@ -11,13 +11,13 @@ import tempfile
 from dataclasses import replace
 
 from bridge.app import run_bridge
-from bridge.config import Realm, Settings
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.config import Realm, Secret, Settings
+from bridge.simulator import DEMO_REALM_KEY, Simulator, SimulatorConfig
 from bridge.tail import tail
 
 __all__ = ["demo"]
 
-_DEMO_KEY = "demo-realm-key"
+_DEMO_KEY = DEMO_REALM_KEY
 _DEMO_METRICS = "127.0.0.1:9180"
 
 
@@ -68,7 +68,7 @@ def _demo_settings(settings: Settings, args: argparse.Namespace, stream_url: str
     return replace(
         settings,
         stream_url=stream_url,
-        realms=(Realm(label="demo", key=_DEMO_KEY),),
+        realms=(Realm(label="demo", key=Secret(_DEMO_KEY)),),
         spool=spool,
         metrics_addr=settings.metrics_addr if args.metrics_addr else _DEMO_METRICS,
     )

@@ -22,10 +22,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from bridge import __version__
 from bridge.backoff import Backoff
 from bridge.config import Realm, Settings
-from bridge.contract import Outbound, event_message, quarantine_message
+from bridge.contract import DETAIL_LIMIT, Outbound, event_message, quarantine_message
 from bridge.errors import ProtocolError, RealmRejected, StreamError
 from bridge.metrics import DisconnectReason, Metrics
-from bridge.secrets import redact, redact_url
+from bridge.secrets import clip, redact, redact_url
+from bridge.tls import stream_ssl_context
 from bridge.wire import (
     PING,
     ErrorFrame,
@@ -194,7 +195,7 @@ class StreamClient:
         except _Closed as closed:
             return _Ended(closed.reason, str(closed), subscribed_at)
         except ConnectionClosed as exc:
-            return _Ended(DisconnectReason.CLOSED, _close_detail(exc), subscribed_at)
+            return _Ended(DisconnectReason.CLOSED, redact(_close_detail(exc), self._secrets), subscribed_at)
         except (OSError, InvalidHandshake, TimeoutError, StreamError) as exc:
             reason = DisconnectReason.ERROR if handshake_done else DisconnectReason.CONNECT_FAILED
             return _Ended(reason, redact(f"{type(exc).__name__}: {exc}", self._secrets), subscribed_at)
@@ -210,6 +211,7 @@ class StreamClient:
             max_size=max(self._settings.max_frame_bytes * 16, 16 * 1024 * 1024),
             max_queue=64,
             user_agent_header=f"orangepill-bridge/{__version__}",
+            ssl=stream_ssl_context(self._settings),
         )
 
     async def _subscribe(self, ws: ClientConnection, stop: asyncio.Event) -> float:
@@ -218,7 +220,7 @@ class StreamClient:
         Returns:
             When the subscription was accepted (monotonic seconds).
         """
-        await ws.send(subscribe_frame(self._realm.key))
+        await ws.send(subscribe_frame(self._realm.key.reveal()))
         handshake = Handshake(
             now=time.monotonic(), timeout=self._settings.subscribe_timeout, reject_grace=_REJECT_GRACE
         )
@@ -240,7 +242,7 @@ class StreamClient:
             for frame in await self._handle(raw):
                 outcome = handshake.receive(frame, time.monotonic())
         if outcome is SubscribeOutcome.KEY_REJECTED:
-            self._reject(redact(handshake.detail, self._secrets))
+            self._reject(handshake.detail)
         if outcome is SubscribeOutcome.NO_ANSWER:
             raise _Closed(DisconnectReason.SUBSCRIBE_TIMEOUT, handshake.detail)
         now = time.monotonic()
@@ -250,6 +252,7 @@ class StreamClient:
         return now
 
     def _reject(self, why: str) -> None:
+        why = clip(redact(why, self._secrets), DETAIL_LIMIT)  # the server's text may echo the key
         raise RealmRejected(
             f"the stream rejected the realm key of realm {self._name!r} "
             f"({self._realm.fingerprint}): {why.rstrip('.')}. Check ORANGEPILL_REALM_KEY / --realm-key; "
@@ -320,7 +323,7 @@ class StreamClient:
         """Unsubscribe, give the server a moment to answer, then close."""
         self._stopping = True
         try:
-            await ws.send(unsubscribe_frame(self._realm.key))
+            await ws.send(unsubscribe_frame(self._realm.key.reveal()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._unsubscribed.wait(), timeout=_UNSUBSCRIBE_GRACE)
             await ws.close()
@@ -347,7 +350,7 @@ class StreamClient:
                 self._metrics.error_frame()
                 log.warning(
                     "stream error frame realm=%s message=%s",
-                    self._name, redact(frame.message, self._secrets),
+                    self._name, clip(redact(frame.message, self._secrets), DETAIL_LIMIT),
                 )  # fmt: skip
         return frames
 
@@ -359,7 +362,7 @@ class StreamClient:
         log.log(
             level,
             "frame quarantined realm=%s reason=%s detail=%s (further ones of this reason at DEBUG)",
-            self._name, exc.reason, redact(exc.detail, self._secrets),
+            self._name, exc.reason, clip(redact(exc.detail, self._secrets), DETAIL_LIMIT),
         )  # fmt: skip
         await self._sink.put(msg)
 

@@ -15,6 +15,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from bridge.broker import declare_topology
 from bridge.config import Settings
 from bridge.progress import Progress
+from bridge.secrets import LogScrubber
+from bridge.tls import amqp_connect_kwargs
 
 __all__ = ["format_line", "tail"]
 
@@ -59,9 +61,10 @@ async def tail(
         The exit code: 0, or 1 when the broker cannot be reached.
     """
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings))
     except Exception as exc:
-        print(f"tail: cannot reach the broker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        scrub = LogScrubber(settings.realm_keys, settings.passwords)
+        print(f"tail: cannot reach the broker: {scrub(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1
     # One connection for the whole tail, and its channel lives as long: nothing is opened per message.
     async with connection:

@@ -261,7 +261,8 @@ def _from_object(obj: dict[str, Any]) -> Frame:
         message = obj.get("realm")
         if not isinstance(message, str):
             message = obj.get("message", obj.get("error", ""))
-        return ErrorFrame(message=_short(str(message), 200), timestamp=_ts(obj.get("timestamp")))
+        # Not truncated here: the text may echo a realm key, which the caller redacts before it truncates.
+        return ErrorFrame(message=str(message), timestamp=_ts(obj.get("timestamp")))
     if kind == "subscribe":
         return Subscribed(timestamp=_ts(obj.get("timestamp")))
     if kind == "unsubscribe":
@@ -359,11 +360,11 @@ def validate_routing_key(name: str) -> str:
             "invalid_routing_key", f"event name is {len(encoded)} bytes, the limit is 255"
         )
     if "" in name.split("."):
-        raise ProtocolError("invalid_routing_key", f"event name {_short(name, 80)!r} has an empty word")
+        raise ProtocolError("invalid_routing_key", f"event name {name!r} has an empty word")
     if _BAD_KEY_CHARS.search(name):
         raise ProtocolError(
             "invalid_routing_key",
-            f"event name {_short(name, 80)!r} holds whitespace, a control character, '*' or '#'",
+            f"event name {name!r} holds whitespace, a control character, '*' or '#'",
         )
     return name
 

@@ -76,14 +76,14 @@ async def test_check_passes_and_detects_a_rejected_key(exchange_name: str) -> No
             _run, "check", "--stream-url", sim.url, "--realm-key", KEY, "--amqp-url", AMQP_URL, "--exchange", exchange_name
         )
         bad = await asyncio.to_thread(
-            _run, "check", "--stream-url", sim.url, "--realm-key", "wrong-key-123", "--amqp-url", AMQP_URL,
+            _run, "check", "--stream-url", sim.url, "--realm-key", "wrong-key-1234567890", "--amqp-url", AMQP_URL,
             "--exchange", exchange_name,
         )
     assert good.returncode == 0, good.stdout + good.stderr
     assert "key accepted" in good.stdout
     assert bad.returncode == 2
     assert "REJECTED" in bad.stdout
-    assert "wrong-key-123" not in bad.stdout + bad.stderr
+    assert "wrong-key-1234567890" not in bad.stdout + bad.stderr
 
 
 @pytest.mark.broker

@@ -33,27 +33,28 @@ def test_defaults_match_the_design_table() -> None:
 def test_flag_beats_env_beats_file(tmp_path: Path) -> None:
     """A flag overrides the environment, which overrides the TOML file."""
     cfg = tmp_path / "bridge.toml"
-    cfg.write_text('exchange = "from.file"\nping_interval = 3\nrealm_keys = ["filekey"]\nspool = "memory"\n')
+    cfg.write_text('exchange = "from.file"\nping_interval = 3\nrealm_keys = ["filekey-0123456789abcdef"]\nspool = "memory"\n')
     env = {"BRIDGE_EXCHANGE": "from.env", "BRIDGE_PING_INTERVAL": "4", "BRIDGE_CONFIG": str(cfg)}
     s = load_settings(_args("--exchange", "from.flag"), env)
     assert s.exchange == "from.flag"
     assert s.ping_interval == 4.0
     assert s.spool == "memory"
-    assert [r.key for r in s.realms] == ["filekey"]
+    assert [r.key.reveal() for r in s.realms] == ["filekey-0123456789abcdef"]
 
 
 def test_env_realm_keys_are_comma_separated() -> None:
     """ORANGEPILL_REALM_KEY holds several keys separated by commas, with optional labels."""
-    s = load_settings(None, {"ORANGEPILL_REALM_KEY": f"{KEY}, eu=other-key"})
-    assert [r.key for r in s.realms] == [KEY, "other-key"]
+    s = load_settings(None, {"ORANGEPILL_REALM_KEY": f"{KEY}, eu=other-key-0123456789ab"})
+    assert [r.key.reveal() for r in s.realms] == [KEY, "other-key-0123456789ab"]
     assert s.realms[1].label == "eu"
     assert s.realms[0].label.startswith("fp-")
 
 
 def test_repeatable_realm_flag() -> None:
     """--realm-key can be given several times."""
-    s = load_settings(_args("--realm-key", "a", "--realm-key", "b"), {})
-    assert [r.key for r in s.realms] == ["a", "b"]
+    a, b = "a" * 16, "b" * 16
+    s = load_settings(_args("--realm-key", a, "--realm-key", b), {})
+    assert [r.key.reveal() for r in s.realms] == [a, b]
 
 
 def test_missing_realm_key_names_the_setting() -> None:
@@ -121,9 +122,9 @@ def test_sizes_accept_units() -> None:
 
 def test_realm_label_parsing() -> None:
     """LABEL=KEY gives a label; a bare key gets its fingerprint as label."""
-    assert parse_realm("eu=abc").label == "eu"
-    assert parse_realm("abc").label.startswith("fp-")
-    assert parse_realm("YWJj==").key == "YWJj=="  # base64 padding is part of the key
+    assert parse_realm(f"eu={KEY}").label == "eu"
+    assert parse_realm(KEY).label.startswith("fp-")
+    assert parse_realm("c29tZS1rZXktdmFsdWU==").key.reveal() == "c29tZS1rZXktdmFsdWU=="  # base64 padding
 
 
 def test_redact_url_hides_password() -> None:

@@ -9,7 +9,7 @@ import pytest
 from bridge.config import add_arguments, load_settings
 from bridge.errors import ConfigError
 
-ENV = {"ORANGEPILL_REALM_KEY": "k1"}
+ENV = {"ORANGEPILL_REALM_KEY": "ha-config-realm-key-01"}
 
 
 def parse(*argv: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]

@@ -456,7 +456,7 @@ def test_dashboard_and_alerts_against_a_live_bridge(
     try:
         sim = processes.start(
             "simulator",
-            [*BRIDGE, "simulate", "--host", "127.0.0.1", "--port", str(sim_port), "--realm-key", "k1", "--rate", "50"],
+            [*BRIDGE, "simulate", "--host", "127.0.0.1", "--port", str(sim_port), "--realm-key", "prometheus-realm-key-01", "--rate", "50"],
         )
         wait_until("the simulator", lambda: port_open(sim_port), 20, logs)
         bridge = processes.start(
@@ -464,7 +464,7 @@ def test_dashboard_and_alerts_against_a_live_bridge(
             [
                 *BRIDGE, "run",
                 "--stream-url", f"ws://127.0.0.1:{sim_port}",
-                "--realm-key", "k1",
+                "--realm-key", "prometheus-realm-key-01",
                 "--amqp-url", AMQP_URL,
                 "--exchange", exchange,
                 "--spool", "memory",

@@ -28,7 +28,7 @@ from bridge.simulator import (
 )
 from bridge.wire import Notification, parse_frame, subscribe_frame, unsubscribe_frame
 
-KEY = "demo-realm-key"
+KEY = "demo-realm-key-0123456789"
 OBJECT_ID = re.compile(r"^[0-9a-f]{24}$")
 HAPPY_PATH = [
     "user.created",

@@ -27,9 +27,10 @@ from __future__ import annotations
 from bridge.simulator.cli import add_simulate_arguments, config_from_args, serve
 from bridge.simulator.frames import MALFORMED_KINDS
 from bridge.simulator.server import SentEvent, Simulator
-from bridge.simulator.settings import SimulatorConfig
+from bridge.simulator.settings import DEMO_REALM_KEY, SimulatorConfig
 
 __all__ = [
+    "DEMO_REALM_KEY",
     "MALFORMED_KINDS",
     "SentEvent",
     "Simulator",

@@ -12,11 +12,12 @@ from types import TracebackType
 from typing import IO, Final, Self
 
 from bridge.config import ConfigFile, Setting, add_setting_arguments, boolean, choice, number, resolve, whole_number
+from bridge.config import file_realms as _file_realms
 from bridge.errors import ConfigError
 from bridge.progress import Progress
 from bridge.secrets import key_fingerprint
 from bridge.simulator.server import SentEvent, Simulator, load_tls
-from bridge.simulator.settings import ACKS, MAX_DATA_BYTES, SHAPES, SimulatorConfig, control_host_port
+from bridge.simulator.settings import ACKS, DEMO_REALM_KEY, MAX_DATA_BYTES, SHAPES, SimulatorConfig, control_host_port
 
 __all__ = ["SIM_SETTINGS", "SentProgress", "add_simulate_arguments", "config_from_args", "serve"]
 
@@ -28,6 +29,11 @@ def _text(text: str) -> str:
     if not value:
         raise ValueError("must not be empty")
     return value
+
+
+def _key_file(raw: object, where: str) -> list[str]:
+    """The keys of a realm-key file, read as the bridge reads it (a ``LABEL=`` prefix is dropped)."""
+    return [realm.key.reveal() for realm in _file_realms(raw, where)]
 
 
 def _control_addr(text: str) -> str:
@@ -47,7 +53,10 @@ SIM_SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("port", "--port", "SIM_PORT", whole_number(0, 65535), "port; 0 = any free port"),
     Setting("realm_keys", "--realm-key", "ORANGEPILL_REALM_KEY", _text,
             "accepted realm key (repeatable; env: comma-separated)",
-            item="realm key", secret=True, shown_default="demo-realm-key"),
+            item="realm key", secret=True, shown_default=DEMO_REALM_KEY),
+    Setting("realm_key_file", "--realm-key-file", "ORANGEPILL_REALM_KEY_FILE", _text,
+            "file of accepted realm keys, one KEY or LABEL=KEY per line, '#' comment lines",
+            shown_default="none", convert=_key_file),
     Setting("rate", "--rate", "SIM_RATE", number(0), "events per second per realm, 0 = as fast as possible"),
     Setting("count", "--count", "SIM_COUNT", whole_number(0), "stop after N events per realm, 0 = never"),
     Setting("shape", "--shape", "SIM_SHAPE", choice(*SHAPES), "notification envelope: " + ", ".join(SHAPES)),
@@ -76,7 +85,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``simulate`` flags; each falls back to its ``SIM_*`` variable, then a TOML file.
 
     Realm keys fall back to ``ORANGEPILL_REALM_KEY`` (comma-separated), then to
-    ``demo-realm-key``.
+    ``ORANGEPILL_REALM_KEY_FILE`` (the same file the bridge reads), then to ``DEMO_REALM_KEY``.
     """
     add_setting_arguments(parser, SIM_SETTINGS, SimulatorConfig(), SIM_CONFIG_FILE)
 
@@ -90,7 +99,11 @@ def config_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None =
     Raises:
         ConfigError: a value is invalid; the message names the flag, variable or file key.
     """
-    values = resolve(SIM_SETTINGS, ns, os.environ if environ is None else environ, SIM_CONFIG_FILE)
+    sources: dict[str, int] = {}
+    values = resolve(SIM_SETTINGS, ns, os.environ if environ is None else environ, SIM_CONFIG_FILE, sources=sources)
+    in_file = values.pop("realm_key_file", None)
+    if in_file is not None and sources["realm_key_file"] < sources.get("realm_keys", 3):
+        values["realm_keys"] = in_file
     if "realm_keys" in values:
         values["realm_keys"] = tuple(dict.fromkeys(values["realm_keys"]))
     config = SimulatorConfig(record=False, **values)

@@ -9,7 +9,7 @@ from typing import Final, Literal, TypeAlias
 
 from bridge.errors import ConfigError
 
-__all__ = ["ACKS", "SHAPES", "Ack", "Shape", "SimulatorConfig", "control_host_port"]
+__all__ = ["ACKS", "DEMO_REALM_KEY", "SHAPES", "Ack", "Shape", "SimulatorConfig", "control_host_port"]
 
 Shape: TypeAlias = Literal["flat", "nested", "mixed"]
 Ack: TypeAlias = Literal["info", "subscribe", "both"]
@@ -19,6 +19,8 @@ ACKS: Final[tuple[str, ...]] = ("info", "subscribe", "both")
 # Padded events stay well below the bridge's default 1 MiB frame limit unless asked.
 MAX_DATA_BYTES: Final = 16 * 1024 * 1024
 _HOST_PORT: Final = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):(\d{1,5})$")
+# The key the simulator accepts by default: long enough for the bridge (16 characters at least).
+DEMO_REALM_KEY: Final = "demo-realm-key-0123456789"
 _COUNTERS: Final = ("count", "drop_every", "silent_after", "malformed_every", "data_bytes")
 
 
@@ -51,7 +53,7 @@ class SimulatorConfig:
 
     host: str = "127.0.0.1"
     port: int = 8765
-    realm_keys: tuple[str, ...] = ("demo-realm-key",)
+    realm_keys: tuple[str, ...] = (DEMO_REALM_KEY,)
     rate: float = 20.0
     count: int = 0
     shape: Shape = "flat"
