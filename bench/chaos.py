@@ -155,9 +155,12 @@ def consumer_main(url: str, queue: str, out_path: str) -> None:
 
 
 async def _consume(url: str, queue: str, out_path: str) -> None:
+    import logging
+
     import aio_pika
     import orjson
 
+    logging.disable(logging.CRITICAL)  # aio-pika's reconnect chatter; the broker's outages are the point
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     with open(out_path, "w", buffering=1 << 16) as out:
@@ -593,6 +596,7 @@ def soak(cfg: ChaosConfig, target: Target) -> dict[str, Any]:
             faults.append(fault)
             _log(f"fault {len(faults)}: {kind} {fault.detail} ({fault.end - fault.start:.1f}s)")
             next_at = max(fault.start + s.rng.uniform(*cfg.gap), fault.end + 3.0)
+        time.sleep(10.0)  # the last fault's recovery is measured on live traffic
         _log("faults done; pausing the simulator and draining")
         drained = s.drain()
         for r in s.replicas:
@@ -713,7 +717,7 @@ def analyse(
     windows: list[tuple[float, float]] = []
     for f in faults:
         i = bisect.bisect_right(sent_times, f.end)
-        later = [recv for _, recv in by_sent[i:i + 2000]]
+        later = [recv for _, recv in by_sent[i : i + 2000]]
         t_rec = min(later) if later else None
         recovery.append({
             "kind": f.kind, "start": round(f.start - started, 2), "duration_s": round(f.end - f.start, 2),
@@ -752,8 +756,9 @@ def analyse(
         "notes": notes,
         "workdir": workdir,
         "faults_by_kind": by_kind,
-        "faults": [{**asdict(f), "start": round(f.start - started, 3), "end": round(f.end - started, 3)}
-                   for f in faults],
+        "faults": [
+            {**asdict(f), "start": round(f.start - started, 3), "end": round(f.end - started, 3)} for f in faults
+        ],
         "events": {
             "sent": sent,
             "received": len(rows),
@@ -770,10 +775,18 @@ def analyse(
         },
         "recovery": {"longest": worst, "per_fault": recovery},
         "latency_ms": {
-            "outside_fault_windows": {"n": len(calm), "p50": _ms(_pct(calm, 0.5)), "p99": _ms(_pct(calm, 0.99)),
-                                      "max": _ms(max(calm, default=None))},
-            "all": {"n": len(allv), "p50": _ms(_pct(allv, 0.5)), "p99": _ms(_pct(allv, 0.99)),
-                    "max": _ms(max(allv, default=None))},
+            "outside_fault_windows": {
+                "n": len(calm),
+                "p50": _ms(_pct(calm, 0.5)),
+                "p99": _ms(_pct(calm, 0.99)),
+                "max": _ms(max(calm, default=None)),
+            },
+            "all": {
+                "n": len(allv),
+                "p50": _ms(_pct(allv, 0.5)),
+                "p99": _ms(_pct(allv, 0.99)),
+                "max": _ms(max(allv, default=None)),
+            },
         },
         "memory": mem,
         "drain": drained,
