@@ -60,7 +60,8 @@ KINDS = ("drop", "silent", "malformed", "broker_stop", "close_all", "sigkill", "
 SIGKILL_BEFORE = 2.0
 SIGKILL_AFTER = 1.0
 SMALL_SPOOL = 256 * 1024  # --spool-max-bytes of the spool-full episode (the minimum is 64 KiB)
-PROCESS_WARMUP = 30.0  # seconds of each bridge process's life left out of the RSS slope
+PROCESS_WARMUP = 60.0  # seconds of each bridge process's life left out of the RSS slope
+MIN_SEGMENT = 120.0  # a process must contribute this many seconds of samples to the slope
 
 
 def _log(text: str) -> None:
@@ -809,6 +810,7 @@ def _memory(cfg: ChaosConfig, samples: list[dict[str, Any]], started: float) -> 
     for s in rows:
         if s["t"] >= warmup and s["age"] >= PROCESS_WARMUP:
             series.setdefault(s["pid"], []).append((s["t"] / 3600.0, s["rss"] / 2**20))
+    series = {pid: pts for pid, pts in series.items() if (pts[-1][0] - pts[0][0]) * 3600 >= MIN_SEGMENT}
     slope = _within_slope(series)
     longest = max(series.values(), key=len, default=[])
     longest_slope = _within_slope({0: longest}) if longest else None
@@ -820,7 +822,8 @@ def _memory(cfg: ChaosConfig, samples: list[dict[str, Any]], started: float) -> 
                    "end": round(rows[-1]["rss"] / 2**20, 1)},
         "slope_mb_per_hour": None if slope is None else round(slope, 3),
         "slope_method": f"least squares over samples after {warmup:g} s of the run and {PROCESS_WARMUP:g} s of each "
-                        "bridge process's life, one intercept per process (restarts reset RSS)",
+                        f"bridge process's life, processes with >= {MIN_SEGMENT:g} s of them, one intercept per "
+                        "process (restarts reset RSS); null when no process lived that long",
         "longest_process": {"minutes": round((longest[-1][0] - longest[0][0]) * 60, 1) if longest else 0,
                             "slope_mb_per_hour": None if longest_slope is None else round(longest_slope, 3)},
         "processes": len({s["pid"] for s in rows}),
