@@ -1,4 +1,4 @@
-"""``python -m bench`` (the end-to-end benchmark) and ``python -m bench outage``."""
+"""``python -m bench`` (the end-to-end benchmark), ``python -m bench outage`` and ``python -m bench chaos``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,32 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "outage", "profile"))
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "outage", "profile", "chaos"))
     parser.add_argument("--smoke", action="store_true", help="small N, a few seconds per row: checks, not figures")
     parser.add_argument("--quick", action="store_true", help="outage: 100,000 events instead of 1,000,000")
     parser.add_argument("-n", "--count", type=int, help="events per full-speed run (default: sized for >= 10 s)")
     parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
     parser.add_argument("--only", action="append", choices=("ceiling", "naive", "node", "bridge"), help="rows to run")
     parser.add_argument("--loop", action="append", choices=("uvloop", "asyncio"), help="loops to run")
+    chaos = parser.add_argument_group("chaos (issue 14)")
+    chaos.add_argument("--minutes", type=float, default=60.0, help="chaos: length of the soak (default 60)")
+    chaos.add_argument("--seed", type=int, help="chaos: seed of the fault schedule (printed; default random)")
+    chaos.add_argument("--rate", type=float, default=300.0, help="chaos: simulator events/s (default 300)")
+    chaos.add_argument("--replicas", type=int, choices=(1, 2), default=1, help="chaos: bridge replicas")
+    chaos.add_argument("--broker", choices=("private", "local"), default="private",
+                       help="chaos: a private RabbitMQ node on a spare loopback port (default), or 127.0.0.1:5672")
+    chaos.add_argument("--gap", type=float, nargs=2, default=(20.0, 60.0), metavar=("MIN", "MAX"),
+                       help="chaos: seconds between fault starts (default 20 60)")
+    chaos.add_argument("--down", type=float, nargs=2, default=(10.0, 40.0), metavar=("MIN", "MAX"),
+                       help="chaos: seconds RabbitMQ stays stopped (default 10 40)")
     args = parser.parse_args(argv)
+    if args.command == "chaos":
+        from bench import chaos as chaos_bench
+
+        return chaos_bench.main(chaos_bench.ChaosConfig(
+            minutes=args.minutes, seed=args.seed, rate=args.rate, replicas=args.replicas, broker=args.broker,
+            gap=tuple(args.gap), down=tuple(args.down), results_dir=args.results_dir,
+        ))  # fmt: skip
     if args.command == "outage":
         from bench import outage
 

@@ -99,6 +99,7 @@ class Bridge:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set or something fatal happens; return the exit code."""
+        self.metrics.watch_tasks(asyncio.get_running_loop())
         await self._start_http()
         self._start_tasks()
         fatal: BaseException | None = None

@@ -9,6 +9,7 @@ one that calls ``.labels()``, and it caches each label child once.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from typing import Generic, TypeVar
 
@@ -82,6 +83,9 @@ class Metrics:
         self._declare_events()
         self._declare_publisher()
         self._declare_spool()
+        self.asyncio_tasks = Gauge(
+            f"{PREFIX}_asyncio_tasks", "asyncio tasks alive in the bridge's event loop.", registry=self.registry
+        )
         kinds = tuple(metric_labels())
         self._received = _Children(self.events_received, kinds)
         self._published = _Children(self.events_published, kinds)
@@ -289,3 +293,9 @@ class Metrics:
         self.spool_depth.set(depth)
         self.spool_bytes.set(size_bytes)
         self.spool_full.set(1 if full else 0)
+
+    # -- process ------------------------------------------------------------------
+
+    def watch_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Report the number of live asyncio tasks of ``loop`` at every scrape (served on that loop)."""
+        self.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
