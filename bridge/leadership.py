@@ -126,6 +126,7 @@ class Leadership:
     async def run(self, stop: asyncio.Event) -> None:
         """Hold or wait for every realm's lock until ``stop`` is set; reconnects (next node) on loss."""
         start = 0
+        failures = 0
         try:
             while not stop.is_set():
                 try:
@@ -133,9 +134,12 @@ class Leadership:
                         self._urls, start=start, attempt_timeout=self._connect_timeout
                     )
                 except NoNodeAvailable as exc:
-                    log.warning("leadership: %s; retrying in %.1fs", exc, self._poll)
+                    failures += 1
+                    level = logging.WARNING if failures == 1 or failures % 60 == 0 else logging.DEBUG
+                    log.log(level, "leadership: %s; retrying every %.1fs", exc, self._poll)
                     await _wait(stop, self._poll)
                     continue
+                failures = 0
                 start = index
                 try:
                     await self._hold(connection, node_of(self._urls[index]), stop)
