@@ -164,7 +164,7 @@ class Bridge:
             lane.last_confirm = time.monotonic()
             if not self._publish_stop.is_set():
                 if lane.spool.depth:
-                    log.info("realm %s: publishing the %d events of its standby window first", label, lane.spool.depth)
+                    log.info("realm %s: publishing the %d events its spool holds first", label, lane.spool.depth)
                 lane.start(self._recovered, self._lane_done)
         else:
             lane.halt()
