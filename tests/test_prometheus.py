@@ -129,9 +129,9 @@ SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]
     (  # two replicas; the leader of fp-a stops leading at 3m and the other never takes over
         {
             f'orangepill_bridge_leader{{{L}, realm="fp-a"}}': "1x3 0x10",
-            f'orangepill_bridge_leader{{job="orangepill-bridge", instance="bridge2:9180", realm="fp-a"}}': "0x13",
+            'orangepill_bridge_leader{job="orangepill-bridge", instance="bridge2:9180", realm="fp-a"}': "0x13",
             f'orangepill_bridge_leader{{{L}, realm="fp-b"}}': "0x13",
-            f'orangepill_bridge_leader{{job="orangepill-bridge", instance="bridge2:9180", realm="fp-b"}}': "1x13",
+            'orangepill_bridge_leader{job="orangepill-bridge", instance="bridge2:9180", realm="fp-b"}': "1x13",
         },
         [
             ("2m", "OrangepillRealmWithoutLeader", []),
@@ -141,7 +141,7 @@ SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]
     (  # a failover: the standby leads from the next sample on, so no alert
         {
             f'orangepill_bridge_leader{{{L}, realm="fp-a"}}': "1x3 0x10",
-            f'orangepill_bridge_leader{{job="orangepill-bridge", instance="bridge2:9180", realm="fp-a"}}': "0x3 1x10",
+            'orangepill_bridge_leader{job="orangepill-bridge", instance="bridge2:9180", realm="fp-a"}': "0x3 1x10",
         },
         [("5m", "OrangepillRealmWithoutLeader", [])],
     ),
