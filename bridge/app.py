@@ -4,75 +4,235 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
-from typing import Any
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from bridge.backlog import watch_backlog
 from bridge.broker import Broker
-from bridge.config import Settings
+from bridge.config import Realm, Settings
 from bridge.contract import KIND_EVENT, Outbound
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, SpoolError
 from bridge.explorer.hub import ExplorerHub
+from bridge.ha import Announcer, Follower, LeaderEvidence, spool_paths
 from bridge.http import start_http
+from bridge.leadership import Leadership, RealmLock, Role
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
-from bridge.spool import CloseReport, Spool
+from bridge.spool import MEMORY, CloseReport, Spool, SpoolStats
 from bridge.stream import EventSink, StreamClient, StreamState
+from bridge.tls import amqp_connect_kwargs
 
 __all__ = ["Bridge", "run_bridge"]
 
 log = logging.getLogger(__name__)
 
 _STREAM_STOP_GRACE = 5.0
+_EXPIRE_INTERVAL: Final = 1.0  # seconds between two trims of a standby's window
+_PUBLISHING_EVIDENCE: Final = 2.0  # a leader with a backlog and no confirm for this long sends no heartbeat
+
+
+class RealmLane:
+    """One realm on this replica: its spool, its publisher, and its role.
+
+    A leader runs the publisher; a standby keeps spooling, trims its window by the leader's
+    announcements and by age (only while the leader is heard), and never publishes.
+    """
+
+    def __init__(self, realm: Realm, spool: Spool, publisher: Publisher) -> None:
+        self.realm = realm
+        self.spool = spool
+        self.publisher = publisher
+        self.role = Role.STANDBY
+        self.last_confirm = 0.0  # monotonic time of the last confirm while leading
+        self._stop: asyncio.Event | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica publishes the realm now."""
+        return self.role is Role.LEADER
+
+    def start(self, after: asyncio.Event, on_done: Callable[[asyncio.Task[None]], None]) -> None:
+        """Start publishing (promotion), once ``after`` is set (earlier runs' events published first)."""
+        if self.task is not None and not self.task.done():
+            return
+        stop = self._stop = asyncio.Event()
+        self.task = asyncio.create_task(self._run(stop, after), name=f"publisher-{self.realm.label}")
+        self.task.add_done_callback(on_done)
+
+    async def _run(self, stop: asyncio.Event, after: asyncio.Event) -> None:
+        await after.wait()
+        await self.publisher.run(stop)
+
+    def halt(self) -> None:
+        """Stop publishing now (demotion, stop): synchronous, so nothing more leaves after this returns."""
+        self.publisher.halt()
+        if self._stop is not None:
+            self._stop.set()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 class Bridge:
-    """One running bridge: everything that lives between start and stop."""
+    """One running bridge replica: everything that lives between start and stop."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, spool: Spool) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, spools: Spool | Mapping[str, Spool]) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.spool = spool
+        if isinstance(spools, Spool):
+            if len(settings.realms) > 1:
+                raise ValueError("several realms need one spool each (a mapping by realm label)")
+            spools = {realm.label: spools for realm in settings.realms}
         self.state = StreamState(settings.realms, metrics)
         self.broker = Broker(settings, metrics)
-        self.publisher = Publisher(settings, spool, metrics, self.broker)
+        self.lanes: dict[str, RealmLane] = {}
+        for realm in settings.realms:
+            spool = spools[realm.label]
+            publisher = Publisher(settings, spool, metrics, self.broker, on_confirmed=self._confirmed_hook(realm))
+            self.lanes[realm.label] = RealmLane(realm, spool, publisher)
+            metrics.realm_role(realm.label, False)
+        self._by_fp = {lane.realm.fingerprint: lane for lane in self.lanes.values()}
+        self.leadership = Leadership(
+            settings.exchange,
+            [RealmLock(realm.label, realm.fingerprint) for realm in settings.realms],
+            settings.amqp_nodes,
+            heartbeat=settings.lock_heartbeat,
+            poll=settings.standby_poll,
+            connect_kwargs=amqp_connect_kwargs(settings),
+        )
+        self.leadership.on_change(self._on_role)
+        self.evidence = LeaderEvidence()
+        self.announcer: Announcer | None = None
         self.explorer: ExplorerHub | None = None
-        sink: EventSink = spool
         if settings.explorer == "on" and settings.metrics_host_port is not None:
             self.explorer = ExplorerHub(self.readiness)
-            sink = _ShownSink(spool, self.explorer)
-        self.clients = [StreamClient(settings, r, sink, metrics, self.state) for r in settings.realms]
+        self.clients = [
+            StreamClient(settings, lane.realm, self._sink(lane.spool), metrics, self.state)
+            for lane in self.lanes.values()
+        ]
+        self.carry: list[str] = []  # spool files of earlier runs, published before anything else
+        self._recovered = asyncio.Event()
         self._stream_stop = asyncio.Event()
         self._publish_stop = asyncio.Event()
+        self._coord_stop = asyncio.Event()
+        self._lock_stop = asyncio.Event()
         self._streams: list[asyncio.Task[None]] = []
-        self._publisher: asyncio.Task[None] | None = None
-        self._poller: asyncio.Task[None] | None = None
-        self._backlog: asyncio.Task[None] | None = None
+        self._coordinator: asyncio.Task[None] | None = None
+        self._leader_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._http: web.AppRunner | None = None
         self._lost = 0  # accepted events the spool could not keep (set at shutdown)
+
+    @property
+    def spool(self) -> Spool:
+        """The first realm's spool (the only one with a single realm)."""
+        return next(iter(self.lanes.values())).spool
+
+    @property
+    def publisher(self) -> Publisher:
+        """The first realm's publisher (the only one with a single realm)."""
+        return next(iter(self.lanes.values())).publisher
+
+    def _sink(self, spool: Spool) -> EventSink:
+        return spool if self.explorer is None else _ShownSink(spool, self.explorer)
+
+    def _confirmed_hook(self, realm: Realm) -> Callable[[str], None]:
+        fp, label = realm.fingerprint, realm.label
+
+        def confirmed(message_id: str) -> None:
+            self.lanes[label].last_confirm = time.monotonic()
+            if self.announcer is not None:
+                self.announcer.confirmed(fp, (message_id,))
+
+        return confirmed
+
+    # -- roles ------------------------------------------------------------------------
+
+    def _on_role(self, label: str, role: Role) -> None:
+        """Leadership's callback, synchronous: a demotion halts the publisher before anything else runs."""
+        lane = self.lanes[label]
+        if lane.role is role:
+            return
+        lane.role = role
+        self.metrics.leader_changed(label, role is Role.LEADER)
+        if role is Role.LEADER:
+            lane.last_confirm = time.monotonic()
+            if not self._publish_stop.is_set():
+                if lane.spool.depth:
+                    log.info("realm %s: publishing the %d events its spool holds first", label, lane.spool.depth)
+                lane.start(self._recovered, self._lane_done)
+        else:
+            lane.halt()
+
+    def _lane_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._fatal.done():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._fatal.set_result(exc)
+
+    def _healthy_leading(self) -> list[str]:
+        """Realms this replica leads and publishes now: the announcer's heartbeats say so to the standbys."""
+        if not self.broker.connected:
+            return []
+        now = time.monotonic()
+        return [
+            lane.realm.fingerprint
+            for lane in self.lanes.values()
+            if lane.leading and (lane.spool.depth == 0 or now - lane.last_confirm < _PUBLISHING_EVIDENCE)
+        ]
+
+    async def _on_announcement(self, fingerprint: str, ids: list[str]) -> None:
+        """The Follower's callback: note that the realm's leader is alive; a standby drops what it published."""
+        lane = self._by_fp.get(fingerprint)
+        if lane is None or lane.leading:
+            return
+        self.evidence.heard(fingerprint, time.monotonic())
+        if ids:
+            with contextlib.suppress(SpoolError):
+                await lane.spool.discard(ids)
+
+    async def _expire_windows(self, stop: asyncio.Event) -> None:
+        """A standby keeps ``--standby-window`` seconds (and bytes), but only while its realm's leader is heard."""
+        settings = self.settings
+        while not await _wait(stop, _EXPIRE_INTERVAL):
+            for lane in self.lanes.values():
+                if lane.leading or not self.evidence.alive(lane.realm.fingerprint, time.monotonic()):
+                    continue
+                try:
+                    await lane.spool.expire(time.time() - settings.standby_window, settings.standby_window_bytes)
+                except SpoolError:
+                    log.debug("standby window not trimmed", exc_info=True)
 
     # -- health ---------------------------------------------------------------------
 
     def _spool_health(self) -> dict[str, Any]:
-        health = self.spool.health()
+        spools = [lane.spool for lane in self.lanes.values()]
+        healths = [spool.health() for spool in spools]
+        bad = [h.reason for h in healths if not h.ok]
         return {
-            "ok": health.ok,
-            "reason": health.reason,
-            "depth": self.spool.depth,
-            "bytes": self.spool.bytes,
-            "full": self.spool.full,
+            "ok": not bad,
+            "reason": "; ".join(bad) if bad else "; ".join(dict.fromkeys(h.reason for h in healths)),
+            "depth": sum(spool.depth for spool in spools),
+            "bytes": sum(spool.bytes for spool in spools),
+            "full": any(spool.full for spool in spools),
         }
 
     def readiness(self) -> dict[str, Any]:
-        """What /readyz reports: ready only while every realm is subscribed and the broker is up.
+        """What /readyz reports: ready while every realm is subscribed, the broker and the lock are up.
 
-        It combines the health of each component: the stream links, the broker
-        link and the spool.
+        A healthy standby is ready: ``roles`` says which realms this replica leads.
         """
         stream, broker, spool = self.state.health(), self.broker.health(), self._spool_health()
+        lock = self.leadership.health()
         reasons: list[str] = []
         for realm, subscribed in stream.subscribed.items():
             if not subscribed:
@@ -80,6 +240,8 @@ class Bridge:
                 reasons.append(f"realm {realm} not subscribed ({why})")
         if not broker.connected:
             reasons.append(f"broker not connected: {broker.error or 'connecting'}")
+        if not lock.connected:
+            reasons.append("leadership lock connection down: this replica cannot lead")
         if spool["full"]:
             reasons.append("spool full: the stream is not being read")
         fatal = [] if spool["ok"] else [f"spool not working: {spool['reason']}"]
@@ -89,10 +251,12 @@ class Bridge:
             "reasons": reasons,
             "alive": not fatal,
             "fatal": fatal,
+            "roles": {label: role.value for label, role in lock.roles.items()},
             "stream": {"connected": stream.connected, "subscribed": stream.subscribed},
-            "broker": {"connected": broker.connected, "error": broker.error},
+            "broker": {"connected": broker.connected, "error": broker.error, "node": broker.node},
+            "leadership": {"connected": lock.connected, "node": lock.node},
             "spool": spool,
-            "publish": {"in_flight": self.publisher.in_flight},
+            "publish": {"in_flight": sum(lane.publisher.in_flight for lane in self.lanes.values())},
         }
 
     # -- run --------------------------------------------------------------------------
@@ -126,30 +290,89 @@ class Bridge:
         self._streams = [
             asyncio.create_task(c.run(self._stream_stop), name=f"stream-{c.realm.label}") for c in self.clients
         ]
-        self._publisher = asyncio.create_task(self._publish(self._publish_stop), name="publisher")
-        self._poller = asyncio.create_task(self.broker.poll_queues(self._publish_stop), name="queue-poll")
-        self._backlog = asyncio.create_task(
-            watch_backlog(lambda: self.spool.depth, lambda: self.broker.connected, self._publish_stop),
-            name="backlog-progress",
+        self._coordinator = asyncio.create_task(self._coordinate(), name="broker")
+        self._leader_task = asyncio.create_task(self.leadership.run(self._lock_stop), name="leadership")
+        self._background = [
+            asyncio.create_task(self._expire_windows(self._coord_stop), name="standby-window"),
+            asyncio.create_task(self._publish_carry(), name="carry"),
+            asyncio.create_task(
+                watch_backlog(
+                    lambda: sum(lane.spool.depth for lane in self.lanes.values()),
+                    lambda: self.broker.connected,
+                    self._coord_stop,
+                ),
+                name="backlog-progress",
+            ),
+        ]
+
+    async def _coordinate(self) -> None:
+        """Connect to RabbitMQ, then announce (leader), follow (standby) and poll the bridge's queues."""
+        if not await self.broker.connect(self._publish_stop):
+            return
+        connection = self.broker.connection
+        assert connection is not None
+        exchange = self.settings.exchange
+        self.announcer = Announcer(connection, exchange, leading=self._healthy_leading)
+        follower = Follower(connection, exchange, self._on_announcement)
+        await asyncio.gather(
+            _keep_running("announcer", self.announcer.run, self._coord_stop),
+            _keep_running("follower", follower.run, self._coord_stop),
+            self.broker.poll_queues(self._coord_stop),
         )
 
-    async def _publish(self, stop: asyncio.Event) -> None:
-        if await self.broker.connect(stop):
-            await self.publisher.run(stop)
+    async def _publish_carry(self) -> None:
+        """Publish what spools of earlier runs kept, whatever this replica's role, then let the realms publish.
+
+        Those events may exist nowhere else (the other replicas may never have received them), so they
+        are published even by a standby: at worst duplicates with the same message_id, never a loss.
+        """
+        try:
+            for path in self.carry:
+                if self._publish_stop.is_set():
+                    return
+                await self._drain_file(path)
+        finally:
+            self._recovered.set()
+
+    async def _drain_file(self, path: str) -> None:
+        spool = await Spool.open(path, max_bytes=self.settings.spool_max_bytes)
+        publisher = Publisher(self.settings, spool, self.metrics, self.broker)
+        log.info("publishing %d events kept by an earlier run in %s", spool.depth, path)
+        stop = asyncio.Event()
+        task = asyncio.create_task(publisher.run(stop))
+        try:
+            while spool.depth and not self._publish_stop.is_set() and not task.done():
+                await _wait(self._publish_stop, 0.05)
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=self.settings.drain_timeout + 2)
+            await publisher.drain(self.settings.drain_timeout)
+            report = await spool.close(give_up_after=self.settings.drain_timeout)
+        if report.kept == 0 and report.lost == 0 and report.error is None:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
+            log.info("published every event of %s; file removed", path)
+        else:
+            log.warning("%s still holds %d events; they are published at the next start", path, report.kept)
 
     async def _watch(self, stop: asyncio.Event) -> BaseException | None:
-        """Wait for ``stop``, or for a stream or the publisher to end; return what made it fatal."""
-        assert self._publisher is not None
+        """Wait for ``stop``, or for a stream, the broker link or a publisher to fail; return what was fatal."""
+        assert self._coordinator is not None and self._leader_task is not None
         stop_wait = asyncio.create_task(stop.wait(), name="stop")
-        watched: set[asyncio.Task[Any]] = {stop_wait, self._publisher, *self._streams}
+        watched: set[asyncio.Future[Any]] = {stop_wait, self._fatal, self._coordinator, self._leader_task}
+        watched |= set(self._streams)
         try:
             while not stop.is_set():
                 done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 watched -= done
+                if self._fatal in done:
+                    return self._fatal.result()
                 for task in done - {stop_wait}:
                     if not task.cancelled() and task.exception() is not None:
                         return task.exception()
-                if not watched - {stop_wait}:
+                if not set(self._streams) & watched:
                     break
             return None
         finally:
@@ -158,13 +381,24 @@ class Bridge:
     # -- shutdown, in order -------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        """Unsubscribe, commit, stop publishing and drain confirms, announce them, then release the locks."""
         log.info("stopping: unsubscribing and closing the stream")
         await self._stop_streams()
-        await self._flush_spool()
-        await self._stop_publishing()
-        unconfirmed = await self.publisher.drain(self.settings.drain_timeout)
+        await self._flush_spools()
+        unconfirmed = await self._stop_publishing()
+        self._coord_stop.set()  # the announcer sends what was confirmed last before the locks go
+        await _bounded(self._coordinator, self.settings.drain_timeout + 2)
+        for task in self._background:
+            await _bounded(task, self.settings.drain_timeout + 2)
+        self._lock_stop.set()
+        await _bounded(self._leader_task, self.settings.drain_timeout + 2)
         await self.broker.close()
-        report = await self.spool.close(give_up_after=self.settings.drain_timeout)
+        reports = [await lane.spool.close(give_up_after=self.settings.drain_timeout) for lane in self.lanes.values()]
+        report = CloseReport(
+            kept=sum(r.kept for r in reports),
+            lost=sum(r.lost for r in reports),
+            error="; ".join(r.error for r in reports if r.error) or None,
+        )
         self._lost = report.lost
         if self._http is not None:
             await self._http.cleanup()
@@ -179,18 +413,21 @@ class Bridge:
         for task in late:
             task.cancel()
 
-    async def _flush_spool(self) -> None:
+    async def _flush_spools(self) -> None:
         """Commit what the stream read last. Bounded: a disk that refuses commits must not hang the shutdown."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.spool.flush(), timeout=self.settings.drain_timeout)
+        for lane in self.lanes.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(lane.spool.flush(), timeout=self.settings.drain_timeout)
 
-    async def _stop_publishing(self) -> None:
+    async def _stop_publishing(self) -> int:
+        """Stop every publisher at once, then wait (bounded) for the confirms of what is in flight."""
         self._publish_stop.set()
-        for task in (self._publisher, self._poller, self._backlog):
-            if task is None:
-                continue
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, timeout=self.settings.drain_timeout + 2)
+        for lane in self.lanes.values():
+            if lane.task is not None:
+                lane.halt()
+                await _bounded(lane.task, self.settings.drain_timeout + 2)
+        drains = [lane.publisher.drain(self.settings.drain_timeout) for lane in self.lanes.values()]
+        return sum(await asyncio.gather(*drains))
 
     def _report_leftovers(self, unconfirmed: int, report: CloseReport) -> None:
         spool = self.settings.spool
@@ -207,8 +444,7 @@ class Bridge:
             log.info("%d events stay in the spool %s for the next start", report.kept, spool)
 
     def _exit_code(self, fatal: BaseException | None) -> int:
-        tasks = [*self._streams, *([self._publisher] if self._publisher else [])]
-        for task in tasks:
+        for task in [*self._streams, *(t for t in (self._coordinator,) if t is not None)]:
             if fatal is None and task.done() and not task.cancelled() and task.exception() is not None:
                 fatal = task.exception()
         if fatal is None and self._lost:
@@ -221,6 +457,29 @@ class Bridge:
             return fatal.exit_code
         log.error("fatal error: %s", fatal, exc_info=fatal)
         return 1
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
+
+
+async def _bounded(task: asyncio.Task[Any] | None, seconds: float) -> None:
+    if task is None:
+        return
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.wait_for(task, timeout=seconds)
+
+
+async def _keep_running(name: str, run: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
+    """Run an HA side task until ``stop``; restart it (after a pause) when the broker link failed under it."""
+    while not stop.is_set():
+        try:
+            await run(stop)
+        except Exception as exc:
+            log.debug("ha %s stopped (%s); restarting", name, type(exc).__name__, exc_info=True)
+            await _wait(stop, 1.0)
 
 
 class _ShownSink:
@@ -264,24 +523,84 @@ async def run_bridge(
     metrics = Metrics(registry)
     log.info("starting orangepill-bridge %s", settings.describe())
     try:
-        spool = await Spool.open(
-            settings.spool,
-            max_bytes=settings.spool_max_bytes,
-            on_stats=lambda stats: metrics.spool_state(stats.depth, stats.size_bytes, stats.full),
-        )
+        carry = await _set_aside_earlier_runs(settings)
+        spools = await _open_spools(settings, metrics)
     except BridgeError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    if spool.depth:
-        log.info(
-            "spool %s holds %d events from an earlier run; publishing them first",
-            settings.spool, spool.depth,
-        )  # fmt: skip
-    bridge = Bridge(settings, metrics, spool)
+    bridge = Bridge(settings, metrics, spools)
+    bridge.carry = carry
     try:
         return await bridge.run(stop)
     except BridgeError as exc:
         log.error("%s", exc)
-        with contextlib.suppress(Exception):
-            await spool.close()
+        for spool in spools.values():
+            with contextlib.suppress(Exception):
+                await spool.close()
         return exc.exit_code
+
+
+async def _set_aside_earlier_runs(settings: Settings) -> list[str]:
+    """Move spool files that still hold events of an earlier run aside (``<file>.carry-<ms>``); return every carry file.
+
+    Each realm then starts with a fresh spool (a standby's window must hold only what it received),
+    and the bridge publishes the carry files first. This also covers a ``--spool PATH`` file written
+    by a single-spool version with several realms: its events are published, never dropped.
+    """
+    if settings.spool == MEMORY:
+        return []
+    found, existing = _earlier_files(settings)
+    for path in existing:
+        earlier = await Spool.open(path, max_bytes=settings.spool_max_bytes)
+        depth = earlier.depth
+        report = await earlier.close(give_up_after=settings.drain_timeout)
+        if not depth:
+            continue
+        if report.error:
+            raise SpoolError(f"spool {path}: cannot set aside the events of an earlier run: {report.error}")
+        carry = f"{path}.carry-{int(time.time() * 1000)}"
+        os.replace(path, carry)
+        for suffix in ("-wal", "-shm"):  # closed cleanly, so the WAL is checkpointed; drop leftovers
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + suffix)
+        log.info(
+            "spool %s holds %d events from an earlier run; publishing them first (moved to %s)", path, depth, carry
+        )
+        found.append(carry)
+    return sorted(set(found))
+
+
+def _earlier_files(settings: Settings) -> tuple[list[str], list[str]]:
+    """Carry files left by earlier starts, and the spool files (``--spool`` and per realm) that exist."""
+    fps = [realm.fingerprint for realm in settings.realms]
+    paths = list(dict.fromkeys([settings.spool, *spool_paths(settings.spool, fps).values()]))
+    carry = [
+        found
+        for path in paths
+        for found in glob.glob(glob.escape(path) + ".carry-*")
+        if not found.endswith(("-wal", "-shm", "-journal"))
+    ]
+    return carry, [path for path in paths if os.path.exists(path)]
+
+
+async def _open_spools(settings: Settings, metrics: Metrics) -> dict[str, Spool]:
+    """One spool per realm (``ha.spool_paths``); the byte bound is shared evenly; gauges show the sum."""
+    paths = spool_paths(settings.spool, [r.fingerprint for r in settings.realms])
+    spools: dict[str, Spool] = {}
+
+    def report(_stats: SpoolStats) -> None:
+        opened = list(spools.values())
+        metrics.spool_state(
+            sum(s.depth for s in opened), sum(s.bytes for s in opened), any(s.full for s in opened)
+        )
+
+    share = max(1, settings.spool_max_bytes // max(1, len(settings.realms)))
+    try:
+        for realm in settings.realms:
+            spools[realm.label] = await Spool.open(paths[realm.fingerprint], max_bytes=share, on_stats=report)
+    except BaseException:
+        for spool in spools.values():
+            with contextlib.suppress(Exception):
+                await spool.close()
+        raise
+    return spools

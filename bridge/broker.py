@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
@@ -35,7 +34,7 @@ from bridge.config import Settings
 from bridge.contract import APP_ID, Topology
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics
-from bridge.secrets import host_port
+from bridge.nodes import NoNodeAvailable, connect_robust_nodes, node_in_use, node_of
 from bridge.tls import amqp_connect_kwargs
 
 __all__ = ["Broker", "BrokerHealth", "LinkState", "declare_topology", "describe_error"]
@@ -61,6 +60,7 @@ class BrokerHealth:
 
     connected: bool
     error: str
+    node: str | None = None  # host:port of the node in use
 
 
 async def declare_topology(
@@ -161,9 +161,15 @@ class Broker:
         """Wait until the link is up."""
         await self._up.wait()
 
+    @property
+    def node(self) -> str | None:
+        """``host:port`` of the RabbitMQ node in use (or being reconnected to), None before the first connect."""
+        connection = self._connection
+        return None if connection is None else node_in_use(connection)
+
     def health(self) -> BrokerHealth:
         """The link's health for /readyz."""
-        return BrokerHealth(connected=self.connected, error=self.last_error)
+        return BrokerHealth(connected=self.connected, error=self.last_error, node=self.node)
 
     # -- connection ---------------------------------------------------------------
 
@@ -182,23 +188,30 @@ class Broker:
             TopologyError: RabbitMQ refused the layout in a way a retry cannot fix.
         """
         backoff = Backoff(self._settings.reconnect_min, self._settings.reconnect_max, float("inf"))
-        url = self._settings.amqp_url
         tls = amqp_connect_kwargs(self._settings)  # built once: the CA and client files are read here
+        nodes = self._settings.amqp_nodes
+        start = 0
         while not stop.is_set():
             try:
-                connection = await aio_pika.connect_robust(
-                    url,
+                # One node per attempt, the next one after each failure; once connected, aio-pika's
+                # reconnect loop moves through the nodes by itself (bridge.nodes).
+                connection = await connect_robust_nodes(
+                    nodes,
+                    start=start,
+                    single_attempt=True,
+                    attempt_timeout=10,
                     reconnect_interval=_RECONNECT_INTERVAL,
                     client_properties={"connection_name": APP_ID},
-                    timeout=10,
                     **tls,
                 )
             except Exception as exc:
-                if classify(exc) is Verdict.GIVE_UP:
-                    raise
+                cause = exc.__cause__ if isinstance(exc, NoNodeAvailable) and exc.__cause__ else exc
+                if classify(cause) is Verdict.GIVE_UP:
+                    raise cause from None
                 delay = backoff.next_delay(None)
-                self.last_error = f"broker unreachable at {host_port(url)}: {describe_error(exc)}"
+                self.last_error = f"broker unreachable at {node_of(nodes[start % len(nodes)])}: {describe_error(cause)}"
                 log.warning("broker down: %s; retrying in %.1fs", self.last_error, delay)
+                start = (start + 1) % len(nodes)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                 continue
@@ -223,8 +236,8 @@ class Broker:
         self._metrics.amqp_connect()
         self._set_state(LinkState.UP)
         log.info(
-            "broker up url=%s exchange=%s alternate_exchange=%s",
-            host_port(self._settings.amqp_url), self.topology.exchange, alternate,
+            "broker up node=%s exchange=%s alternate_exchange=%s",
+            self.node, self.topology.exchange, alternate,
         )  # fmt: skip
 
     async def _declare_bindings(self, connection: AbstractRobustConnection) -> None:
@@ -269,7 +282,7 @@ class Broker:
     def _on_reconnected(self, _sender: object) -> None:
         self._metrics.amqp_connect()
         self._set_state(LinkState.UP)
-        log.info("broker up again url=%s", host_port(self._settings.amqp_url))
+        log.info("broker up again node=%s", self.node)
         for callback in self.reconnected_callbacks:
             callback()
 

@@ -8,6 +8,11 @@ to ``#`` there would make every event routable and defeat the alternate exchange
 
 An announcement lost (standby reconnecting, broker restart) only costs duplicates after a failover,
 never an event: the standby keeps what it was not told about, up to its window.
+
+The announcer also sends a heartbeat (an announcement with no ids) for every realm it leads and
+publishes healthily, at least every ``heartbeat`` seconds. A standby trims its window by age only
+while it has heard such a heartbeat recently (``LeaderEvidence``): with the broker down or no leader
+it keeps everything, because expiring then would lose events.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge.errors import ProtocolError
 
-__all__ = ["Announcer", "Follower", "ha_exchange_name", "pack_ids", "unpack_ids"]
+__all__ = ["Announcer", "Follower", "LeaderEvidence", "ha_exchange_name", "pack_ids", "spool_paths", "unpack_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,47 @@ MAX_IDS_PER_MESSAGE: Final = 2000
 FORMAT_VERSION: Final = 1
 
 IdsCallback = Callable[[str, list[str]], Awaitable[Any] | Any]
+HEARTBEAT: Final = 1.0
+"""Seconds between two heartbeats of a realm's leader (at most)."""
+EVIDENCE_MAX_AGE: Final = 3.0
+"""A standby trims its window by age only if it heard the realm's leader within this many seconds."""
+
+
+class LeaderEvidence:
+    """When each realm's leader was last heard on ``<exchange>.ha`` (monotonic seconds); pure bookkeeping."""
+
+    def __init__(self, max_age: float = EVIDENCE_MAX_AGE) -> None:
+        self._max_age = max_age
+        self._heard: dict[str, float] = {}
+
+    def heard(self, fingerprint: str, now: float) -> None:
+        """An announcement (ids or heartbeat) of the realm arrived at ``now``."""
+        self._heard[fingerprint] = now
+
+    def alive(self, fingerprint: str, now: float) -> bool:
+        """Whether the realm's leader was heard within ``max_age`` seconds of ``now``."""
+        at = self._heard.get(fingerprint)
+        return at is not None and now - at <= self._max_age
+
+
+def spool_paths(path: str, fingerprints: Iterable[str]) -> dict[str, str]:
+    """One spool per realm: ``PATH`` itself for one realm, else ``<stem>.<fp><suffix>`` next to ``PATH``.
+
+    ``memory`` stays ``memory`` (one in-memory spool per realm). With one realm the file is exactly the
+    ``--spool`` file, so spools of earlier versions replay unchanged.
+
+    Examples:
+        ``/var/lib/bridge/spool.db`` and realms fp-a, fp-b give ``/var/lib/bridge/spool.fp-a.db`` and
+        ``/var/lib/bridge/spool.fp-b.db``.
+    """
+    fps = list(fingerprints)
+    if path == "memory" or len(fps) == 1:
+        return dict.fromkeys(fps, path)
+    head, sep, name = path.rpartition("/")
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem:
+        stem, suffix = name, ""
+    return {fp: f"{head}{sep}{stem}.{fp}{'.' + suffix if suffix else ''}" for fp in fps}
 
 
 def ha_exchange_name(exchange: str) -> str:
@@ -77,12 +123,24 @@ class Announcer:
         interval: seconds between announcements.
     """
 
-    def __init__(self, connection: AbstractConnection, exchange: str, *, interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        exchange: str,
+        *,
+        interval: float = 0.1,
+        leading: Callable[[], Iterable[str]] = tuple,
+        heartbeat: float = HEARTBEAT,
+    ) -> None:
         self._connection = connection
         self._exchange = exchange
         self._interval = interval
         self._pending: dict[str, list[str]] = {}
+        self._leading = leading
+        self._heartbeat = heartbeat
+        self._last_sent: dict[str, float] = {}
         self.announced = 0  # ids sent, for tests and metrics
+        self.heartbeats = 0
 
     def confirmed(self, fingerprint: str, ids: Iterable[str]) -> None:
         """Note ids RabbitMQ has confirmed for a realm (cheap, synchronous; sent at the next tick)."""
@@ -103,22 +161,35 @@ class Announcer:
 
     async def _flush(self, target: aio_pika.abc.AbstractExchange) -> None:
         pending, self._pending = self._pending, {}
+        now = asyncio.get_running_loop().time()
+        for fp in self._leading():
+            if fp not in pending and now - self._last_sent.get(fp, -self._heartbeat) >= self._heartbeat:
+                pending[fp] = []  # a heartbeat: "this realm's leader is alive and publishing"
         for fp, ids in pending.items():
+            self._last_sent[fp] = now
+            if not ids:
+                with contextlib.suppress(Exception):
+                    await target.publish(self._message(fp, []), routing_key="")
+                    self.heartbeats += 1
+                continue
             for start in range(0, len(ids), MAX_IDS_PER_MESSAGE):
                 chunk = ids[start : start + MAX_IDS_PER_MESSAGE]
-                message = aio_pika.Message(
-                    pack_ids(fp, chunk),
-                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-                    content_type="application/json",
-                    app_id="orangepill-bridge",
-                )
                 try:
-                    await target.publish(message, routing_key="")
+                    await target.publish(self._message(fp, chunk), routing_key="")
                 except Exception:
                     # Lost announcements mean duplicates after a failover, never loss: do not retry.
                     log.debug("ha: announcement not sent", exc_info=True)
                     continue
                 self.announced += len(chunk)
+
+    @staticmethod
+    def _message(fingerprint: str, ids: list[str]) -> aio_pika.Message:
+        return aio_pika.Message(
+            pack_ids(fingerprint, ids),
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            content_type="application/json",
+            app_id="orangepill-bridge",
+        )
 
 
 class Follower:

@@ -12,7 +12,10 @@ stops publishing before a standby can take over.
 
 Spreading: a replica that already leads ``k`` realms waits ``k * spread_delay`` (bounded by ``poll``)
 before each attempt at a free realm, so a replica with fewer realms wins a free lock; with one realm or
-one replica it changes nothing (k = 0 at the first attempt).
+one replica it changes nothing (k = 0 at the first attempt). A replica also takes no second realm during
+the first ``settle`` seconds of its lock connection, so that replicas started together (a deploy) spread
+the realms even when one of them connects a little earlier; a lone replica leads its other realms after
+``settle`` seconds (their events wait in its spool meanwhile, nothing is lost).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class Leadership:
         heartbeat: AMQP heartbeat of the lock connection, seconds; also the liveness-probe deadline.
         poll: seconds between attempts at a lock held by someone else.
         spread_delay: extra wait per realm already led, before an attempt (bounded by ``poll``).
+        settle: seconds after connecting during which a replica leads at most one realm (default
+            ``max(2, 2 * poll)``).
     """
 
     def __init__(
@@ -89,14 +94,18 @@ class Leadership:
         heartbeat: float = 5.0,
         poll: float = 1.0,
         spread_delay: float | None = None,
+        settle: float | None = None,
         connect_timeout: float = 5.0,
+        connect_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self._exchange = exchange
+        self._connect_kwargs = connect_kwargs or {}  # TLS options (bridge.tls.amqp_connect_kwargs)
         self._realms = tuple(realms)
         self._urls = [with_heartbeat(u, heartbeat) for u in urls]
         self._heartbeat = heartbeat
         self._poll = poll
         self._spread = poll / 4 if spread_delay is None else spread_delay
+        self._settle = max(2.0, 2 * poll) if settle is None else settle
         self._connect_timeout = connect_timeout
         self._roles: dict[str, Role] = {r.label: Role.STANDBY for r in self._realms}
         self._callbacks: list[RoleCallback] = []
@@ -126,16 +135,20 @@ class Leadership:
     async def run(self, stop: asyncio.Event) -> None:
         """Hold or wait for every realm's lock until ``stop`` is set; reconnects (next node) on loss."""
         start = 0
+        failures = 0
         try:
             while not stop.is_set():
                 try:
                     connection, index = await connect_first(
-                        self._urls, start=start, attempt_timeout=self._connect_timeout
+                        self._urls, start=start, attempt_timeout=self._connect_timeout, **self._connect_kwargs
                     )
                 except NoNodeAvailable as exc:
-                    log.warning("leadership: %s; retrying in %.1fs", exc, self._poll)
+                    failures += 1
+                    level = logging.WARNING if failures == 1 or failures % 60 == 0 else logging.DEBUG
+                    log.log(level, "leadership: %s; retrying every %.1fs", exc, self._poll)
                     await _wait(stop, self._poll)
                     continue
+                failures = 0
                 start = index
                 try:
                     await self._hold(connection, node_of(self._urls[index]), stop)
@@ -162,6 +175,7 @@ class Leadership:
         self._connected = True
         log.info("leadership: lock connection on node %s", self._node)
         raw = self._raw = _raw(connection)
+        settled_at = time.monotonic() + self._settle
         channel: aiormq.abc.AbstractChannel | None = None
         probe = asyncio.create_task(self._probe(raw, lost))
         try:
@@ -171,7 +185,10 @@ class Leadership:
                         break
                     if self._roles[realm.label] is Role.LEADER:
                         continue
-                    delay = min(self._poll, self._spread * self._leading())
+                    led = self._leading()
+                    delay = min(self._poll, self._spread * led)
+                    if led:
+                        delay = max(delay, settled_at - time.monotonic())
                     if delay and await _wait_any(stop, lost, delay):
                         break
                     if channel is None or channel.is_closed:

@@ -86,6 +86,7 @@ class Metrics:
         self.asyncio_tasks = Gauge(
             f"{PREFIX}_asyncio_tasks", "asyncio tasks alive in the bridge's event loop.", registry=self.registry
         )
+        self._declare_ha()
         kinds = tuple(metric_labels())
         self._received = _Children(self.events_received, kinds)
         self._published = _Children(self.events_published, kinds)
@@ -96,6 +97,8 @@ class Metrics:
         self._subscribed = _Children(self.subscribed_gauge)
         self._reconnect_delay = _Children(self.stream_reconnect_delay)
         self._queue_depth = _Children(self.queue_depth_gauge)
+        self._leader = _Children(self.leader_gauge)
+        self._leader_changes = _Children(self.leader_changes)
 
     # -- declarations -------------------------------------------------------------
 
@@ -207,6 +210,17 @@ class Metrics:
             registry=r,
         )
 
+    def _declare_ha(self) -> None:
+        p, r = PREFIX, self.registry
+        self.leader_gauge = Gauge(
+            f"{p}_leader", "1 while this replica leads (publishes) the realm, 0 while it is a standby.", ["realm"],
+            registry=r,
+        )
+        self.leader_changes = Counter(
+            f"{p}_leader_changes", "Role changes of this replica for the realm (promotions and demotions).",
+            ["realm"], registry=r,
+        )  # fmt: skip
+
     # -- stream -------------------------------------------------------------------
 
     def stream_opened(self) -> None:
@@ -299,3 +313,14 @@ class Metrics:
     def watch_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
         """Report the number of live asyncio tasks of ``loop`` at every scrape (served on that loop)."""
         self.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
+    # -- high availability ---------------------------------------------------------
+
+    def realm_role(self, realm: str, leader: bool) -> None:
+        """This replica's role for a realm now (creates the series at 0 for a standby)."""
+        self._leader(realm).set(1 if leader else 0)
+        self._leader_changes(realm)
+
+    def leader_changed(self, realm: str, leader: bool) -> None:
+        """This replica was promoted (``leader``) or demoted for a realm."""
+        self._leader(realm).set(1 if leader else 0)
+        self._leader_changes(realm).inc()

@@ -95,13 +95,19 @@ class _RotatingRobustConnection(RobustConnection):
     def __init__(self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
         urls = kwargs.pop("node_urls", None) or [str(url)]
         self._node_urls: list[URL] = [URL(u) for u in urls]
-        self._node_index = 0
-        super().__init__(url=self._node_urls[0], loop=loop, **kwargs)
+        start: int = kwargs.pop("node_start", 0)
+        self._node_index = start % len(self._node_urls)
+        super().__init__(url=self._node_urls[self._node_index], loop=loop, **kwargs)
 
     @property
     def node(self) -> str:
         """``host:port`` of the node in use (or being tried)."""
         return node_of(self._node_urls[self._node_index])
+
+    @property
+    def node_index(self) -> int:
+        """Index (in the URLs given) of the node in use or being tried."""
+        return self._node_index
 
     def _rotate(self, why: str) -> None:
         if len(self._node_urls) < 2:
@@ -122,7 +128,13 @@ class _RotatingRobustConnection(RobustConnection):
 
 
 async def connect_robust_nodes(
-    urls: Sequence[str], *, attempt_timeout: float = 5.0, reconnect_interval: float = 0.5, **kwargs: Any
+    urls: Sequence[str],
+    *,
+    attempt_timeout: float = 5.0,
+    reconnect_interval: float = 0.5,
+    start: int = 0,
+    single_attempt: bool = False,
+    **kwargs: Any,
 ) -> AbstractRobustConnection:
     """A robust connection over several nodes: the first that answers, then the next one on each loss.
 
@@ -130,6 +142,10 @@ async def connect_robust_nodes(
         urls: one AMQP URL per node.
         attempt_timeout: seconds per node for the first connection.
         reconnect_interval: seconds between attempts (each attempt after a failure tries the next node).
+        start: index of the node to try first.
+        single_attempt: try only ``urls[start]`` for the first connection and raise at once when it
+            fails (the caller rotates ``start`` and keeps its own backoff); reconnects after a loss
+            still move through every node.
         **kwargs: passed to ``aio_pika.connect_robust``.
 
     Returns:
@@ -142,14 +158,18 @@ async def connect_robust_nodes(
         raise NoNodeAvailable("no AMQP URL configured")
     # fail_fast off: the first connect keeps cycling through the nodes instead of failing on the first one;
     # our own timeout bounds it.
+    first = start % len(urls)
     connection = _RotatingRobustConnection(
-        URL(urls[0]), node_urls=list(urls), reconnect_interval=reconnect_interval, fail_fast="0", **kwargs,
+        URL(urls[first]), node_urls=list(urls), node_start=first, reconnect_interval=reconnect_interval,
+        fail_fast="1" if single_attempt else "0", **kwargs,
     )  # fmt: skip
+    budget = attempt_timeout + 1 if single_attempt else attempt_timeout * len(urls) + 1
     try:
-        await asyncio.wait_for(connection.connect(timeout=attempt_timeout), timeout=attempt_timeout * len(urls) + 1)
-    except (TimeoutError, OSError) as exc:
+        await asyncio.wait_for(connection.connect(timeout=attempt_timeout), timeout=budget)
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
         await connection.close()
-        raise NoNodeAvailable("no RabbitMQ node answered: " + ", ".join(node_of(u) for u in urls)) from exc
+        tried = node_of(urls[first]) if single_attempt else ", ".join(node_of(u) for u in urls)
+        raise NoNodeAvailable(f"no RabbitMQ node answered: {tried} ({type(exc).__name__})") from exc
     return connection
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import aiormq
@@ -42,8 +42,18 @@ class MessageSource(Protocol):
 class Publisher:
     """Moves messages from the spool to RabbitMQ with a window of unconfirmed publishes."""
 
-    def __init__(self, settings: Settings, source: MessageSource, metrics: Metrics, broker: Broker) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        source: MessageSource,
+        metrics: Metrics,
+        broker: Broker,
+        *,
+        on_confirmed: Callable[[str], None] | None = None,
+    ) -> None:
         self._settings = settings
+        self._on_confirmed = on_confirmed  # called with each confirmed message_id (HA announcements)
+        self._halted = False
         self._source = source
         self._metrics = metrics
         self._broker = broker
@@ -62,6 +72,14 @@ class Publisher:
     def _on_reconnected(self) -> None:
         self._failure_pause = 0.0
 
+    def halt(self) -> None:
+        """Stop publishing now (demotion): no new publish leaves, whatever is already handed out goes back.
+
+        Publishes already written to the channel settle as usual (acked when confirmed, else released).
+        The caller also cancels ``run``; the next ``run`` publishes again.
+        """
+        self._halted = True
+
     async def run(self, stop: asyncio.Event) -> None:
         """Publish from the spool until ``stop`` is set (the caller then calls ``drain``).
 
@@ -70,6 +88,7 @@ class Publisher:
         """
         task = asyncio.current_task()
         assert task is not None
+        self._halted = False
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(lambda done: None if done.cancelled() else task.cancel())
         try:
@@ -121,6 +140,10 @@ class Publisher:
     async def _publish(self, item: Spooled) -> None:
         """Publish one message and settle it with the spool: ack when confirmed, release otherwise."""
         failure: PublishFailure | None = None
+        if self._halted:  # demoted after the batch was taken: this one never leaves
+            self._window.release()
+            self._source.release([item])
+            return
         try:
             await self._send(self._raw, item.msg)
         except aiormq.exceptions.DeliveryError:
@@ -142,6 +165,8 @@ class Publisher:
         self._failure_pause = 0.0
         self._source.ack([item.id])
         msg = item.msg
+        if self._on_confirmed is not None:
+            self._on_confirmed(msg.message_id)
         latency = max(0.0, time.time() - msg.received_at)
         if msg.kind == KIND_EVENT:
             self._metrics.published(1, msg.metric_kind, latency)

@@ -120,7 +120,31 @@ LABELS = {"job": "orangepill-bridge", "instance": "bridge:9180"}
 
 # promtool unit tests: (input series, [(eval time, alert, [expected extra labels of each firing alert])]).
 # Annotations are stripped from the rules under test, so only expressions, for: and labels are checked.
+def _labels(extra: dict[str, str]) -> dict[str, str]:
+    """The series labels plus the alert's own; a value of "" drops a label the alert aggregates away."""
+    return {k: v for k, v in {**LABELS, **extra}.items() if v != ""}
+
+
 SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]]]] = [
+    (  # two replicas; the leader of fp-a stops leading at 3m and the other never takes over
+        {
+            f'orangepill_bridge_leader{{{L}, realm="fp-a"}}': "1x3 0x10",
+            'orangepill_bridge_leader{job="orangepill-bridge", instance="bridge2:9180", realm="fp-a"}': "0x13",
+            f'orangepill_bridge_leader{{{L}, realm="fp-b"}}': "0x13",
+            'orangepill_bridge_leader{job="orangepill-bridge", instance="bridge2:9180", realm="fp-b"}': "1x13",
+        },
+        [
+            ("2m", "OrangepillRealmWithoutLeader", []),
+            ("5m", "OrangepillRealmWithoutLeader", [{"severity": "critical", "realm": "fp-a", "instance": ""}]),
+        ],
+    ),
+    (  # a failover: the standby leads from the next sample on, so no alert
+        {
+            f'orangepill_bridge_leader{{{L}, realm="fp-a"}}': "1x3 0x10",
+            'orangepill_bridge_leader{job="orangepill-bridge", instance="bridge2:9180", realm="fp-a"}': "0x3 1x10",
+        },
+        [("5m", "OrangepillRealmWithoutLeader", [])],
+    ),
     (
         {f"up{{{L}}}": "1 0x5", f"orangepill_bridge_stream_connected{{{L}}}": "1 1 0x10"},
         [
@@ -255,7 +279,7 @@ def test_alert_rules_fire_when_they_should(binaries: tuple[str, str], tmp_path: 
             "interval": "1m",
             "input_series": [{"series": s, "values": v} for s, v in series.items()],
             "alert_rule_test": [
-                {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": {**LABELS, **x}} for x in exp]}
+                {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": _labels(x)} for x in exp]}
                 for at, name, exp in checks
             ],
         }

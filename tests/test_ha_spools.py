@@ -1,0 +1,110 @@
+"""Per-realm spools of a replica: file names, events of earlier runs published first, leader evidence, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import aio_pika
+import orjson
+import pytest
+
+from bridge.config import Realm
+from bridge.contract import KIND_EVENT, Outbound
+from bridge.ha import Announcer, Follower, LeaderEvidence, spool_paths
+from bridge.secrets import key_fingerprint
+from bridge.spool import Spool
+from tests.ha_support import KEY2
+from tests.helpers import AMQP_URL, KEY, bind_queue, bridge_settings, collect, running_bridge, simulator, wait_until
+
+
+def test_spool_paths_keep_the_single_realm_file() -> None:
+    """One realm uses --spool PATH itself; several realms get <stem>.<fp><suffix>; memory stays memory."""
+    assert spool_paths("/var/lib/b/spool.db", ["fp-a"]) == {"fp-a": "/var/lib/b/spool.db"}
+    assert spool_paths("/var/lib/b/spool.db", ["fp-a", "fp-b"]) == {
+        "fp-a": "/var/lib/b/spool.fp-a.db",
+        "fp-b": "/var/lib/b/spool.fp-b.db",
+    }
+    assert spool_paths("spool", ["fp-a", "fp-b"]) == {"fp-a": "spool.fp-a", "fp-b": "spool.fp-b"}
+    assert spool_paths("memory", ["fp-a", "fp-b"]) == {"fp-a": "memory", "fp-b": "memory"}
+
+
+def test_leader_evidence_expires() -> None:
+    """A realm's leader counts as alive only within max_age seconds of its last announcement."""
+    evidence = LeaderEvidence(max_age=3.0)
+    assert not evidence.alive("fp-a", 100.0)
+    evidence.heard("fp-a", 100.0)
+    assert evidence.alive("fp-a", 102.9)
+    assert not evidence.alive("fp-a", 103.1)
+    assert not evidence.alive("fp-b", 100.0)
+
+
+@pytest.mark.broker
+async def test_announcer_sends_heartbeats_only_for_healthy_realms() -> None:
+    """With no confirmed ids, the announcer still sends an empty announcement each second for the realms it leads."""
+    exchange = f"test.ha.hb.{uuid.uuid4().hex[:6]}"
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    heard: list[tuple[str, list[str]]] = []
+    stop = asyncio.Event()
+    announcer = Announcer(connection, exchange, leading=lambda: ["fp-led"], heartbeat=0.2)
+    follower = Follower(connection, exchange, lambda fp, ids: heard.append((fp, ids)))
+    tasks = [asyncio.create_task(follower.run(stop))]
+    try:
+        await asyncio.wait_for(follower.ready.wait(), 10)
+        tasks.append(asyncio.create_task(announcer.run(stop)))
+        assert await wait_until(lambda: len(heard) >= 3, timeout=10)
+        assert {fp for fp, _ in heard} == {"fp-led"}
+        assert all(ids == [] for _, ids in heard)
+        announcer.confirmed("fp-led", ["m1", "m2"])
+        assert await wait_until(lambda: ("fp-led", ["m1", "m2"]) in heard, timeout=10)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await connection.close()
+
+
+def _legacy(n: int, realm: str) -> Outbound:
+    body = orjson.dumps({"event": "transaction.done", "data": f"legacy-{realm}-{n}", "seq": n})
+    return Outbound(
+        kind=KIND_EVENT,
+        routing_key="transaction.done",
+        message_id=f"legacy-{realm}-{n}",
+        body=body,
+        headers={"realm": realm, "received_at": 1700000000000 + n},
+        received_at=1700000000.5 + n,
+        metric_kind="transaction.done",
+    )
+
+
+@pytest.mark.broker
+async def test_legacy_spool_of_several_realms_is_published_first(tmp_path: Path) -> None:
+    """A --spool file holding events of two realms (one shared spool) is published at start, then removed."""
+    path = tmp_path / "spool.db"
+    legacy = await Spool.open(str(path))
+    for n in range(1, 6):
+        await legacy.put(_legacy(n, "test"))
+        await legacy.put(_legacy(n, "second"))
+    await legacy.flush()
+    assert (await legacy.close()).kept == 10
+    exchange = f"test.ha.legacy.{uuid.uuid4().hex[:6]}"
+    async with simulator(paused=True, realm_keys=(KEY, KEY2)) as sim:
+        settings = bridge_settings(
+            sim.url,
+            exchange,
+            spool=str(path),
+            realms=(Realm(label="test", key=KEY), Realm(label="second", key=KEY2)),
+        )
+        connection = await aio_pika.connect_robust(AMQP_URL)
+        try:
+            queue = await bind_queue(connection, settings, "#")
+            async with running_bridge(settings):
+                got = await collect(queue, 10, timeout=30)
+                assert sorted(m.message_id or "" for m in got) == sorted(
+                    f"legacy-{r}-{n}" for r in ("test", "second") for n in range(1, 6)
+                )
+                assert await wait_until(lambda: not list(tmp_path.glob("spool.db.carry-*")), timeout=10)
+            for realm in (KEY, KEY2):
+                assert (tmp_path / f"spool.{key_fingerprint(realm)}.db").exists()
+        finally:
+            await connection.close()
