@@ -100,8 +100,8 @@ def test_failure_while_building_the_message_is_quarantined_as_unencodable(monkey
 
 
 def test_frame_size_limit_is_the_callers() -> None:
-    """An 80,025-byte text frame is oversize with max_bytes=65536 (it used to be checked against 1 MiB)."""
-    raw = '{"type":"notification","event":"a.b","data":"' + "x" * 79_978 + '"}'
+    """An 80,025-byte text frame of 40,036 code points is oversize with max_bytes=65536 (bytes, not code points)."""
+    raw = '{"type":"notification","event":"a.b","data":"' + "\u00e9" * 39_989 + '"}'
     assert len(raw.encode()) == 80_025
     with pytest.raises(ProtocolError) as info:
         parse_frame(raw, max_bytes=65_536)
