@@ -254,6 +254,8 @@ class StreamClient:
         except (OSError, InvalidHandshake, TimeoutError, StreamError) as exc:
             reason = DisconnectReason.ERROR if handshake_done else DisconnectReason.CONNECT_FAILED
             return _Ended(reason, redact(f"{type(exc).__name__}: {exc}", self._secrets), subscribed_at)
+        except UnicodeError:  # the IDNA codec refuses the host name ("a..b"): retried like a DNS failure
+            return _Ended(DisconnectReason.CONNECT_FAILED, "invalid host name in the stream URL", subscribed_at)
         except InvalidURI as exc:  # pragma: no cover - config validation catches it first
             raise StreamError(f"invalid stream URL: {exc}") from None
 
