@@ -30,8 +30,10 @@ __all__ = [
     "Topology",
     "amqp_properties",
     "event_message",
+    "header_frame_bytes",
     "message_id",
     "quarantine_message",
+    "unpublishable_message",
 ]
 
 APP_ID: Final = "orangepill-bridge"
@@ -196,6 +198,40 @@ def quarantine_message(
         received_at=received_at,
         metric_kind=error.reason,
     )
+
+
+def unpublishable_message(msg: Outbound, detail: str) -> Outbound:
+    """The quarantine copy of an event RabbitMQ refuses for good (a poison message).
+
+    The body is kept as it was; the headers are a small bounded set (whatever made
+    the original unpublishable, such as oversized headers, is left out).
+    """
+    realm = str(msg.headers.get("realm", ""))[:MAX_ENTITY_ID_BYTES]
+    headers: dict[str, str | int] = {
+        "realm": realm,
+        "reason": UNPUBLISHABLE,
+        "detail": detail[:500],
+        "original_routing_key": msg.routing_key,
+        "received_at": int(msg.received_at * 1000),
+    }
+    return Outbound(
+        kind=KIND_QUARANTINE,
+        routing_key=UNPUBLISHABLE,
+        message_id=msg.message_id,
+        body=msg.body,
+        headers=headers,
+        received_at=msg.received_at,
+        metric_kind=UNPUBLISHABLE,
+    )
+
+
+def header_frame_bytes(properties: Basic.Properties) -> int:
+    """Size of the AMQP content-header frame these properties make (payload and 8 bytes of framing).
+
+    It must not exceed the connection's ``frame_max``: unlike the body, the
+    header is never split, and RabbitMQ closes the connection (501 FRAME_ERROR).
+    """
+    return 8 + 12 + len(properties.marshal())
 
 
 def amqp_properties(msg: Outbound, extra_headers: dict[str, str] | None = None) -> Basic.Properties:
