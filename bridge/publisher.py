@@ -42,8 +42,11 @@ _REFUSED_FOR_GOOD: Final = (
     aiormq.exceptions.ConnectionUnexpectedFrame,
     aiormq.exceptions.ChannelPreconditionFailed,
 )
-# Nacks of one message, while others were confirmed, before it counts as poison.
+# Nacks of one message, while others were confirmed, before it counts as poison; and
+# for at least this long, so that a queue that is full for a while (x-overflow
+# reject-publish) is waited out rather than quarantined.
 _POISON_NACKS: Final = 5
+_POISON_NACK_SPAN: Final = 60.0
 
 
 class _Unpublishable(Exception):
@@ -56,6 +59,7 @@ class _Strikes:
 
     count: int
     confirmed_at: int
+    since: float
 
 
 class MessageSource(Protocol):
@@ -226,12 +230,14 @@ class Publisher:
 
         A refusal for good that happens again while the message is the only one in
         flight is the message's own doing; a nack is, after ``_POISON_NACKS`` of them
-        while other messages were confirmed (a full queue nacks everything alike).
+        over at least ``_POISON_NACK_SPAN`` seconds while other messages were confirmed.
         """
-        strikes = self._strikes.setdefault(spool_id, _Strikes(0, self._confirmed))
+        strikes = self._strikes.setdefault(spool_id, _Strikes(0, self._confirmed, time.monotonic()))
         strikes.count += 1
         if nack:
-            if strikes.count >= _POISON_NACKS and self._confirmed > strikes.confirmed_at:
+            lasted = time.monotonic() - strikes.since
+            others_confirmed = self._confirmed > strikes.confirmed_at
+            if strikes.count >= _POISON_NACKS and lasted >= _POISON_NACK_SPAN and others_confirmed:
                 return f"{what} {strikes.count} times in a row while other messages were confirmed"
             return None
         if alone and strikes.count >= 2:
