@@ -63,6 +63,8 @@ async def check_realm(settings: Settings, realm: Realm) -> RealmCheck:
         outcome = handshake.connection_closed()
     except (OSError, InvalidHandshake) as exc:
         return RealmCheck(KeyCheck.UNREACHABLE, redact(f"{type(exc).__name__}: {exc}", settings.secrets))
+    except UnicodeError:  # the IDNA codec refuses the host name (an empty label: "a..b")
+        return RealmCheck(KeyCheck.UNREACHABLE, f"invalid host name in {redact_url(settings.stream_url)}")
     if outcome is SubscribeOutcome.ACCEPTED:
         return RealmCheck(KeyCheck.ACCEPTED, "subscribed and unsubscribed")
     if outcome is SubscribeOutcome.KEY_REJECTED:
@@ -108,6 +110,9 @@ async def _check_broker(settings: Settings) -> int:
     broker = redact_url(settings.amqp_url)
     try:
         connection = await aio_pika.connect(settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings))
+    except UnicodeError:  # the IDNA codec refuses the host name (an empty label: "a..b")
+        _say(False, f"broker {broker}: invalid host name")
+        return 1
     except (aiormq.exceptions.AMQPError, OSError, ConnectionError, TimeoutError) as exc:
         scrub = LogScrubber(settings.realm_keys, settings.passwords)
         _say(False, f"broker {broker}: unreachable ({scrub(f'{type(exc).__name__}: {exc}')})")

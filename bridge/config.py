@@ -578,6 +578,11 @@ def _read_toml(path: str, specs: Sequence[Setting], config: ConfigFile) -> dict[
         raise ConfigError(f"{config.flag} {path}: cannot read the file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config.flag} {path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{config.flag} {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files must be UTF-8"
+        ) from None
     names = {key: s.name for s in specs for key in (s.name, *s.file_keys)}
     unknown = sorted(set(data) - set(names))
     if unknown:

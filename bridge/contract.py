@@ -12,25 +12,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import orjson
 from pamqp.commands import Basic
 
 from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
 from bridge.secrets import clip, redact
-from bridge.wire import REJECT_REASONS, Notification, Timestamp
+from bridge.wire import REJECT_REASONS, Notification, Timestamp, dumps_exact
 
 __all__ = [
     "APP_ID",
     "KIND_EVENT",
     "KIND_QUARANTINE",
+    "MAX_ENTITY_ID_BYTES",
     "QUARANTINE_REASONS",
+    "UNPUBLISHABLE",
     "Outbound",
     "Topology",
     "amqp_properties",
     "event_message",
+    "header_frame_bytes",
     "message_id",
     "quarantine_message",
+    "unpublishable_message",
 ]
 
 APP_ID: Final = "orangepill-bridge"
@@ -39,8 +42,14 @@ APP_ID: Final = "orangepill-bridge"
 KIND_EVENT: Final = 0
 KIND_QUARANTINE: Final = 1
 
-QUARANTINE_REASONS: Final = REJECT_REASONS
-"""The routing keys (and ``reason`` header) of quarantined frames."""
+UNPUBLISHABLE: Final = "unpublishable"
+"""The quarantine reason of an event RabbitMQ refused for good (a poison message)."""
+
+QUARANTINE_REASONS: Final = (*REJECT_REASONS, UNPUBLISHABLE)
+"""The routing keys (and ``reason`` header) of quarantined messages."""
+
+MAX_ENTITY_ID_BYTES: Final = 128
+"""The ``entity_id`` header is set only for ids up to this many UTF-8 bytes: headers stay small."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +135,8 @@ def message_id(
     parts: list[Any] = [realm_fp, event, data, _norm_ts(timestamp)]
     if extra:
         parts.append(extra)
-    canonical = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
+    # Exact for integers wider than 64 bits: the id is a function of the received values.
+    canonical = dumps_exact(parts, sort_keys=True)
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
@@ -141,7 +151,7 @@ def event_message(note: Notification, *, realm: str, realm_fp: str, received_at:
     """
     headers: dict[str, str | int] = {"realm": realm, "received_at": int(received_at * 1000)}
     entity = note.entity_id
-    if entity is not None:
+    if entity is not None and len(entity.encode("utf-8", "surrogatepass")) <= MAX_ENTITY_ID_BYTES:
         headers["entity_id"] = entity
     return Outbound(
         kind=KIND_EVENT,
@@ -168,10 +178,14 @@ def quarantine_message(
     """Keep a frame that is not a valid notification, with the reason, for the quarantine queue.
 
     Any realm key that appears in the raw frame or the reason, raw or escaped, is replaced by its
-    fingerprint; the detail is truncated only after that.
+    fingerprint (the detail is truncated only after that); every other byte is kept as received,
+    invalid UTF-8 included.
     """
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    body = redact(text, secrets).encode("utf-8", "surrogatepass")
+    if isinstance(raw, bytes):
+        # surrogateescape round-trips every byte, so invalid UTF-8 survives redaction unchanged.
+        body = redact(raw.decode("utf-8", "surrogateescape"), secrets).encode("utf-8", "surrogateescape")
+    else:
+        body = redact(raw, secrets).encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(realm.encode() + b"\x00" + body).hexdigest()[:32]
     headers: dict[str, str | int] = {
         "realm": realm,
@@ -188,6 +202,40 @@ def quarantine_message(
         received_at=received_at,
         metric_kind=error.reason,
     )
+
+
+def unpublishable_message(msg: Outbound, detail: str) -> Outbound:
+    """The quarantine copy of an event RabbitMQ refuses for good (a poison message).
+
+    The body is kept as it was; the headers are a small bounded set (whatever made
+    the original unpublishable, such as oversized headers, is left out).
+    """
+    realm = str(msg.headers.get("realm", ""))[:MAX_ENTITY_ID_BYTES]
+    headers: dict[str, str | int] = {
+        "realm": realm,
+        "reason": UNPUBLISHABLE,
+        "detail": detail[:500],
+        "original_routing_key": msg.routing_key,
+        "received_at": int(msg.received_at * 1000),
+    }
+    return Outbound(
+        kind=KIND_QUARANTINE,
+        routing_key=UNPUBLISHABLE,
+        message_id=msg.message_id,
+        body=msg.body,
+        headers=headers,
+        received_at=msg.received_at,
+        metric_kind=UNPUBLISHABLE,
+    )
+
+
+def header_frame_bytes(properties: Basic.Properties) -> int:
+    """Size of the AMQP content-header frame these properties make (payload and 8 bytes of framing).
+
+    It must not exceed the connection's ``frame_max``: unlike the body, the
+    header is never split, and RabbitMQ closes the connection (501 FRAME_ERROR).
+    """
+    return 8 + 12 + len(properties.marshal())
 
 
 def amqp_properties(msg: Outbound, extra_headers: dict[str, str] | None = None) -> Basic.Properties:

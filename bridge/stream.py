@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from bridge import __version__
 from bridge.backoff import Backoff
 from bridge.config import Realm, Settings
-from bridge.contract import DETAIL_LIMIT, Outbound, event_message, quarantine_message
+from bridge.contract import DETAIL_LIMIT, KIND_EVENT, Outbound, event_message, quarantine_message
 from bridge.errors import ProtocolError, RealmRejected, StreamError
 from bridge.metrics import DisconnectReason, Metrics
 from bridge.secrets import clip, redact, redact_url
@@ -44,7 +45,7 @@ from bridge.wire import (
     unsubscribe_frame,
 )
 
-__all__ = ["EventSink", "StreamClient", "StreamHealth", "StreamState"]
+__all__ = ["EventSink", "FrameResult", "StreamClient", "StreamHealth", "StreamState", "frame_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,58 @@ log = logging.getLogger(__name__)
 # answer to unsubscribe on shutdown.
 _REJECT_GRACE = 2.0
 _UNSUBSCRIBE_GRACE = 2.0
+# Frames websockets may hold read but not yet consumed: each is at most max_frame_bytes.
+_MAX_QUEUE = 4
+# WebSocket close code of a message above max_size (RFC 6455 "message too big").
+_CLOSE_TOO_BIG = 1009
+# error frames: at most one log line per this many seconds (every one is counted).
+_ERROR_LOG_EVERY = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResult:
+    """What one raw frame became.
+
+    Attributes:
+        frames: the parsed frames (empty when the frame was quarantined).
+        messages: what goes to the sink: events, or the one quarantine message.
+        rejected: why the frame was quarantined, or None.
+    """
+
+    frames: list[Frame]
+    messages: list[Outbound]
+    rejected: ProtocolError | None
+
+
+def frame_messages(
+    raw: str | bytes,
+    *,
+    realm: str,
+    realm_fp: str,
+    secrets: tuple[str, ...],
+    max_bytes: int,
+    received_at: float,
+) -> FrameResult:
+    """Turn one raw frame into messages; total: any failure becomes a quarantine message.
+
+    This is the frame boundary: whatever a frame holds, it never raises, so no
+    frame can end the process. A frame with several notifications is kept whole
+    in quarantine when any of them cannot be made into a message.
+    """
+    try:
+        frames = parse_frames(raw, max_bytes=max_bytes)
+        events = [
+            event_message(frame, realm=realm, realm_fp=realm_fp, received_at=received_at)
+            for frame in frames
+            if isinstance(frame, Notification)
+        ]
+        return FrameResult(frames, events, None)
+    except ProtocolError as exc:
+        error = exc
+    except Exception as exc:  # the frame boundary: quarantine, never crash
+        error = ProtocolError("unencodable", f"{type(exc).__name__}: {str(exc)[:200]}")
+    msg = quarantine_message(raw, error, realm=realm, secrets=secrets, received_at=received_at)
+    return FrameResult([], [msg], error)
 
 
 class EventSink(Protocol):
@@ -139,6 +192,8 @@ class StreamClient:
         self._stopping = False
         self._unsubscribed = asyncio.Event()
         self._warned_reasons: set[str] = set()
+        self._error_log_at = -math.inf
+        self._errors_unlogged = 0
 
     @property
     def realm(self) -> Realm:
@@ -195,10 +250,13 @@ class StreamClient:
         except _Closed as closed:
             return _Ended(closed.reason, str(closed), subscribed_at)
         except ConnectionClosed as exc:
+            self._count_oversize(exc)
             return _Ended(DisconnectReason.CLOSED, redact(_close_detail(exc), self._secrets), subscribed_at)
         except (OSError, InvalidHandshake, TimeoutError, StreamError) as exc:
             reason = DisconnectReason.ERROR if handshake_done else DisconnectReason.CONNECT_FAILED
             return _Ended(reason, redact(f"{type(exc).__name__}: {exc}", self._secrets), subscribed_at)
+        except UnicodeError:  # the IDNA codec refuses the host name ("a..b"): retried like a DNS failure
+            return _Ended(DisconnectReason.CONNECT_FAILED, "invalid host name in the stream URL", subscribed_at)
         except InvalidURI as exc:  # pragma: no cover - config validation catches it first
             raise StreamError(f"invalid stream URL: {exc}") from None
 
@@ -208,8 +266,9 @@ class StreamClient:
             open_timeout=self._settings.subscribe_timeout,
             ping_interval=None,  # keepalive is ours: text PING plus our own pings
             close_timeout=2,
-            max_size=max(self._settings.max_frame_bytes * 16, 16 * 1024 * 1024),
-            max_queue=64,
+            # Never read or buffer a frame above the limit: websockets closes with 1009 instead.
+            max_size=self._settings.max_frame_bytes,
+            max_queue=_MAX_QUEUE,
             user_agent_header=f"orangepill-bridge/{__version__}",
             ssl=stream_ssl_context(self._settings),
         )
@@ -245,6 +304,10 @@ class StreamClient:
             self._reject(handshake.detail)
         if outcome is SubscribeOutcome.NO_ANSWER:
             raise _Closed(DisconnectReason.SUBSCRIBE_TIMEOUT, handshake.detail)
+        if outcome is SubscribeOutcome.SERVER_ERROR:
+            self._metrics.error_frame()
+            detail = redact(handshake.detail, self._secrets)
+            raise _Closed(DisconnectReason.ERROR, f"the server answered subscribe with an error: {detail}")
         now = time.monotonic()
         self._state.set(self._name, connected=True, subscribed=True)
         log.info("stream subscribed realm=%s", self._name)
@@ -272,6 +335,7 @@ class StreamClient:
                         self._unsubscribed.set()
         except ConnectionClosed as exc:
             closed = exc
+            self._count_oversize(exc)
         finally:
             if not keeper.done():
                 keeper.cancel()
@@ -331,32 +395,45 @@ class StreamClient:
             pass
 
     async def _handle(self, raw: str | bytes) -> list[Frame]:
-        """Parse one frame and hand what must be kept to the sink; return the parsed frames."""
+        """Turn one frame into messages, hand them to the sink; return the parsed frames."""
         now = time.time()
         self._liveness.heard(time.monotonic())
-        try:
-            frames = parse_frames(raw, max_bytes=self._settings.max_frame_bytes)
-        except ProtocolError as exc:
-            await self._quarantine(raw, exc, now)
-            return []
-        for frame in frames:
-            if isinstance(frame, Notification):
-                msg = event_message(frame, realm=self._name, realm_fp=self._realm_fp, received_at=now)
-                await self._sink.put(msg)
+        result = frame_messages(
+            raw,
+            realm=self._name,
+            realm_fp=self._realm_fp,
+            secrets=self._secrets,
+            max_bytes=self._settings.max_frame_bytes,
+            received_at=now,
+        )
+        if result.rejected is not None:
+            self._log_rejected(result.rejected)
+        for msg in result.messages:
+            await self._sink.put(msg)
+            if msg.kind == KIND_EVENT:
                 self._metrics.event_received(msg.metric_kind, now)
-            elif isinstance(frame, Other):
+        for frame in result.frames:
+            if isinstance(frame, Other):
                 self._metrics.frame_other(frame.kind)
             elif isinstance(frame, ErrorFrame) and self._state.subscribed.get(self._name):
-                self._metrics.error_frame()
-                log.warning(
-                    "stream error frame realm=%s message=%s",
-                    self._name, clip(redact(frame.message, self._secrets), DETAIL_LIMIT),
-                )  # fmt: skip
-        return frames
+                self._error_frame(frame)
+        return result.frames
 
-    async def _quarantine(self, raw: str | bytes, exc: ProtocolError, now: float) -> None:
+    def _error_frame(self, frame: ErrorFrame) -> None:
+        """Count every error frame; log at most one line a second, with how many were not logged."""
+        self._metrics.error_frame()
+        now = time.monotonic()
+        if now - self._error_log_at < _ERROR_LOG_EVERY:
+            self._errors_unlogged += 1
+            return
+        log.warning(
+            "stream error frame realm=%s message=%s (%d more since the last line)",
+            self._name, clip(redact(frame.message, self._secrets), DETAIL_LIMIT), self._errors_unlogged,
+        )  # fmt: skip
+        self._error_log_at, self._errors_unlogged = now, 0
+
+    def _log_rejected(self, exc: ProtocolError) -> None:
         self._metrics.rejected(exc.reason)
-        msg = quarantine_message(raw, exc, realm=self._name, secrets=self._secrets, received_at=now)
         level = logging.DEBUG if exc.reason in self._warned_reasons else logging.WARNING
         self._warned_reasons.add(exc.reason)
         log.log(
@@ -364,7 +441,16 @@ class StreamClient:
             "frame quarantined realm=%s reason=%s detail=%s (further ones of this reason at DEBUG)",
             self._name, exc.reason, clip(redact(exc.detail, self._secrets), DETAIL_LIMIT),
         )  # fmt: skip
-        await self._sink.put(msg)
+
+    def _count_oversize(self, exc: ConnectionClosed) -> None:
+        """A frame above --max-frame-bytes: websockets refused to read it (close 1009); count it."""
+        if exc.sent is not None and exc.sent.code == _CLOSE_TOO_BIG:
+            self._metrics.rejected("oversize")
+            log.warning(
+                "stream frame above the limit of %d bytes (--max-frame-bytes) realm=%s: not read, "
+                "not kept; closing the connection (1009) and reconnecting",
+                self._settings.max_frame_bytes, self._name,
+            )  # fmt: skip
 
 
 def _close_detail(exc: ConnectionClosed | None) -> str:

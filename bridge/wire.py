@@ -22,6 +22,7 @@ from bridge.errors import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "MAX_DEPTH",
     "PING",
     "REJECT_REASONS",
     "ErrorFrame",
@@ -36,6 +37,7 @@ __all__ = [
     "Subscribed",
     "Timestamp",
     "Unsubscribed",
+    "dumps_exact",
     "parse_frame",
     "parse_frames",
     "subscribe_frame",
@@ -57,7 +59,12 @@ REJECT_REASONS: Final = (
     "missing_event",
     "invalid_routing_key",
     "oversize",
+    "too_deep",  # nested deeper than MAX_DEPTH
+    "unencodable",  # parsed, but could not be turned into a message (the frame boundary's catch-all)
 )
+
+MAX_DEPTH: Final = 64
+"""Deepest nesting of arrays/objects a notification may hold (orjson stops at 254 when encoding)."""
 
 _NONE_REALM: Final = "NONE"
 _MAX_ROUTING_KEY_BYTES: Final = 255
@@ -182,19 +189,81 @@ def parse_frame(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
         ProtocolError: the frame is not a valid notification (the caller
             quarantines it); ``reason`` is one of ``REJECT_REASONS``.
     """
-    size = len(raw) if isinstance(raw, bytes) else _utf8_len(raw)
+    size = len(raw) if isinstance(raw, bytes) else _utf8_len(raw, max_bytes)
     if size > max_bytes:
         raise ProtocolError("oversize", f"frame of {size} bytes exceeds the limit of {max_bytes}")
     text_token = _as_token(raw)
     if text_token is not None:
         return Other(kind="text", detail=text_token)
-    try:
-        obj = orjson.loads(raw)
-    except (orjson.JSONDecodeError, UnicodeError, TypeError) as exc:
-        raise ProtocolError("bad_json", f"frame is not valid JSON ({_short(str(exc))})") from None
+    obj = _loads(raw)
     if not isinstance(obj, dict):
         raise ProtocolError("not_object", f"frame is JSON {type(obj).__name__}, not an object")
+    _check_depth(obj)
     return _from_object(obj)
+
+
+# A run of 19+ digits may be an integer orjson would turn into a float (it keeps
+# 64 bits exact); such frames are parsed by the stdlib, which keeps every int exact.
+_LONG_DIGITS = re.compile(rb"[0-9]{19,}")
+_LONG_DIGITS_STR = re.compile(r"[0-9]{19,}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number is infinity when parsed as double")
+    return value
+
+
+# The stdlib decoder with orjson's rules: no NaN/Infinity, no float overflow.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _loads(raw: str | bytes) -> Any:
+    long_digits = (
+        _LONG_DIGITS.search(raw) if isinstance(raw, bytes) else _LONG_DIGITS_STR.search(raw)
+    )
+    try:
+        if long_digits is None:
+            return orjson.loads(raw)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise ProtocolError("too_deep", "frame is nested too deeply to parse") from None
+    except (ValueError, UnicodeError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+        raise ProtocolError("bad_json", f"frame is not valid JSON ({_short(str(exc))})") from None
+
+
+def _check_depth(obj: Any) -> None:
+    """Refuse values nested deeper than MAX_DEPTH (an iterative walk: no recursion)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError("too_deep", f"frame is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+
+
+def dumps_exact(value: Any, *, sort_keys: bool = False) -> bytes:
+    """Encode JSON as orjson does, but keep integers wider than 64 bits exact (stdlib fallback).
+
+    Raises:
+        TypeError, ValueError: the value cannot be encoded (a lone surrogate, too deep).
+    """
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+    text = json.dumps(value, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
 
 
 def parse_frames(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Frame]:
@@ -228,7 +297,6 @@ def _lenient_objects(raw: str | bytes) -> list[dict[str, Any]] | None:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError:
         return None
-    decoder = json.JSONDecoder()
     objects: list[dict[str, Any]] = []
     index, end = 0, len(text)
     while True:
@@ -237,11 +305,12 @@ def _lenient_objects(raw: str | bytes) -> list[dict[str, Any]] | None:
         if index >= end or text[index] != "{":
             break
         try:
-            value, index = decoder.raw_decode(text, index)
+            value, index = _DECODER.raw_decode(text, index)
         except (ValueError, RecursionError):
             break
         if not isinstance(value, dict):
             return None
+        _check_depth(value)
         objects.append(value)
     rest = text[index:].strip()
     if not objects:
@@ -272,9 +341,9 @@ def _from_object(obj: dict[str, Any]) -> Frame:
     return Other(kind="unknown_type", detail=_short(str(kind), 64))
 
 
-def _utf8_len(text: str) -> int:
+def _utf8_len(text: str, limit: int) -> int:
     # Cheap bound first: a str of n code points is at most 4n UTF-8 bytes.
-    if len(text) * 4 <= DEFAULT_MAX_FRAME_BYTES:
+    if len(text) * 4 <= limit:
         return len(text)
     return len(text.encode("utf-8", "surrogatepass"))
 
@@ -329,9 +398,9 @@ def _notification(obj: dict[str, Any]) -> Notification:
     flat: dict[str, Any] = {"type": "notification", "event": event, "data": data, "timestamp": timestamp}
     flat.update(extras)
     try:
-        body = orjson.dumps(flat)
-    except TypeError as exc:  # pragma: no cover - orjson.loads output always dumps
-        raise ProtocolError("bad_json", _short(str(exc))) from None
+        body = dumps_exact(flat)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError("unencodable", _short(str(exc))) from None
     return Notification(
         event=event, data=data, timestamp=_ts(timestamp), body=body, shape=shape, extra=dict(extras)
     )
@@ -390,7 +459,8 @@ class SubscribeOutcome(enum.Enum):
 
     PENDING = "pending"  # nothing decisive yet: keep reading
     ACCEPTED = "accepted"  # info (the realm), subscribe, or events already flowing
-    KEY_REJECTED = "key_rejected"  # an error frame, or info NONE and then nothing/closed: fatal
+    KEY_REJECTED = "key_rejected"  # info NONE (then error/nothing/closed), or an error naming the key: fatal
+    SERVER_ERROR = "server_error"  # an error frame that does not name the key: retry with backoff
     NO_ANSWER = "no_answer"  # the timeout passed without a word about the key: retry
     CLOSED_UNANSWERED = "closed_unanswered"  # the server closed before answering: retry
 
@@ -403,6 +473,8 @@ class Handshake:
     ``error``. A server that starts streaming without answering is delivering,
     so that counts as success. After info NONE the machine waits ``reject_grace``
     seconds for the error's text; without it the key still counts as rejected.
+    An ``error`` without info NONE is fatal only when its text names the key
+    or realm; any other error (a server in trouble) is ``SERVER_ERROR``: retried.
 
     Attributes:
         outcome: where the handshake stands.
@@ -423,7 +495,10 @@ class Handshake:
         if self.outcome is not SubscribeOutcome.PENDING:
             return self.outcome
         if isinstance(frame, ErrorFrame):
-            return self._finish(SubscribeOutcome.KEY_REJECTED, frame.message or "error frame")
+            # Only a refused key is fatal; "Service temporarily unavailable" is worth a retry.
+            if self._saw_info_none or _names_the_key(frame.message):
+                return self._finish(SubscribeOutcome.KEY_REJECTED, frame.message or "error frame")
+            return self._finish(SubscribeOutcome.SERVER_ERROR, frame.message or "error frame")
         if isinstance(frame, Info) and not frame.accepted:
             # info NONE: the error with its text follows; wait briefly for it.
             self._saw_info_none = True
@@ -456,6 +531,14 @@ class Handshake:
     def _finish(self, outcome: SubscribeOutcome, detail: str) -> SubscribeOutcome:
         self.outcome, self.detail = outcome, detail
         return outcome
+
+
+_KEY_WORDS = re.compile(r"\b(key|realm)\b", re.IGNORECASE)
+
+
+def _names_the_key(message: str) -> bool:
+    """True when an error's text is about the realm key ("Invalid Realm Key.")."""
+    return _KEY_WORDS.search(message) is not None
 
 
 # -- link liveness -------------------------------------------------------------------

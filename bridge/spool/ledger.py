@@ -75,6 +75,7 @@ class Ledger:
         self.committed_id = snapshot.next_id - 1
         self._pending: list[Spooled] = []
         self.pending_bytes = 0
+        self.writing_bytes = 0  # body bytes of the transaction being written (neither pending nor on disk)
         self._deletes: list[int] = []
         self._window: collections.deque[Spooled] = collections.deque()
         self.window_bytes = 0
@@ -143,7 +144,9 @@ class Ledger:
     def take_writes(self) -> tuple[list[Spooled], list[int]]:
         """Everything to write in the next transaction: pending rows and deletes."""
         rows, self._pending = self._pending, []
-        self.pending_bytes -= sum(map(_size, rows))
+        size = sum(map(_size, rows))
+        self.pending_bytes -= size
+        self.writing_bytes = size
         deletes, self._deletes = self._deletes, []
         return rows, deletes
 
@@ -151,10 +154,12 @@ class Ledger:
         """The transaction failed: its rows and deletes go back in front of newer ones."""
         self._pending[:0] = rows
         self.pending_bytes += sum(map(_size, rows))
+        self.writing_bytes = 0
         self._deletes[:0] = deletes
 
     def committed(self, rows: list[Spooled]) -> None:
         """The rows are on disk: into the window while it has room, else counted as on disk only."""
+        self.writing_bytes = 0
         if not rows:
             return
         self.committed_id = rows[-1].id
