@@ -28,7 +28,7 @@ def test_check_with_an_invalid_host_name_says_so(tmp_path: Path) -> None:
     """check with hosts such as a..b (refused by the IDNA codec) reports them as invalid, exit 1, no traceback."""
     port = free_port()
     out = _bridge(
-        "check", "--stream-url", f"ws://a..b:{port}/", "--realm-key", "k",
+        "check", "--stream-url", f"ws://a..b:{port}/", "--realm-key", "hostile-realm-key-0123",
         "--amqp-url", f"amqp://guest:guest@a..b:{port}/",
     )  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
