@@ -45,6 +45,7 @@ from typing import Any
 
 import psutil
 
+from bench.common import parse_metrics
 from tests import helpers
 from tests.helpers import free_port
 
@@ -208,19 +209,6 @@ def _http(url: str, method: str = "GET", timeout: float = 3.0) -> tuple[int, str
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(errors="replace")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {sample name: value summed over labels}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        with contextlib.suppress(ValueError):
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
 
 
 # -- bridge replicas -----------------------------------------------------------------------------

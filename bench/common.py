@@ -196,17 +196,22 @@ class BridgeProcess(helpers.BridgeProcess):
 
     def metrics(self) -> dict[str, float]:
         """The bridge's /metrics, summed over labels, by sample name."""
-        out: dict[str, float] = {}
         with contextlib.suppress(OSError):
-            _, text = self._get("/metrics")
-            for line in text.splitlines():
-                if not line or line.startswith("#"):
-                    continue
-                name_labels, _, value = line.rpartition(" ")
-                name = name_labels.split("{", 1)[0]
-                with contextlib.suppress(ValueError):
-                    out[name] = out.get(name, 0.0) + float(value)
-        return out
+            return parse_metrics(self._get("/metrics")[1])
+        return {}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {sample name: value summed over labels}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        with contextlib.suppress(ValueError):
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
 
 
 def spool_bytes(path: str) -> int:
