@@ -8,7 +8,7 @@ import glob
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
 from aiohttp import web
@@ -24,8 +24,8 @@ from bridge.ha import Announcer, Follower, LeaderEvidence, spool_paths
 from bridge.http import start_http
 from bridge.leadership import Leadership, RealmLock, Role
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher
-from bridge.spool import MEMORY, CloseReport, Spool, SpoolStats
+from bridge.publisher import MessageSource, Publisher
+from bridge.spool import MEMORY, CloseReport, Spool, Spooled, SpoolStats
 from bridge.stream import EventSink, StreamClient, StreamState
 from bridge.tls import amqp_connect_kwargs
 
@@ -201,16 +201,33 @@ class Bridge:
                 await lane.spool.discard(ids)
 
     async def _expire_windows(self, stop: asyncio.Event) -> None:
-        """A standby keeps ``--standby-window`` seconds (and bytes), but only while its realm's leader is heard."""
+        """A standby keeps ``--standby-window`` seconds (and bytes), but only while its realm's leader is heard.
+
+        What falls out of the window is published, not dropped: the leader announces every id it had
+        confirmed, so an event still here after the window is one the leader never had (its own link
+        was down or reconnecting at that moment, or it restarted and won the lock back) or whose
+        announcement was lost. Publishing it costs a duplicate at worst (same ``message_id``);
+        dropping it would lose it. With no leader heard, a standby keeps everything.
+        """
         settings = self.settings
         while not await _wait(stop, _EXPIRE_INTERVAL):
             for lane in self.lanes.values():
-                if lane.leading or not self.evidence.alive(lane.realm.fingerprint, time.monotonic()):
+                if lane.leading or not lane.spool.depth or not self.evidence.alive(
+                    lane.realm.fingerprint, time.monotonic()
+                ):
                     continue
+                tail = _WindowTail(lane.spool, time.time() - settings.standby_window, settings.standby_window_bytes)
                 try:
-                    await lane.spool.expire(time.time() - settings.standby_window, settings.standby_window_bytes)
+                    published = await self._publish_source(tail, tail.finished)
                 except SpoolError:
                     log.debug("standby window not trimmed", exc_info=True)
+                    continue
+                if published:
+                    log.warning(
+                        "realm %s: published %d events the leader never confirmed (older than the standby "
+                        "window: the leader missed them, or its announcements were lost)",
+                        lane.realm.label, published,
+                    )  # fmt: skip
 
     # -- health ---------------------------------------------------------------------
 
@@ -336,18 +353,10 @@ class Bridge:
 
     async def _drain_file(self, path: str) -> None:
         spool = await Spool.open(path, max_bytes=self.settings.spool_max_bytes)
-        publisher = Publisher(self.settings, spool, self.metrics, self.broker)
         log.info("publishing %d events kept by an earlier run in %s", spool.depth, path)
-        stop = asyncio.Event()
-        task = asyncio.create_task(publisher.run(stop))
         try:
-            while spool.depth and not self._publish_stop.is_set() and not task.done():
-                await _wait(self._publish_stop, 0.05)
+            await self._publish_source(spool, lambda: spool.depth == 0)
         finally:
-            stop.set()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, timeout=self.settings.drain_timeout + 2)
-            await publisher.drain(self.settings.drain_timeout)
             report = await spool.close(give_up_after=self.settings.drain_timeout)
         if report.kept == 0 and report.lost == 0 and report.error is None:
             for suffix in ("", "-wal", "-shm"):
@@ -356,6 +365,27 @@ class Bridge:
             log.info("published every event of %s; file removed", path)
         else:
             log.warning("%s still holds %d events; they are published at the next start", path, report.kept)
+
+    async def _publish_source(self, source: MessageSource, finished: Callable[[], bool]) -> int:
+        """Publish from ``source`` with a publisher of its own until ``finished()``; how many were confirmed."""
+        confirmed = 0
+
+        def count(_message_id: str) -> None:
+            nonlocal confirmed
+            confirmed += 1
+
+        publisher = Publisher(self.settings, source, self.metrics, self.broker, on_confirmed=count)
+        stop = asyncio.Event()
+        task = asyncio.create_task(publisher.run(stop))
+        try:
+            while not finished() and not self._publish_stop.is_set() and not task.done():
+                await _wait(self._publish_stop, 0.05)
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=self.settings.drain_timeout + 2)
+            await publisher.drain(self.settings.drain_timeout)
+        return confirmed
 
     async def _watch(self, stop: asyncio.Event) -> BaseException | None:
         """Wait for ``stop``, or for a stream, the broker link or a publisher to fail; return what was fatal."""
@@ -480,6 +510,44 @@ async def _keep_running(name: str, run: Callable[[asyncio.Event], Awaitable[None
         except Exception as exc:
             log.debug("ha %s stopped (%s); restarting", name, type(exc).__name__, exc_info=True)
             await _wait(stop, 1.0)
+
+
+class _WindowTail:
+    """A standby's spool as a publisher source that hands out only what fell out of the window.
+
+    Messages come oldest first; the first one still inside the window (received after ``cutoff``,
+    and within the byte budget) ends the tail: it and anything after it go straight back.
+    """
+
+    def __init__(self, spool: Spool, cutoff: float, max_bytes: int) -> None:
+        self._spool = spool
+        self._cutoff = cutoff
+        self._over = max(0, spool.bytes - max_bytes)  # body bytes beyond the budget, oldest first
+        self.done = False
+
+    def finished(self) -> bool:
+        """Whether the tail has been published (the first message inside the window was reached)."""
+        return self.done
+
+    async def get_batch(self, max_n: int) -> list[Spooled]:
+        if self.done or not self._spool.depth:
+            self.done = True
+            await asyncio.Event().wait()  # the caller stops the publisher, which cancels this wait
+        batch = await self._spool.get_batch(max_n)
+        for n, item in enumerate(batch):
+            size = len(item.msg.body)
+            if item.msg.received_at >= self._cutoff and self._over <= 0:
+                self._spool.release(batch[n:])
+                self.done = True
+                return batch[:n]
+            self._over -= size
+        return batch
+
+    def ack(self, ids: Iterable[int]) -> None:
+        self._spool.ack(ids)
+
+    def release(self, items: Iterable[Spooled]) -> None:
+        self._spool.release(items)
 
 
 class _ShownSink:
