@@ -316,7 +316,7 @@ class Spool:
         """
         if self._ledger.ack(ids):
             self._update_full()
-            self._committer.wake()
+            self._committer.wake_deletes(urgent=self._threshold.full)
             if self._ledger.ready:
                 self._ready.set()
 

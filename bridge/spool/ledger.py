@@ -115,6 +115,11 @@ class Ledger:
         return bool(self._deletes)
 
     @property
+    def deletes(self) -> int:
+        """Acks or drops waiting to be written."""
+        return len(self._deletes)
+
+    @property
     def room(self) -> bool:
         """True while an ``add`` keeps pending bytes within bounds (an empty pending always has room)."""
         return not self._pending or self.pending_bytes < self.limits.pending_bytes
