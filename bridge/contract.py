@@ -287,10 +287,29 @@ def properties_bytes(msg: Outbound, extra_headers: dict[str, str] | None = None)
     """The encoded AMQP properties of ``amqp_properties(msg, extra_headers)`` (flags and values).
 
     Byte for byte what pamqp marshals for those properties, at a fraction of the
-    cost: the constant parts are encoded once, the headers table by pamqp.
+    cost: the constant parts are encoded once, the headers table by ``_table``.
     """
     headers = msg.headers if not extra_headers else {**msg.headers, **extra_headers}
     is_event = msg.kind == KIND_EVENT
+    message_id = msg.message_id.encode()
+    kind = (msg.routing_key if is_event else "quarantine").encode()
+    if len(message_id) > 255 or len(kind) > 255:
+        return _properties_slow(msg, headers, is_event)
+    return b"".join((
+        _PROPS_START[KIND_EVENT if is_event else KIND_QUARANTINE],
+        _table(headers),
+        _PERSISTENT,
+        _SHORT_LEN[len(message_id)],
+        message_id,
+        _Q.pack(int(msg.received_at)),
+        _SHORT_LEN[len(kind)],
+        kind,
+        _APP_ID_FIELD,
+    ))  # fmt: skip
+
+
+def _properties_slow(msg: Outbound, headers: dict[str, str | int], is_event: bool) -> bytes:
+    """``properties_bytes`` through pamqp's encoders (which raise on a string above 255 bytes)."""
     return b"".join((
         _PROPS_START[KIND_EVENT if is_event else KIND_QUARANTINE],
         _table(headers),
@@ -302,8 +321,16 @@ def properties_bytes(msg: Outbound, extra_headers: dict[str, str] | None = None)
     ))  # fmt: skip
 
 
+_SHORT_LEN: Final = tuple(bytes((n,)) for n in range(256))
 _I: Final = struct.Struct(">I")
+_LONG_LONG: Final = struct.Struct(">q")
 _key_cache: dict[str, bytes] = {}
+_realm_cache: dict[str, bytes] = {}  # the realm header: one value per lane, encoded once
+
+
+def _str_field(value: str) -> bytes:
+    data = value.encode("utf-8")
+    return b"".join((b"S", _I.pack(len(data)), data))
 
 
 def _table(headers: dict[str, str | int]) -> bytes:
@@ -317,11 +344,21 @@ def _table(headers: dict[str, str | int]) -> bytes:
                 return field_table(dict(headers))  # pamqp's rules for anything unusual
             name = _key_cache[key] = short_string(key)
         out.append(name)
-        if type(value) is str:
-            data = value.encode("utf-8")
-            out.append(b"S" + _I.pack(len(data)) + data)
-        elif type(value) is int:
-            out.append(table_integer(value))
+        if isinstance(value, str):
+            if key == "realm":
+                field = _realm_cache.get(value)
+                if field is None:
+                    if len(_realm_cache) >= 256:
+                        _realm_cache.clear()
+                    field = _realm_cache[value] = _str_field(value)
+                out.append(field)
+            else:
+                out.append(_str_field(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if 2**32 <= value < 2**63 or -(2**63) <= value < -(2**31):
+                out.append(b"l" + _LONG_LONG.pack(value))  # what table_integer picks for these
+            else:
+                out.append(table_integer(value))
         else:
             return field_table(dict(headers))
     body = b"".join(out)

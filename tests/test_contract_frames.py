@@ -39,7 +39,18 @@ _ODD = Outbound(
     routing_key="a",
     message_id="m",
     body=b"",
-    headers={"realm": "", "small": 7, "neg": -40000, "mid": 70000, "big": 2**40},
+    headers={
+        "realm": "",
+        "small": 7,
+        "neg": -40000,
+        "mid": 70000,
+        "big": 2**40,
+        "u32": 2**31,
+        "u32top": 2**32 - 1,
+        "i64": 2**32,
+        "low": -(2**31) - 1,
+        "bool": True,
+    },
     received_at=0.0,
 )
 
