@@ -49,10 +49,14 @@ _ODD = Outbound(
         "u32top": 2**32 - 1,
         "i64": 2**32,
         "low": -(2**31) - 1,
-        "bool": True,
     },
     received_at=0.0,
 )
+
+
+_FALLBACK = Outbound(
+    kind=KIND_EVENT, routing_key="a", message_id="m", body=b"x", headers={"realm": "r", "flag": True}, received_at=1.0
+)  # a bool header: the whole table goes through pamqp
 
 
 def _reference(msg: Outbound, extra: dict[str, str] | None, mandatory: bool, frame_max: int) -> bytes:
@@ -72,7 +76,9 @@ def _reference(msg: Outbound, extra: dict[str, str] | None, mandatory: bool, fra
     return b"".join(pamqp.frame.marshal(f, 7) for f in frames)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("msg", [_EVENT, _QUARANTINE, _ODD], ids=["event", "quarantine", "odd_headers"])
+@pytest.mark.parametrize(
+    "msg", [_EVENT, _QUARANTINE, _ODD, _FALLBACK], ids=["event", "quarantine", "odd_headers", "fallback"]
+)
 @pytest.mark.parametrize("mandatory", [True, False])
 def test_frames_match_pamqp(msg: Outbound, mandatory: bool) -> None:
     """Method, content header and body frames equal pamqp's marshalling of the same publish."""
