@@ -29,6 +29,8 @@ SUBJECTS = ("ceiling", "naive", "node", "bridge")
 NODE_LOOP = "node"
 LOOPS = ("uvloop", "asyncio")
 LATENCY_RATE = 1000.0
+LOW_RATE = 100.0  # the bridge's "typical" load: CPU share of one core (target < 2 %)
+LOW_SECONDS = 20.0
 WINDOW = 256
 MIN_SECONDS = 10.0
 
@@ -195,6 +197,15 @@ def latency(subject: str, loop: str, smoke: bool) -> dict[str, Any]:
     return measure(subject, loop, count=count, rate=LATENCY_RATE, latency=True, timeout=60)
 
 
+def low_rate(subject: str, loop: str, smoke: bool) -> dict[str, Any]:
+    """The bridge at 100 events/s for 20 s: its CPU as a share of one core."""
+    count = 200 if smoke else int(LOW_RATE * LOW_SECONDS)
+    res = measure(subject, loop, count=count, rate=LOW_RATE, latency=False, timeout=120)
+    span = res["wall_s"] or 0.0
+    res["cpu_percent_of_core"] = round(100.0 * res["cpu_s"] / span, 2) if span > 0 else None
+    return res
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -230,6 +241,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             },
             "p99_lt_5ms_at_1000_per_s": {"value": p99, "met": p99 is not None and p99 < 5.0},
             "rss_steady_lt_80mb": {"value": rss, "met": rss is not None and rss < 80.0},
+            "cpu_at_100_per_s_lt_2pct_core": {
+                "value": b.get("cpu_percent_at_100_per_s"),
+                "met": (b.get("cpu_percent_at_100_per_s") or 100.0) < 2.0,
+            },
             "rss_peak_mb": b.get("rss_peak_mb"),
         }
     return {"ratios": ratios, "targets": targets}
@@ -323,6 +338,11 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
             _log(f"  {subject:<8} {loop:<8} {rate:,.0f}/s over {t['seconds_first_to_last']:.1f}s; latency ...")
             lat = latency(subject, loop, smoke)
             row = merge(t, lat)
+            if subject == "bridge":
+                low = low_rate(subject, loop, smoke)
+                row["cpu_percent_at_100_per_s"] = low["cpu_percent_of_core"]
+                row["low_rate_run"] = low
+                _log(f"  {subject:<8} {loop:<8} at 100/s: {low['cpu_percent_of_core']} % of one core")
             rows.append(row)
             p = lat["latency"] or {}
             _log(f"  {subject:<8} {loop:<8} p50 {p.get('p50_ms')} ms p99 {p.get('p99_ms')} ms")
@@ -354,6 +374,7 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
             ),
             "rss_peak": "VmHWM of the subject process during the full-speed run",
             "rss_steady": "median RSS over the second half of the 1,000/s run",
+            "cpu_at_100_per_s": "bridge only: utime+stime over 2,000 events offered at 100/s, as a share of one core",
         },
         "rows": rows,
         "skipped": skipped,

@@ -8,11 +8,13 @@ same contract for people; this module is it for code, tests and benchmarks.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from pamqp.commands import Basic
+from pamqp.encode import field_table, short_string, table_integer
 
 from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
@@ -32,6 +34,8 @@ __all__ = [
     "event_message",
     "header_frame_bytes",
     "message_id",
+    "properties_bytes",
+    "publish_frames",
     "quarantine_message",
     "unpublishable_message",
 ]
@@ -258,3 +262,138 @@ def amqp_properties(msg: Outbound, extra_headers: dict[str, str] | None = None) 
         message_type=msg.routing_key if is_event else "quarantine",
         app_id=APP_ID,
     )
+
+
+# -- the wire form of a publish, built without pamqp objects ------------------------------
+# Property flags of the contract's properties (AMQP 0-9-1 basic class): content_type,
+# content_encoding, headers, delivery_mode, message_id, timestamp, type, app_id.
+_FLAGS: Final = 0x8000 | 0x4000 | 0x2000 | 0x1000 | 0x0080 | 0x0040 | 0x0020 | 0x0008
+_H: Final = struct.Struct(">H")
+_Q: Final = struct.Struct(">Q")
+_FRAME: Final = struct.Struct(">BHI")
+_HEADER_START: Final = struct.Struct(">HHQ")  # class 60, weight 0, body size
+_FRAME_END: Final = b"\xce"
+_PROPS_START: Final = {
+    KIND_EVENT: _H.pack(_FLAGS) + short_string("application/json") + short_string("utf-8"),
+    KIND_QUARANTINE: _H.pack(_FLAGS) + short_string("text/plain") + short_string("utf-8"),
+}
+_PERSISTENT: Final = b"\x02"
+_APP_ID_FIELD: Final = short_string(APP_ID)
+_PUBLISH_START: Final = struct.pack(">HHH", 60, 40, 0)  # Basic.Publish, ticket 0
+_method_cache: dict[tuple[int, str, str, bool], bytes] = {}
+
+
+def properties_bytes(msg: Outbound, extra_headers: dict[str, str] | None = None) -> bytes:
+    """The encoded AMQP properties of ``amqp_properties(msg, extra_headers)`` (flags and values).
+
+    Byte for byte what pamqp marshals for those properties, at a fraction of the
+    cost: the constant parts are encoded once, the headers table by ``_table``.
+    """
+    headers = msg.headers if not extra_headers else {**msg.headers, **extra_headers}
+    is_event = msg.kind == KIND_EVENT
+    message_id = msg.message_id.encode()
+    kind = (msg.routing_key if is_event else "quarantine").encode()
+    if len(message_id) > 255 or len(kind) > 255:
+        return _properties_slow(msg, headers, is_event)
+    return b"".join((
+        _PROPS_START[KIND_EVENT if is_event else KIND_QUARANTINE],
+        _table(headers),
+        _PERSISTENT,
+        _SHORT_LEN[len(message_id)],
+        message_id,
+        _Q.pack(int(msg.received_at)),
+        _SHORT_LEN[len(kind)],
+        kind,
+        _APP_ID_FIELD,
+    ))  # fmt: skip
+
+
+def _properties_slow(msg: Outbound, headers: dict[str, str | int], is_event: bool) -> bytes:
+    """``properties_bytes`` through pamqp's encoders (which raise on a string above 255 bytes)."""
+    return b"".join((
+        _PROPS_START[KIND_EVENT if is_event else KIND_QUARANTINE],
+        _table(headers),
+        _PERSISTENT,
+        short_string(msg.message_id),
+        _Q.pack(int(msg.received_at)),
+        short_string(msg.routing_key if is_event else "quarantine"),
+        _APP_ID_FIELD,
+    ))  # fmt: skip
+
+
+_SHORT_LEN: Final = tuple(bytes((n,)) for n in range(256))
+_I: Final = struct.Struct(">I")
+_LONG_LONG: Final = struct.Struct(">q")
+_key_cache: dict[str, bytes] = {}
+_realm_cache: dict[str, bytes] = {}  # the realm header: one value per lane, encoded once
+
+
+def _str_field(value: str) -> bytes:
+    data = value.encode("utf-8")
+    return b"".join((b"S", _I.pack(len(data)), data))
+
+
+def _table(headers: dict[str, str | int]) -> bytes:
+    """``pamqp.encode.field_table`` for the contract's headers (str and int values), with keys encoded once."""
+    out = []
+    for key in sorted(headers):
+        value = headers[key]
+        name = _key_cache.get(key)
+        if name is None:
+            if len(key.encode()) > 128 or len(_key_cache) >= 256:
+                return field_table(dict(headers))  # pamqp's rules for anything unusual
+            name = _key_cache[key] = short_string(key)
+        out.append(name)
+        if isinstance(value, str):
+            if key == "realm":
+                field = _realm_cache.get(value)
+                if field is None:
+                    if len(_realm_cache) >= 256:
+                        _realm_cache.clear()
+                    field = _realm_cache[value] = _str_field(value)
+                out.append(field)
+            else:
+                out.append(_str_field(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if 2**32 <= value < 2**63 or -(2**63) <= value < -(2**31):
+                out.append(b"l" + _LONG_LONG.pack(value))  # what table_integer picks for these
+            else:
+                out.append(table_integer(value))
+        else:
+            return field_table(dict(headers))
+    body = b"".join(out)
+    return _I.pack(len(body)) + body
+
+
+def _frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return b"".join((_FRAME.pack(kind, channel, len(payload)), payload, _FRAME_END))
+
+
+def publish_frames(
+    channel: int, exchange: str, routing_key: str, properties: bytes, body: bytes, *,
+    mandatory: bool, max_content: int,
+) -> bytes:  # fmt: skip
+    """The frames of one ``basic.publish`` (method, content header, body frames) as one byte string.
+
+    Args:
+        channel: the channel number.
+        properties: from ``properties_bytes``.
+        max_content: the largest body frame payload (the connection's ``frame_max`` - 8).
+    """
+    key = (channel, exchange, routing_key, mandatory)
+    method = _method_cache.get(key)
+    if method is None:
+        payload = b"".join((_PUBLISH_START, short_string(exchange), short_string(routing_key),
+                            b"\x01" if mandatory else b"\x00"))  # fmt: skip
+        method = _frame(1, channel, payload)
+        if len(_method_cache) >= 4096:
+            _method_cache.clear()
+        _method_cache[key] = method
+    parts = [method, _frame(2, channel, _HEADER_START.pack(60, 0, len(body)) + properties)]
+    if body:
+        if len(body) < max_content:
+            parts.append(_frame(3, channel, body))
+        else:
+            view = memoryview(body)
+            parts.extend(_frame(3, channel, bytes(view[i : i + max_content])) for i in range(0, len(body), max_content))
+    return b"".join(parts)

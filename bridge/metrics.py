@@ -270,6 +270,10 @@ class Metrics:
         if latency is not None:
             self.publish_latency.observe(latency)
 
+    def confirm_latency(self, latency: float) -> None:
+        """Read-to-confirm seconds of one published event (counted by ``published``)."""
+        self.publish_latency.observe(latency)
+
     def quarantined(self, latency: float | None = None) -> None:
         """RabbitMQ confirmed a frame into the quarantine queue."""
         self.events_quarantined.inc()

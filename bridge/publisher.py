@@ -13,19 +13,30 @@ module is only the confirm window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import aiormq
 from aiormq.abc import AbstractChannel as RawChannel
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.channel import Channel
 
 from bridge.broker import Broker
 from bridge.config import Settings
-from bridge.contract import KIND_EVENT, Outbound, amqp_properties, header_frame_bytes, unpublishable_message
+from bridge.contract import (
+    KIND_EVENT,
+    Outbound,
+    amqp_properties,
+    header_frame_bytes,
+    properties_bytes,
+    publish_frames,
+    unpublishable_message,
+)
 from bridge.metrics import Metrics, PublishFailure
 from bridge.spool import Spooled
 
@@ -75,8 +86,59 @@ class MessageSource(Protocol):
         """Not confirmed: hand out again first."""
 
 
+class _Slot:
+    """One publish written to the channel and not settled yet.
+
+    It stands in aiormq's ``confirmations`` map where ``basic_publish`` would put a
+    future: aiormq calls ``set_result`` (ack, or the returned message) or
+    ``set_exception`` (nack), and skips it once ``done()``. No future, no task.
+    """
+
+    __slots__ = ("batch", "done_", "item", "owner", "tag")
+
+    def __init__(self, owner: Publisher, item: Spooled, batch: _Batch, tag: int) -> None:
+        self.owner = owner
+        self.item = item
+        self.batch = batch
+        self.tag = tag
+        self.done_ = False
+
+    def done(self) -> bool:
+        return self.done_
+
+    def cancelled(self) -> bool:  # aiormq logs a late confirm of a settled slot at DEBUG only then
+        return self.done_
+
+    def set_result(self, result: object) -> None:
+        self.owner._settle(self, result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.owner._settle(self, exc)
+
+    def cancel(self) -> bool:
+        return False
+
+
+class _Batch:
+    """Publishes written in one transport write: one timeout timer for all of them."""
+
+    __slots__ = ("left", "raw", "timer")
+
+    def __init__(self, raw: Channel, left: int) -> None:
+        self.raw = raw
+        self.left = left
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class Publisher:
-    """Moves messages from the spool to RabbitMQ with a window of unconfirmed publishes."""
+    """Moves messages from the spool to RabbitMQ with a window of unconfirmed publishes.
+
+    The publishes of one batch are encoded by ``bridge.contract.publish_frames`` and
+    go to aiormq's connection writer as one write; each holds a ``_Slot`` in the
+    channel's ``confirmations`` map, so aiormq's reader settles them (multiple=True
+    acks included) without a future or a task per message. A channel that closes
+    settles every slot still open as a failure: those go back to the spool.
+    """
 
     def __init__(
         self,
@@ -94,9 +156,15 @@ class Publisher:
         self._metrics = metrics
         self._broker = broker
         self._exchange = broker.topology.exchange
-        self._raw: RawChannel | None = None
-        self._window = asyncio.Semaphore(settings.confirm_window)
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._raw: Channel | None = None
+        self._open: dict[_Slot, None] = {}  # written, not settled, in tag order
+        self._room = asyncio.Event()  # the window has room
+        self._room.set()
+        self._idle = asyncio.Event()  # nothing open
+        self._idle.set()
+        self._side: set[asyncio.Task[None]] = set()  # quarantine / unrouted moves (rare)
+        self._acks: list[Spooled] = []  # confirmed, to settle with the spool in one call
+        self._flush_scheduled = False
         self._failure_pause = 0.0
         broker.reconnected_callbacks.append(self._on_reconnected)
         self._confirmed = 0  # confirms so far: "others get confirmed" for the nack rule
@@ -107,7 +175,7 @@ class Publisher:
     @property
     def in_flight(self) -> int:
         """Publishes awaiting a confirm."""
-        return len(self._in_flight)
+        return len(self._open) + len(self._side)
 
     def _on_reconnected(self) -> None:
         self._failure_pause = 0.0
@@ -146,109 +214,245 @@ class Publisher:
         finally:
             stopper.cancel()
 
+    # -- sending -------------------------------------------------------------------------
+
     async def _publish_batch(self) -> None:
-        """Take as many messages as the window has room for and start a publish task for each.
+        """Take as many messages as the window has room for and write them to the channel at once.
 
         After a refusal for good, the messages that were in flight are resent one
         at a time, so the one that causes it is known (and quarantined).
         """
-        if self._suspects and self._in_flight:
-            await asyncio.wait(set(self._in_flight))
-        await self._window.acquire()
-        try:
-            if self._raw is None or self._raw.is_closed:
-                # aio-pika reopens channels after a reconnect; publish on the current one.
-                self._raw = await self._broker.raw_channel()
-            # One slot is held; every in-flight publish holds one until it is confirmed
-            # (released before it leaves _in_flight), so at least this many are free.
-            free = 1 if self._suspects else max(1, self._settings.confirm_window - len(self._in_flight))
-            batch = await self._source.get_batch(free)
-            if self._suspects and batch and batch[0].id not in self._suspects:
-                # Released messages come back first: the suspects are all settled (or gone).
-                self._suspects.clear()
-        except BaseException:
-            self._window.release()
-            raise
-        # Free by construction: these acquires never wait, so no cancellation lands
-        # between taking the batch and handing every item to a publish task.
-        for _ in batch[1:]:
-            await self._window.acquire()
+        if self._suspects and self._open:
+            await self._idle.wait()
+        await self._room.wait()
+        raw = self._raw
+        if raw is None or raw.is_closed:
+            # aio-pika reopens channels after a reconnect; publish on the current one.
+            underlay = await self._broker.raw_channel()
+            if not isinstance(underlay, Channel):
+                await asyncio.sleep(0.05)
+                return
+            raw = self._raw = underlay
+            raw.closing.add_done_callback(functools.partial(self._channel_closed, raw))
+        free = 1 if self._suspects else max(1, self._settings.confirm_window - len(self._open))
+        batch = await self._source.get_batch(free)
+        if self._suspects and batch and batch[0].id not in self._suspects:
+            # Released messages come back first: the suspects are all settled (or gone).
+            self._suspects.clear()
+        if self._halted:  # demoted while waiting for the batch: none of it leaves
+            self._source.release(batch)
+            return
+        await self._write(raw, batch)
+
+    async def _write(self, raw: Channel, batch: list[Spooled]) -> None:
+        """Encode ``batch`` and hand it to the connection's writer as one write, with a slot per publish."""
+        frame_max = _frame_max(raw)
+        max_content = (frame_max or 131072) - 8
+        # mandatory only where it does something: with the alternate exchange attached the
+        # broker never returns an event (it routes it to <exchange>.unrouted instead).
+        mandatory = not (self._broker.alternate_exchange and self._settings.unroutable == "keep")
+        exchange, number = self._exchange, raw.number
+        parts: list[bytes] = []
+        sent: list[Spooled] = []
         for item in batch:
-            publish = asyncio.create_task(self._publish(item))
-            self._in_flight.add(publish)
-            publish.add_done_callback(self._task_done)
-        self._metrics.in_flight(len(self._in_flight))
-        if not batch:
-            self._window.release()
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        if not self._in_flight:
-            self._metrics.in_flight(0)
-
-    async def _publish(self, item: Spooled) -> None:
-        """Publish one message and settle it with the spool: ack when confirmed, release otherwise."""
-        failure: PublishFailure | None = None
-        if self._halted:  # demoted after the batch was taken: this one never leaves
-            self._window.release()
-            self._source.release([item])
+            msg = item.msg
+            condemned = self._condemned.pop(item.id, None)
+            if condemned is not None:
+                self._spawn(self._quarantine(item, condemned))
+            elif msg.kind != KIND_EVENT:
+                self._spawn(self._send_alone(item))
+            else:
+                props = properties_bytes(msg)
+                if frame_max and (size := _header_size(props)) > frame_max:
+                    self._spawn(self._quarantine(item, _too_big(size, frame_max)))
+                    continue
+                parts.append(publish_frames(number, exchange, msg.routing_key, props, msg.body,
+                                            mandatory=mandatory, max_content=max_content))  # fmt: skip
+                sent.append(item)
+        if not sent:
             return
-        poison: str | None = None
-        alone = len(self._in_flight) <= 1
-        isolated = item.id in self._suspects
-        condemned = self._condemned.pop(item.id, None)
-        if condemned is not None:
-            self._window.release()
-            await self._quarantine(item, condemned)
+        frame = ChannelFrame(payload=b"".join(parts), should_close=False)
+        try:
+            # The lock keeps aiormq's own basic_publish (quarantine moves) from taking a
+            # delivery tag between our write and our tags; tags follow the write order.
+            async with raw.lock:
+                if raw.is_closed:  # closed while we waited for the lock: the batch goes back
+                    self._source.release(sent)
+                    return
+                await raw.write_queue.put(frame)  # nothing was queued if this is cancelled
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):  # the channel closed meanwhile
+            self._source.release(sent)
             return
+        except BaseException:
+            self._source.release(sent)
+            raise
+        # No await from the put to here: the broker numbers these publishes next.
+        group = _Batch(raw, len(sent))
+        confirmations = raw.confirmations
+        by_message_id = raw.message_id_delivery_tag if mandatory else None
+        tag = raw.delivery_tag
+        open_ = self._open
+        for item in sent:
+            tag += 1
+            slot = _Slot(self, item, group, tag)
+            confirmations[tag] = slot  # type: ignore[assignment]  # duck-typed future (_Slot)
+            if by_message_id is not None:
+                by_message_id[item.msg.message_id] = tag
+            open_[slot] = None
+        raw.delivery_tag = tag
+        group.timer = asyncio.get_running_loop().call_later(self._settings.publish_timeout, self._expire, group)
+        self._idle.clear()
+        if len(open_) >= self._settings.confirm_window:
+            self._room.clear()
+        self._metrics.in_flight(self.in_flight)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    # -- settling ------------------------------------------------------------------------
+
+    def _close_slot(self, slot: _Slot) -> bool:
+        """Mark a slot settled; False when it already was."""
+        if slot.done_:
+            return False
+        slot.done_ = True
+        self._open.pop(slot, None)
+        group = slot.batch
+        group.left -= 1
+        if group.left <= 0 and group.timer is not None:
+            group.timer.cancel()
+        by_message_id = group.raw.message_id_delivery_tag
+        if by_message_id:
+            message_id = slot.item.msg.message_id
+            if by_message_id.get(message_id) == slot.tag:
+                del by_message_id[message_id]
+        if len(self._open) < self._settings.confirm_window:
+            self._room.set()
+        if not self._open:
+            self._idle.set()
+            self._metrics.in_flight(len(self._side))
+        return True
+
+    def _settle(self, slot: _Slot, result: object) -> None:
+        """aiormq's reader settled one publish: an ack, a nack, or the returned message."""
+        if not self._close_slot(slot):
+            return
+        item = slot.item
+        if isinstance(result, DeliveredMessage):
+            # Returned: no queue and no alternate exchange took it.
+            self._metrics.unroutable()
+            if self._settings.unroutable == "keep":
+                self._spawn(self._move_unrouted(item))
+            else:
+                self._confirmed_one(item)
+            return
+        if isinstance(result, BaseException):
+            self._metrics.publish_failed(PublishFailure.NACK)
+            poison = self._strike(item.id, "nacked", nack=True)
+            if poison is not None:
+                self._spawn(self._quarantine(item, poison))
+            else:
+                self._failed(item)
+            return
+        self._confirmed_one(item)
+
+    def _confirmed_one(self, item: Spooled) -> None:
+        self._failure_pause = 0.0
+        self._confirmed += 1
+        if self._strikes:
+            self._strikes.pop(item.id, None)
+        if self._suspects:
+            self._suspects.discard(item.id)
+        self._acks.append(item)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        if self._on_confirmed is not None:
+            self._on_confirmed(item.msg.message_id)
+
+    def _flush_acks(self) -> None:
+        """Settle the confirms of one reader pass with the spool and the metrics in one go."""
+        self._flush_scheduled = False
+        acks, self._acks = self._acks, []
+        if not acks:
+            return
+        self._source.ack([item.id for item in acks])
+        now = time.time()
+        counts: dict[str, int] = {}
+        for item in acks:
+            msg = item.msg
+            counts[msg.metric_kind] = counts.get(msg.metric_kind, 0) + 1
+            self._metrics.confirm_latency(max(0.0, now - msg.received_at))
+        for kind, n in counts.items():
+            self._metrics.published(n, kind)
+
+    def _failed(self, item: Spooled) -> None:
+        self._failure_pause = min(5.0, max(0.05, self._failure_pause * 2))
+        self._source.release([item])
+
+    def _expire(self, group: _Batch) -> None:
+        """The publish timeout of a batch ran out: what is still open goes back to the spool."""
+        for slot in [slot for slot in self._open if slot.batch is group]:
+            if self._close_slot(slot):
+                self._metrics.publish_failed(PublishFailure.TIMEOUT)
+                self._failed(slot.item)
+
+    def _channel_closed(self, raw: Channel, closing: asyncio.Future[Any]) -> None:
+        """The channel closed: every publish still open on it goes back (the poison rule may pick one)."""
+        exc = None if closing.cancelled() else closing.exception()
+        slots = [slot for slot in self._open if slot.batch.raw is raw]
+        if raw is self._raw:
+            self._raw = None
+        alone = len(slots) <= 1
+        for slot in slots:
+            if not self._close_slot(slot):
+                continue
+            item = slot.item
+            self._metrics.publish_failed(PublishFailure.CHANNEL)
+            if isinstance(exc, _REFUSED_FOR_GOOD):
+                self._suspects.add(item.id)
+                poison = self._strike(item.id, f"refused ({type(exc).__name__}: {exc})", alone=alone)
+                if poison is not None:
+                    # The refusal closed the connection or channel: quarantine it once reconnected.
+                    self._condemned[item.id] = poison
+            self._failed(item)
+
+    async def _send_alone(self, item: Spooled) -> None:
+        """Publish a quarantine message on its own (the slow, general path) and settle it."""
         try:
             await self._send(self._raw, item.msg)
         except _Unpublishable as exc:
-            poison = str(exc)
-        except aiormq.exceptions.DeliveryError:
-            failure = PublishFailure.NACK
-            poison = self._strike(item.id, "nacked", nack=True)
-        except TimeoutError:
-            failure = PublishFailure.TIMEOUT
-        except _REFUSED_FOR_GOOD as exc:
-            failure = PublishFailure.CHANNEL
-            self._suspects.add(item.id)
-            poison = self._strike(item.id, f"refused ({type(exc).__name__}: {exc})", alone=alone)
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError):
-            failure = PublishFailure.CHANNEL
+            await self._quarantine(item, str(exc))
+            return
+        except (aiormq.exceptions.AMQPError, TimeoutError, ConnectionError, OSError, RuntimeError):
+            self._metrics.publish_failed(PublishFailure.CHANNEL)
+            self._failed(item)
+            return
         except asyncio.CancelledError:
             self._source.release([item])
             raise
-        finally:
-            self._window.release()
-            if isolated and failure is None and poison is None:
-                self._suspects.discard(item.id)
-        if failure is not None:
-            self._metrics.publish_failed(failure)
-        if poison is not None and failure is PublishFailure.CHANNEL:
-            # The refusal closed the connection or channel: quarantine it once reconnected.
-            self._condemned[item.id] = poison
-            self._source.release([item])
-            return
-        if poison is not None:
-            await self._quarantine(item, poison)
-            return
-        if failure is not None:
-            self._failure_pause = min(5.0, max(0.05, self._failure_pause * 2))
-            self._source.release([item])
-            return
         self._failure_pause = 0.0
         self._confirmed += 1
-        self._strikes.pop(item.id, None)
         self._source.ack([item.id])
-        msg = item.msg
-        if self._on_confirmed is not None:
-            self._on_confirmed(msg.message_id)
-        latency = max(0.0, time.time() - msg.received_at)
-        if msg.kind == KIND_EVENT:
-            self._metrics.published(1, msg.metric_kind, latency)
-        else:
-            self._metrics.quarantined(latency)
+        self._metrics.quarantined(max(0.0, time.time() - item.msg.received_at))
+
+    async def _move_unrouted(self, item: Spooled) -> None:
+        """A returned event (exchange without the alternate exchange): keep it in the unrouted queue."""
+        raw = self._raw
+        try:
+            if raw is None or raw.is_closed:
+                raise ConnectionError("not connected")
+            await self._keep_unrouted(raw, item.msg)
+        except (aiormq.exceptions.AMQPError, TimeoutError, ConnectionError, OSError, RuntimeError):
+            self._metrics.publish_failed(PublishFailure.CHANNEL)
+            self._failed(item)
+            return
+        except asyncio.CancelledError:
+            self._source.release([item])
+            raise
+        self._confirmed_one(item)
 
     def _strike(self, spool_id: int, what: str, *, nack: bool = False, alone: bool = False) -> str | None:
         """Count one refusal of a message; returns why it is poison, or None to retry it.
@@ -305,9 +509,7 @@ class Publisher:
         properties = amqp_properties(msg)
         frame_max = _frame_max(raw)
         if frame_max and (size := header_frame_bytes(properties)) > frame_max:
-            raise _Unpublishable(
-                f"its AMQP header frame of {size} bytes exceeds the connection's frame_max of {frame_max}"
-            )
+            raise _Unpublishable(_too_big(size, frame_max))
         result = await raw.basic_publish(
             msg.body,
             exchange=self._exchange if is_event else "",
@@ -341,15 +543,25 @@ class Publisher:
         Returns:
             How many publishes were still unconfirmed when the timeout ran out.
         """
-        pending = set(self._in_flight)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=grace)
-            for task in still:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._open and loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - loop.time()))
+        still = len(self._open)
+        for slot in list(self._open):
+            if self._close_slot(slot):
+                self._source.release([slot.item])
+        side = set(self._side)
+        if side:
+            _, pending = await asyncio.wait(side, timeout=max(0.01, deadline - loop.time()))
+            for task in pending:
                 task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=1.0)
-            return len(still)
-        return 0
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+            still += len(pending)
+        self._flush_acks()
+        return still
 
 
 def _frame_max(raw: RawChannel) -> int:
@@ -357,3 +569,12 @@ def _frame_max(raw: RawChannel) -> int:
     tune = getattr(getattr(raw, "connection", None), "connection_tune", None)
     value = getattr(tune, "frame_max", 0)
     return value if isinstance(value, int) else 0
+
+
+def _too_big(size: int, frame_max: int) -> str:
+    return f"its AMQP header frame of {size} bytes exceeds the connection's frame_max of {frame_max}"
+
+
+def _header_size(properties: bytes) -> int:
+    """Size of the content-header frame of these encoded properties (see ``header_frame_bytes``)."""
+    return 8 + 12 + len(properties)

@@ -70,7 +70,7 @@ async def test_message_the_broker_refuses_for_good_goes_to_quarantine(
     time; the publisher resends the suspects alone and quarantines the one that causes it.
     """
     if not precheck:
-        monkeypatch.setattr("bridge.publisher.header_frame_bytes", lambda properties: 0)
+        monkeypatch.setattr("bridge.publisher._header_size", lambda properties: 0)
     path = tmp_path / "spool.db"
     await _spool_with_poison_first(path)
     async with simulator(paused=True) as sim:

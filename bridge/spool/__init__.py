@@ -192,7 +192,8 @@ class Spool:
             store, executor = None, None
         else:
             ledger_limits = Limits(window_rows=window, window_bytes=base.window_bytes,
-                                   pending_bytes=base.pending_bytes, in_flight_bytes=base.in_flight_bytes)
+                                   pending_bytes=base.pending_bytes, in_flight_bytes=base.in_flight_bytes,
+                                   pending_rows=base.pending_rows)
             store, executor, ledger = await _open_file(path, sync, wal_limit, ledger_limits)
         spool = cls(path, ledger, store, executor, max_bytes=max_bytes, on_stats=on_stats,
                     commit_interval=commit_interval, commit_batch=commit_batch, wal_limit=wal_limit)
@@ -316,7 +317,7 @@ class Spool:
         """
         if self._ledger.ack(ids):
             self._update_full()
-            self._committer.wake()
+            self._committer.wake_deletes(urgent=self._threshold.full)
             if self._ledger.ready:
                 self._ready.set()
 

@@ -38,6 +38,12 @@ _INLINE_MAX_ROWS: Final = 256  # also the page size of backlog reads on the loop
 _INLINE_MAX_BYTES: Final = 256 * 1024
 _INLINE_SLOW: Final = 0.005
 _INLINE_PAUSE: Final = 5.0
+# Deletes of acked rows ride along with the next commit of new rows. Without one, they
+# are written on their own after _DELETE_DELAY or once _DELETE_BATCH of them wait: at
+# a steady stream this halves the transactions (and the WAL they fill, hence the
+# checkpoints). A crash in between republishes those few messages: duplicates, never a loss.
+_DELETE_DELAY: Final = 0.2
+_DELETE_BATCH: Final = 256
 
 
 class Committer:
@@ -79,6 +85,7 @@ class Committer:
         self._read_failing = False
         self._wake = asyncio.Event()  # there is work
         self._now = asyncio.Event()  # commit now, do not wait for the interval
+        self._delete_timer: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()  # one disk step at a time (the owner, discard, expire)
 
     # -- signals from the facade -----------------------------------------------------
@@ -88,6 +95,31 @@ class Committer:
         self._wake.set()
         if now or self.ledger.pending >= self.commit_batch or self.ledger.pending_bytes >= self.commit_bytes:
             self._now.set()
+
+    def wake_deletes(self, *, urgent: bool = False) -> None:
+        """Acks were taken: write their deletes with the next commit, or soon (see ``_DELETE_DELAY``).
+
+        ``urgent`` (the spool is full), a backlog on disk (acks make room in the window
+        to page in), a flush or a close: at once, as for new rows.
+        """
+        ledger = self.ledger
+        if urgent or ledger.disk_only or self.flushers or self.closing or ledger.deletes >= _DELETE_BATCH:
+            self.wake()
+            return
+        if ledger.pending or self._wake.is_set():
+            return  # a commit is coming anyway and takes the deletes along
+        if self._delete_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # called from outside the loop (a test driving it): write at once
+                self.wake()
+                return
+            self._delete_timer = loop.call_later(_DELETE_DELAY, self._deletes_due)
+
+    def _deletes_due(self) -> None:
+        self._delete_timer = None
+        if self.ledger.has_deletes:
+            self.wake()
 
     async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn`` on the spool's thread."""

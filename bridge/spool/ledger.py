@@ -35,6 +35,8 @@ class Limits:
         window_rows: most committed messages kept in memory for hand-out.
         window_bytes: most body bytes in the window (one message may cross it).
         pending_bytes: uncommitted body bytes at which ``room`` turns False.
+        pending_rows: uncommitted messages at which ``room`` turns False (a small message
+            costs far more memory than its body: about 2.5 KB for a 100-byte event).
         in_flight_bytes: handed-out (and released) body bytes above which the
             window hands out nothing more until acks come.
     """
@@ -43,6 +45,7 @@ class Limits:
     window_bytes: int = 8 * 1024**2
     pending_bytes: int = 4 * 1024**2
     in_flight_bytes: int = 16 * 1024**2
+    pending_rows: int = 8192
 
     @classmethod
     def unbounded_window(cls, pending_bytes: int) -> Limits:
@@ -115,9 +118,16 @@ class Ledger:
         return bool(self._deletes)
 
     @property
+    def deletes(self) -> int:
+        """Acks or drops waiting to be written."""
+        return len(self._deletes)
+
+    @property
     def room(self) -> bool:
         """True while an ``add`` keeps pending bytes within bounds (an empty pending always has room)."""
-        return not self._pending or self.pending_bytes < self.limits.pending_bytes
+        pending = self._pending
+        limits = self.limits
+        return not pending or (self.pending_bytes < limits.pending_bytes and len(pending) < limits.pending_rows)
 
     @property
     def ready(self) -> bool:

@@ -1,0 +1,248 @@
+"""The batched publisher against the real RabbitMQ: confirms, nacks, returns and a channel closed mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.abc import ChannelFrame
+from aiormq.channel import Channel
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+import bridge.publisher as publisher_module
+from bridge.broker import Broker
+from bridge.config import Settings
+from bridge.contract import KIND_EVENT, Outbound, Topology
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher
+from bridge.spool import Spool, Spooled
+from tests.helpers import bridge_settings, collect, queue_of, wait_until
+
+pytestmark = pytest.mark.broker
+
+
+def _event(n: int, key: str = "deposit.received") -> Outbound:
+    return Outbound(
+        kind=KIND_EVENT,
+        routing_key=key,
+        message_id=f"id-{n:06d}",
+        body=orjson.dumps({"type": "notification", "event": key, "data": f"e{n}", "seq": n}),
+        headers={"realm": "test", "received_at": int(time.time() * 1000), "entity_id": f"{n:024x}"},
+        received_at=time.time(),
+    )
+
+
+class _Recording:
+    """The spool as the publisher sees it, recording every ack and release."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.acked: list[int] = []
+        self.released: list[int] = []
+
+    async def get_batch(self, max_n: int) -> list[Spooled]:
+        return await self.spool.get_batch(max_n)
+
+    def ack(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        self.acked.extend(ids)
+        self.spool.ack(ids)
+
+    def release(self, items: Iterable[Spooled]) -> None:
+        items = list(items)
+        self.released.extend(item.id for item in items)
+        self.spool.release(items)
+
+
+class _Lane:
+    def __init__(self, settings: Settings, source: _Recording, publisher: Publisher, broker: Broker) -> None:
+        self.settings, self.source, self.publisher, self.broker = settings, source, publisher, broker
+
+
+@contextlib.asynccontextmanager
+async def _lane(
+    settings: Settings, events: list[Outbound], publisher_class: type[Publisher] = Publisher
+) -> AsyncIterator[_Lane]:
+    """A broker link, a memory spool holding ``events`` and a running publisher; all closed afterwards."""
+    metrics = Metrics()
+    broker = Broker(settings, metrics)
+    stop = asyncio.Event()
+    assert await broker.connect(stop)
+    spool = await Spool.open("memory")
+    for msg in events:
+        await spool.put(msg)
+    await spool.flush()
+    source = _Recording(spool)
+    publisher = publisher_class(settings, source, metrics, broker)
+    task = asyncio.create_task(publisher.run(stop))
+    try:
+        yield _Lane(settings, source, publisher, broker)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await publisher.drain(2.0)
+        await spool.close()
+        await broker.close()
+
+
+async def _bound_queue(
+    amqp: AbstractRobustConnection, exchange: str, arguments: dict[str, Any] | None = None
+) -> aio_pika.abc.AbstractQueue:
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(f"{exchange}.q", durable=True, arguments=arguments)
+    await queue.bind(exchange, "#")
+    return queue
+
+
+def _seqs(messages: list[AbstractIncomingMessage]) -> list[int]:
+    return [orjson.loads(m.body)["seq"] for m in messages]
+
+
+async def test_many_publishes_go_out_in_few_writes_and_every_confirm_acks_its_message(
+    amqp: AbstractRobustConnection, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 events reach the queue in order through far fewer transport writes than events, and each is acked once."""
+    writes: list[int] = []
+
+    class Counted(ChannelFrame):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            writes.append(len(kwargs["payload"]))
+
+    monkeypatch.setattr(publisher_module, "ChannelFrame", Counted)
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name)
+    n = 2000
+    async with _lane(settings, []) as lane:
+        queue = await _bound_queue(amqp, exchange_name)
+        for i in range(n):
+            await lane.source.spool.put(_event(i))
+        got = await collect(queue, n, timeout=60, settle=0.3)
+        assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=10)
+        assert lane.publisher.in_flight == 0
+    assert _seqs(got) == list(range(n))
+    assert len(set(lane.source.acked)) == len(lane.source.acked) == n
+    assert lane.source.released == []
+    assert 0 < len(writes) < n // 4, f"{len(writes)} writes for {n} publishes"
+
+
+async def test_nacked_publishes_stay_in_the_spool_and_go_out_once_the_queue_has_room(
+    amqp: AbstractRobustConnection, exchange_name: str
+) -> None:
+    """A queue with x-overflow=reject-publish nacks what it has no room for: those are released, not acked, and arrive later."""
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name, publish_timeout=10.0)
+    # Topology first (the lane declares the exchange), then the small queue, then the events.
+    async with _lane(settings, []) as lane:
+        queue = await _bound_queue(amqp, exchange_name, {"x-max-length": 5, "x-overflow": "reject-publish"})
+        for i in range(20):
+            await lane.source.spool.put(_event(i))
+        assert await wait_until(lambda: len(set(lane.source.released)) >= 15, timeout=20)
+        assert len(lane.source.acked) == 5  # only what the queue took was acked
+        assert lane.source.spool.depth == 15
+        failures = lane.publisher._metrics.publish_failures.labels(reason="nack")._value.get()
+        assert failures >= 15
+        got = await collect(queue, 20, timeout=60, settle=0.3)  # consuming makes room: the rest follow
+        assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=20)
+    assert sorted(set(_seqs(got))) == list(range(20))
+    assert len(lane.source.acked) == 20
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop"])
+async def test_returned_event_on_an_exchange_without_alternate_exchange(
+    amqp: AbstractRobustConnection, exchange_name: str, mode: str
+) -> None:
+    """Without the alternate exchange the bridge publishes mandatory: a returned event is moved to the unrouted queue (keep) or counted and dropped (drop), and the routed ones arrive."""
+    channel = await amqp.channel()
+    await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)  # no alternate exchange
+    queue = await _bound_queue(amqp, exchange_name)
+    await queue.unbind(exchange_name, "#")
+    await queue.bind(exchange_name, "deposit.#")
+    if mode == "keep":
+        await channel.declare_queue(Topology(exchange_name).unrouted, durable=True)
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name, unroutable=mode)
+    events = [_event(0), _event(1, "nobody.listens"), _event(2)]
+    async with _lane(settings, events) as lane:
+        assert not lane.broker.alternate_exchange
+        got = await collect(queue, 2, timeout=30, settle=0.3)
+        assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=20)
+        unroutable = lane.publisher._metrics.events_unroutable._value.get()
+    assert _seqs(got) == [0, 2]
+    assert unroutable == 1
+    assert len(set(lane.source.acked)) == len(lane.source.acked) == 3
+    if mode == "keep":
+        unrouted = await queue_of(amqp, Topology(exchange_name).unrouted)
+        (kept,) = await collect(unrouted, 1, timeout=20, settle=0.3)
+        assert _seqs([kept]) == [1]
+        assert kept.headers["original_routing_key"] == "nobody.listens"
+
+
+async def test_with_the_alternate_exchange_events_are_not_published_mandatory(
+    amqp: AbstractRobustConnection, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the alternate exchange attached (keep), the mandatory bit is off and an unroutable event still lands in the unrouted queue."""
+    flags: list[bool] = []
+    real = publisher_module.publish_frames
+
+    def spy(*args: Any, mandatory: bool, max_content: int) -> bytes:
+        flags.append(mandatory)
+        return real(*args, mandatory=mandatory, max_content=max_content)
+
+    monkeypatch.setattr(publisher_module, "publish_frames", spy)
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name)
+    async with _lane(settings, [_event(7, "nobody.listens")]) as lane:
+        assert lane.broker.alternate_exchange
+        unrouted = await queue_of(amqp, Topology(exchange_name).unrouted)
+        (kept,) = await collect(unrouted, 1, timeout=20)
+        assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=10)
+    assert _seqs([kept]) == [7]
+    assert flags == [False]
+
+
+class _BreaksChannel(Publisher):
+    """Writes a publish to a missing exchange right behind the first large batch: RabbitMQ closes the channel (404)."""
+
+    broke = False
+
+    async def _write(self, raw: Channel, batch: list[Spooled]) -> None:
+        await super()._write(raw, batch)
+        if not self.broke and len(batch) >= 50:
+            self.broke = True
+            bad = ChannelFrame.marshall(
+                raw.number,
+                [Basic.Publish(exchange="no.such.exchange.anywhere", routing_key="x"),
+                 ContentHeader(0, 1, Basic.Properties()), ContentBody(b"x")],
+            )  # fmt: skip
+            raw.write_queue.put_nowait(bad)
+
+
+async def test_channel_closed_in_the_middle_of_a_batch_loses_nothing_and_acks_only_what_was_confirmed(
+    amqp: AbstractRobustConnection, exchange_name: str
+) -> None:
+    """Everything unconfirmed when RabbitMQ closes the channel goes back to the spool and is republished; every acked event was delivered."""
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name, confirm_window=512)
+    n = 3000
+    delivered: list[AbstractIncomingMessage] = []
+    async with _lane(settings, [], publisher_class=_BreaksChannel) as lane:
+        queue = await _bound_queue(amqp, exchange_name)
+        for i in range(n):
+            await lane.source.spool.put(_event(i))
+        delivered = await collect(queue, n, timeout=90, settle=0.5)
+        assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=30)
+        publisher = lane.publisher
+        assert isinstance(publisher, _BreaksChannel) and publisher.broke
+        failures = publisher._metrics.publish_failures.labels(reason="channel")._value.get()
+    seen = set(_seqs(delivered))
+    assert seen == set(range(n))  # nothing lost
+    assert failures > 0 and lane.source.released  # the close caught publishes in flight; they went back
+    acked = lane.source.acked
+    assert len(set(acked)) == n  # each message acked, after its republish if needed
+    by_id = {i + 1: i for i in range(n)}  # memory spool ids count from 1 in put order
+    assert {by_id[i] for i in acked} <= seen  # nothing acked that RabbitMQ did not take
