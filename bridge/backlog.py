@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Final, Protocol
 
+from bridge.memory import release_memory
 from bridge.progress import Progress
 
 __all__ = ["BacklogWatch", "watch_backlog"]
@@ -48,6 +49,7 @@ class BacklogWatch:
         threshold: a drain is reported only for a backlog of more than this many events.
         settled: the drain is over once the depth is at or under this.
         progress: makes the :class:`Progress` of one drain from its label and total (tests inject theirs).
+        on_drained: called once each time a reported backlog has drained (the bridge gives its memory back).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class BacklogWatch:
         threshold: int = THRESHOLD,
         settled: int = SETTLED,
         progress: Callable[[str, int], _ProgressLike] | None = None,
+        on_drained: Callable[[], object] | None = None,
     ) -> None:
         if not 0 <= settled < threshold:
             raise ValueError("settled must be >= 0 and below threshold")
@@ -65,6 +68,7 @@ class BacklogWatch:
         self._current: _ProgressLike | None = None
         self._depth = 0
         self._ever_up = False
+        self._on_drained = on_drained
 
     @property
     def draining(self) -> bool:
@@ -93,6 +97,8 @@ class BacklogWatch:
             self.close()
         elif depth <= self.settled:
             self.close()
+            if self._on_drained is not None:
+                self._on_drained()
 
     def close(self) -> None:
         """End the drain being reported, if any (its final line is logged)."""
@@ -118,7 +124,7 @@ async def watch_backlog(
         interval: seconds between samples.
         watch: the core (default: a :class:`BacklogWatch` with its defaults).
     """
-    watch = watch or BacklogWatch()
+    watch = watch or BacklogWatch(on_drained=release_memory)
     try:
         while not stop.is_set():
             watch.observe(depth(), broker_up())

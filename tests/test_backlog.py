@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import pytest
 
 from bridge.backlog import BacklogWatch, watch_backlog
+from bridge.memory import release_memory
 from bridge.progress import Progress
 
 
@@ -119,3 +121,22 @@ async def test_watch_backlog_task_samples_until_stopped() -> None:
     await asyncio.wait_for(task, 5)
     (progress,) = made.made
     assert progress.done == 3_500 and progress.total == 5_000
+
+
+def test_memory_is_given_back_once_per_drain_that_finishes() -> None:
+    """on_drained runs once when a backlog has drained, and not when the broker is lost mid-drain."""
+    drained: list[int] = []
+    watch = BacklogWatch(progress=_Made(_Clock()), on_drained=lambda: drained.append(1))
+    watch.observe(3_000, broker_up=True)
+    watch.observe(2_000, broker_up=False)  # paused, not drained
+    assert drained == []
+    watch.observe(2_000, broker_up=True)
+    watch.observe(100, broker_up=True)
+    watch.observe(0, broker_up=True)  # already settled: no second call
+    assert drained == [1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_release_memory_trims_the_heap_on_glibc() -> None:
+    """release_memory finds glibc's malloc_trim here and calls it."""
+    assert release_memory() is True
