@@ -196,6 +196,28 @@ def _run_disk_full(path: Path, mode: str) -> dict[str, object]:
     return out
 
 
+async def test_a_small_file_spool_is_no_longer_full_once_everything_is_acked(tmp_path: Path) -> None:
+    """A 256 KiB file spool fills up, and once every event is confirmed it has room again (the WAL is checkpointed)."""
+    spool = await Spool.open(str(tmp_path / "s.db"), max_bytes=256 * 1024)
+    accepted = 0
+    while not spool.full:
+        try:
+            await asyncio.wait_for(spool.put(msg(accepted, size=300)), 1.0)
+        except TimeoutError:
+            continue  # full now, or a slow commit on a busy machine
+        accepted += 1
+    await spool.flush()
+    while spool.depth:
+        batch = await spool.get_batch(256)
+        spool.ack(item.id for item in batch)
+    for _ in range(100):
+        if not spool.full:
+            break
+        await asyncio.sleep(0.05)
+    assert not spool.full, spool.stats()
+    await spool.close()
+
+
 async def test_full_disk_pauses_puts_and_counts_the_lost(tmp_path: Path) -> None:
     """A disk that refuses writes (file-size limit) pauses put; close gives up in bounded time, counting kept and lost."""
     path = tmp_path / "s.db"
