@@ -108,25 +108,3 @@ async def test_discard_drops_by_message_id_except_handed_out(tmp_path: Path, whe
     again = await Spool.open(path)
     assert again.depth == 0
     await again.close()
-
-
-@pytest.mark.parametrize("where", ["file", MEMORY])
-async def test_expire_drops_oldest_by_age_then_by_bytes(tmp_path: Path, where: str) -> None:
-    """expire drops what is older than the cutoff, then the oldest beyond the byte budget; never what is in flight."""
-    path = str(tmp_path / "s.db") if where == "file" else MEMORY
-    spool = await Spool.open(path, window=4)
-    for n in range(30):
-        await spool.put(msg(n, size=10))
-    await spool.flush()
-    out = await spool.get_batch(1)  # 0 in flight
-    assert await spool.expire(1005.0) == 4  # 1..4 are older than 1005
-    assert await spool.expire(0.0, max_bytes=100) == 15  # keep 10 newest x 10 bytes
-    assert spool.depth == 11
-    spool.ack(i.id for i in out)
-    rest: list[Spooled] = []
-    while spool.depth:
-        batch = await asyncio.wait_for(spool.get_batch(4), 5)
-        rest.extend(batch)
-        spool.ack(i.id for i in batch)
-    assert nums(rest) == list(range(20, 30))
-    await spool.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import sqlite3
 import time
@@ -349,28 +348,7 @@ class Spool:
         wanted = set(message_ids)
         if not wanted:
             return 0
-        return await self._drop(lambda item: item.msg.message_id not in wanted, message_ids=wanted)
-
-    async def expire(self, older_than_received_at: float, max_bytes: int | None = None) -> int:
-        """Drop the oldest messages not handed out: those received before a time, then beyond a byte budget.
-
-        For a standby that keeps only its window.
-
-        Args:
-            older_than_received_at: drop messages with ``received_at`` below this (unix seconds).
-            max_bytes: then drop the oldest until the body bytes not handed out fit in this.
-
-        Returns:
-            How many messages were dropped.
-
-        Raises:
-            SpoolError: the spool is closed or failed, or the disk refused.
-        """
-        cutoff = older_than_received_at
-        dropped = await self._drop(lambda item: item.msg.received_at >= cutoff, older_than=cutoff)
-        if max_bytes is not None:
-            dropped += await self._drop_over_budget(max_bytes)
-        return dropped
+        return await self._drop(lambda item: item.msg.message_id not in wanted, wanted)
 
     async def flush(self) -> None:
         """Commit every buffered put and ack now, and wait until that is on disk.
@@ -453,8 +431,7 @@ class Spool:
         exc = owner.exception()
         return None if exc is None else f"failed: {exc}"
 
-    async def _drop(self, keep: Callable[[Spooled], bool], *, message_ids: set[str] | None = None,
-                    older_than: float | None = None) -> int:
+    async def _drop(self, keep: Callable[[Spooled], bool], message_ids: set[str]) -> int:
         self._check_usable()
         committer = self._committer
         ledger = self._ledger
@@ -463,42 +440,10 @@ class Spool:
             store = committer.store
             if store is not None and ledger.disk_only:
                 try:
-                    delete = functools.partial(store.delete_where, message_ids=message_ids, older_than=older_than)
-                    gone = await committer.call(delete, ledger.tail_id)
+                    gone = await committer.call(store.delete_ids, ledger.tail_id, message_ids)
                 except (sqlite3.Error, OSError) as exc:
                     raise SpoolError(f"spool {self._path}: dropping messages failed: {exc}") from exc
                 dropped += ledger.dropped_on_disk(gone)
-        self._after_drop()
-        return dropped
-
-    async def _drop_over_budget(self, max_bytes: int) -> int:
-        self._check_usable()
-        committer = self._committer
-        ledger = self._ledger
-        async with committer.lock:
-            excess = ledger.bytes - ledger.in_flight_bytes - max_bytes
-            if excess <= 0:
-                return 0
-            doomed: set[int] = set()
-            for item in ledger.oldest_in_memory():
-                if excess <= 0:
-                    break
-                doomed.add(item.id)
-                excess -= len(item.msg.body)
-            store = committer.store
-            gone: list[tuple[int, int]] = []
-            if excess > 0 and store is not None and ledger.disk_only:
-                try:
-                    gone = await committer.call(store.delete_oldest, ledger.tail_id, excess)
-                except (sqlite3.Error, OSError) as exc:
-                    raise SpoolError(f"spool {self._path}: dropping messages failed: {exc}") from exc
-                excess -= sum(n for _, n in gone)
-            for item in ledger.newest_pending():
-                if excess <= 0:
-                    break
-                doomed.add(item.id)
-                excess -= len(item.msg.body)
-            dropped = ledger.drop_in_memory(lambda item: item.id not in doomed) + ledger.dropped_on_disk(gone)
         self._after_drop()
         return dropped
 

@@ -307,14 +307,6 @@ class Ledger:
             n += 1
         return n
 
-    def oldest_in_memory(self) -> list[Spooled]:
-        """Released and window messages, oldest first (all older than anything on disk only)."""
-        return [item for _, item in sorted(self._released)] + list(self._window)
-
-    def newest_pending(self) -> list[Spooled]:
-        """Pending messages, oldest first (all newer than anything on disk)."""
-        return list(self._pending)
-
     def _forget(self, item_id: int, size: int, *, on_disk: bool) -> None:
         self.depth -= 1
         self.bytes -= size

@@ -289,37 +289,15 @@ class SqliteStore:
                 break
         return out
 
-    def delete_where(self, after_id: int, *, message_ids: set[str] | None = None,
-                     older_than: float | None = None) -> list[tuple[int, int]]:
-        """Delete rows above ``after_id`` matching the ids or older than a time; their (id, size)."""
-        if message_ids is not None:
-            found = [
-                (int(i), int(n), str(m))
-                for i, n, m in self.conn.execute(
-                    "SELECT id, length(body), message_id FROM spool WHERE id > ? ORDER BY id", (after_id,)
-                )
-            ]
-            gone = [(i, n) for i, n, m in found if m in message_ids]
-        else:
-            gone = [
-                (int(i), int(n))
-                for i, n in self.conn.execute(
-                    "SELECT id, length(body) FROM spool WHERE id > ? AND received_at < ? ORDER BY id",
-                    (after_id, older_than),
-                )
-            ]
-        self.write([], [i for i, _ in gone])
-        return gone
-
-    def delete_oldest(self, after_id: int, nbytes: int) -> list[tuple[int, int]]:
-        """Delete the oldest rows above ``after_id`` until at least ``nbytes`` of bodies are gone."""
-        gone: list[tuple[int, int]] = []
-        freed = 0
-        for i, n in self.conn.execute("SELECT id, length(body) FROM spool WHERE id > ? ORDER BY id", (after_id,)):
-            if freed >= nbytes:
-                break
-            gone.append((int(i), int(n)))
-            freed += int(n)
+    def delete_ids(self, after_id: int, message_ids: set[str]) -> list[tuple[int, int]]:
+        """Delete rows above ``after_id`` whose message_id is one of these; their (id, size)."""
+        gone = [
+            (int(i), int(n))
+            for i, n, m in self.conn.execute(
+                "SELECT id, length(body), message_id FROM spool WHERE id > ? ORDER BY id", (after_id,)
+            )
+            if m in message_ids
+        ]
         self.write([], [i for i, _ in gone])
         return gone
 
