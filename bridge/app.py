@@ -533,7 +533,7 @@ class _WindowTail:
         if self.done or not self._spool.depth:
             self.done = True
             await asyncio.Event().wait()  # the caller stops the publisher, which cancels this wait
-        batch = await self._spool.get_batch(max_n)
+        batch = await self._spool.get_batch(max_n, early=False)  # committed only: the window is what is on disk
         for n, item in enumerate(batch):
             size = len(item.msg.body)
             if item.msg.received_at >= self._cutoff and self._over <= 0:

@@ -139,31 +139,51 @@ class Announcer:
         self._leading = leading
         self._heartbeat = heartbeat
         self._last_sent: dict[str, float] = {}
+        self._wake = asyncio.Event()  # ids came in (or stop)
         self.announced = 0  # ids sent, for tests and metrics
         self.heartbeats = 0
 
     def confirmed(self, fingerprint: str, ids: Iterable[str]) -> None:
         """Note ids RabbitMQ has confirmed for a realm (cheap, synchronous; sent at the next tick)."""
         self._pending.setdefault(fingerprint, []).extend(ids)
+        self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish the buffered ids every interval until ``stop``; a last flush on the way out."""
+        """Publish the buffered ids at most every interval until ``stop``; a last flush on the way out.
+
+        An idle announcer sleeps until ids come in or a heartbeat is due (once a ``heartbeat``), so a
+        quiet bridge does not wake ten times a second for nothing.
+        """
         channel = await self._connection.channel(publisher_confirms=False)
         target = await _declare(channel, self._exchange)
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(stop.wait())
+        watcher.add_done_callback(lambda _: self._wake.set())
         try:
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._interval)
+                if not self._pending:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._until_heartbeat(loop.time())):
+                            await self._wake.wait()
+                if self._pending and not stop.is_set():
+                    await asyncio.sleep(self._interval)  # gather the confirms of one interval
                 await self._flush(target)
         finally:
+            watcher.cancel()
             with contextlib.suppress(Exception):
                 await channel.close()
+
+    def _until_heartbeat(self, now: float) -> float:
+        """Seconds until a realm led now is due its heartbeat (at most ``heartbeat``)."""
+        due = [self._last_sent.get(fp, -self._heartbeat) + self._heartbeat - now for fp in self._leading()]
+        return max(0.0, min(due, default=self._heartbeat))
 
     async def _flush(self, target: aio_pika.abc.AbstractExchange) -> None:
         pending, self._pending = self._pending, {}
         now = asyncio.get_running_loop().time()
         for fp in self._leading():
-            if fp not in pending and now - self._last_sent.get(fp, -self._heartbeat) >= self._heartbeat:
+            if fp not in pending and now - self._last_sent.get(fp, -self._heartbeat) >= self._heartbeat - 0.01:
                 pending[fp] = []  # a heartbeat: "this realm's leader is alive and publishing"
         for fp, ids in pending.items():
             self._last_sent[fp] = now

@@ -309,6 +309,9 @@ async def test_spool_full_applies_back_pressure_and_loses_nothing(exchange_name:
                 assert status == 503
                 assert any("spool full" in str(r) for r in body["reasons"])  # type: ignore[attr-defined]
             await sim.wait_sent(total, timeout=120)
+            # Sent is not read: megabytes may still be in the socket buffers, and the spool can be empty
+            # for a moment in between (a stop then would leave them unread, upstream of the bridge).
+            assert await wait_until(lambda: received() == total, timeout=120)
             assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_depth") == 0, timeout=120)
             assert bridge.metric("orangepill_bridge_spool_full") == 0
             assert await bridge.finish() == 0

@@ -76,23 +76,81 @@ async def test_get_batch_returns_messages_in_put_order(db: str) -> None:
     await spool.close()
 
 
-async def test_nothing_handed_out_before_commit(db: str) -> None:
-    """A put is not visible to get_batch until its group commit has finished."""
+async def test_committed_only_hand_out_waits_for_the_commit(db: str) -> None:
+    """With ``early=False`` a put is not handed out until its group commit has finished."""
     spool = await Spool.open(db, commit_interval=0.5)
     await spool.put(msg(0))  # an idle spool commits at once...
-    assert nums(await asyncio.wait_for(spool.get_batch(10), 1)) == [0]
+    assert nums(await asyncio.wait_for(spool.get_batch(10, early=False), 1)) == [0]
     await spool.put(msg(1))  # ...the next put within the interval waits for the group
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(spool.get_batch(10), 0.1)
+        await asyncio.wait_for(spool.get_batch(10, early=False), 0.1)
     await spool.flush()
-    assert nums(await spool.get_batch(10)) == [1]
+    assert nums(await spool.get_batch(10, early=False)) == [1]
+    await spool.close()
+
+
+async def test_early_hand_out_confirmed_within_the_interval_is_never_written(db: str) -> None:
+    """A waiting publisher gets a put before its commit; acked within the interval, no row is written."""
+    spool = await Spool.open(db, commit_interval=0.3)
+    waiter = asyncio.ensure_future(spool.get_batch(10))
+    await asyncio.sleep(0)
+    await spool.put(msg(0))
+    batch = await asyncio.wait_for(waiter, 0.1)  # well before the 0.3 s commit
+    assert nums(batch) == [0]
+    assert spool.stats().rows_written == 0
+    spool.ack(item.id for item in batch)
+    await asyncio.sleep(0.5)
+    assert spool.stats().rows_written == 0
+    assert spool.depth == 0
+    await spool.put(msg(1))  # nobody takes it early: written at once
+    await spool.flush()
+    assert spool.stats().rows_written == 1
+    assert nums(await drain(spool)) == [1]
+    await spool.close()
+
+
+EARLY_CRASH_SCRIPT = """
+import asyncio, os, signal, sys
+from bridge.contract import Outbound
+from bridge.spool import Spool
+
+async def main():
+    spool = await Spool.open(sys.argv[1], commit_interval=0.2)
+    for n in range(int(sys.argv[2])):
+        await spool.put(Outbound(0, "transaction.done", f"m{n}", f"{n:08d}".encode(), {}, float(n), "x"))
+    batch = await spool.get_batch(10_000)  # all of them, before any commit
+    assert len(batch) == int(sys.argv[2]) and spool.stats().rows_written == 0, (len(batch), spool.stats())
+    spool.ack(item.id for item in batch if int(item.msg.message_id[1:]) % 2 == 0)  # confirmed: the even ones
+    await asyncio.sleep(0.6)  # > one commit interval; the odd ids are still in flight
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_after_early_hand_out_keeps_what_was_not_confirmed(tmp_path: Path) -> None:
+    """Handed out before their commit, the unconfirmed messages are on disk one interval later; the rest never."""
+    path = str(tmp_path / "spool.db")
+    count = 1000
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", EARLY_CRASH_SCRIPT, path, str(count), cwd=str(REPO)
+    )
+    assert await proc.wait() == -signal.SIGKILL
+    spool = await Spool.open(path)
+    items = await drain(spool)
+    assert nums(items) == list(range(1, count, 2))
     await spool.close()
 
 
 async def test_idle_spool_commits_at_once(db: str) -> None:
-    """A put into an idle spool is handed out without waiting for the commit interval."""
+    """A put that no publisher is waiting for is written at once, not after the commit interval."""
     spool = await Spool.open(db, commit_interval=5.0)
     await spool.put(msg(3))
+    for _ in range(100):
+        if spool.stats().rows_written:
+            break
+        await asyncio.sleep(0.01)
+    assert spool.stats().rows_written == 1
     assert nums(await asyncio.wait_for(spool.get_batch(10), 2.0)) == [3]
     await spool.close()
 
@@ -458,9 +516,10 @@ class SpoolMachine(RuleBasedStateMachine):
             self.counter += 1
 
     @precondition(lambda self: self.waiting)
-    @rule(k=st.integers(1, 10))
-    def get(self, k: int) -> None:
-        self.run(self.spool.flush())
+    @rule(k=st.integers(1, 10), flush=st.booleans())
+    def get(self, k: int, flush: bool) -> None:
+        if flush:  # else fresh puts may be handed out before their commit (early hand-out)
+            self.run(self.spool.flush())
         # get_batch may return fewer than asked (paging); ask again so the model stays deterministic.
         want = min(k, len(self.waiting))
         while want:

@@ -108,3 +108,99 @@ async def test_discard_drops_by_message_id_except_handed_out(tmp_path: Path, whe
     again = await Spool.open(path)
     assert again.depth == 0
     await again.close()
+
+
+def _early_ledger(n: int, limits: Limits | None = None) -> tuple[Ledger, list[Spooled]]:
+    ledger = Ledger(Snapshot(0, 0, 1), limits or Limits())
+    return ledger, [ledger.add(msg(i)) for i in range(n)]
+
+
+def test_early_hand_out_takes_fresh_messages_only_when_nothing_older_waits() -> None:
+    """Fresh messages go out early after the window; never while a disk-only backlog is older than them."""
+    ledger, _ = _early_ledger(3)
+    assert ledger.hand_out(10) == []  # committed-only hand-out: nothing yet
+    assert nums(ledger.hand_out(2, early=True)) == [0, 1]
+    assert ledger.fresh == 1 and ledger.pending == 3
+    backlog = Ledger(Snapshot(count=5, nbytes=40, next_id=6), Limits())  # 5 rows from an earlier run
+    backlog.add(msg(9))
+    assert not backlog.ready_for(early=True)
+    assert backlog.hand_out(10, early=True) == []
+    window = Ledger(Snapshot(0, 0, 1), Limits())
+    window.add(msg(0))
+    window.committed(window.take_writes()[0])
+    window.add(msg(1))
+    assert nums(window.hand_out(10, early=True)) == [0, 1]  # the window first, then the fresh one
+
+
+def test_early_message_acked_before_its_commit_is_never_written() -> None:
+    """An ack before the commit takes the row out of the next transaction; no delete is written either."""
+    ledger, _ = _early_ledger(4)
+    batch = ledger.hand_out(10, early=True)
+    ledger.ack([batch[0].id, batch[2].id])
+    rows, deletes = ledger.take_writes()
+    assert nums(rows) == [1, 3] and deletes == []
+    ledger.committed(rows)
+    assert ledger.window == 0 and ledger.in_flight == 2  # written while in flight: not in the window
+    ledger.ack([batch[1].id])
+    assert ledger.take_writes() == ([], [batch[1].id])
+    assert ledger.depth == 1 and ledger.pending_bytes == 0
+
+
+def test_ack_during_a_failed_write_drops_the_row_from_the_retry() -> None:
+    """Confirmed while its transaction was being written and that transaction failed: not written again."""
+    ledger, _ = _early_ledger(3)
+    batch = ledger.hand_out(10, early=True)
+    rows, deletes = ledger.take_writes()
+    ledger.ack([batch[1].id])  # the write is in progress
+    ledger.restore(rows, deletes)  # and it failed
+    rows, deletes = ledger.take_writes()
+    assert nums(rows) == [0, 2] and deletes == []
+    ledger.committed(rows)
+    assert ledger.depth == 2
+
+
+def test_released_early_message_goes_out_again_and_is_committed_once() -> None:
+    """A release before the commit: handed out again first; the commit does not add it to the window too."""
+    ledger, _ = _early_ledger(3)
+    batch = ledger.hand_out(10, early=True)
+    ledger.release(batch[1:])
+    ledger.committed(ledger.take_writes()[0])
+    assert ledger.window == 0
+    again = ledger.hand_out(10, early=True)
+    assert nums(again) == [1, 2]
+    assert ledger.hand_out(10, early=True) == []
+    ledger.ack(item.id for item in batch[:1] + again)
+    assert ledger.depth == 0 and ledger.memory_bytes == 0
+
+
+def test_drop_in_memory_counts_a_fresh_or_early_released_message_once() -> None:
+    """A standby's discard of messages that are fresh, or released before their commit, keeps the counts right."""
+    ledger, _ = _early_ledger(4)
+    first = ledger.hand_out(2, early=True)  # 0 and 1 early; 2 and 3 fresh
+    ledger.release(first[1:])  # 1 released, not written
+    dropped = ledger.drop_in_memory(lambda item: nums([item]) == [2])
+    assert dropped == 2  # 1 (released) and 3 (fresh); 0 is in flight and stays
+    assert ledger.depth == 2 and ledger.pending == 2
+    rows, deletes = ledger.take_writes()
+    assert nums(rows) == [0, 2] and deletes == []
+    ledger.committed(rows)
+    assert nums(ledger.hand_out(10, early=True)) == [2]
+
+
+def test_page_in_after_an_early_commit_does_not_hand_out_an_in_flight_message_again() -> None:
+    """Early rows written while in flight, newer rows past a full window: paging in reads only the newer ones."""
+    ledger = Ledger(Snapshot(0, 0, 1), Limits(window_rows=2))
+    for i in range(3):
+        ledger.add(msg(i))
+    early = ledger.hand_out(10, early=True)
+    for i in range(3, 8):
+        ledger.add(msg(i))
+    ledger.committed(ledger.take_writes()[0])  # 0-2 in flight; 3-4 in the window; 5-7 on disk only
+    assert ledger.window == 2 and ledger.disk_only == 3
+    ledger.ack(item.id for item in early)
+    first = ledger.hand_out(10, early=True)
+    assert nums(first) == [3, 4]
+    request = ledger.page_request()
+    assert request is not None and request.after_id == first[-1].id
+    ledger.ack(item.id for item in first)
+    assert ledger.depth == 3

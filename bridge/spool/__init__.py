@@ -1,13 +1,22 @@
 """The durable outbox between the stream reader and the RabbitMQ publisher.
 
-Every event is written to disk (SQLite, WAL mode) before the publisher sees it and
-is deleted only after RabbitMQ confirmed it, so neither a broker outage nor a crash
-loses an event (at-least-once). Flow of one message::
+Every event is written to disk (SQLite, WAL mode) within one group-commit interval
+of its ``put`` unless RabbitMQ confirmed it first, and its row is deleted only after
+RabbitMQ confirmed it, so neither a broker outage nor a crash loses an event
+(at-least-once). Flow of one message::
 
     put() ──▶ pending ──group commit──▶ SQLite ──▶ window / disk only ──get_batch()──▶ in flight
-                                                       ▲                                │
-                                                       └──────────── release() ◀────────┤
+                 │                                     ▲                                │
+                 │                                     └──────────── release() ◀────────┤
+                 └────── get_batch() when nothing older waits (early hand-out) ─────────┤
                                                                                        ack() ──▶ DELETE
+                                                                      (or never written, if acked before its commit)
+
+Early hand-out is the fast path of a healthy bridge: the publisher sends a message
+while its commit waits for the group-commit interval, and a message RabbitMQ confirms
+within it is never written. A message not confirmed by then is committed as before,
+so the time an event spends in neither RabbitMQ's hands nor on disk is not longer
+than without early hand-out (and the publish is already on the wire by then).
 
 The parts: ``store`` (the SQLite file only), ``ledger`` (pure bookkeeping of where
 each message is, bounded in messages and bytes), ``committer`` (the one task that
@@ -60,6 +69,7 @@ class SpoolStats:
         full: ``put`` waits (at the bound, or the disk refuses writes).
         disk_bytes: bytes the spool takes on disk (pages in use plus the WAL file); 0 in memory.
         memory_bytes: body bytes held in memory (uncommitted, window, handed out).
+        rows_written: messages written to disk since open (the rest were confirmed before their commit).
     """
 
     depth: int
@@ -67,6 +77,7 @@ class SpoolStats:
     full: bool
     disk_bytes: int
     memory_bytes: int
+    rows_written: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +135,9 @@ class Spool:
             commit_interval=commit_interval, commit_batch=commit_batch,
             commit_bytes=max(ledger.limits.pending_bytes // 4, 1),
             on_change=self._changed, want_checkpoint=self._want_checkpoint,
+            taker_waiting=lambda: self._early_waiting > 0,
         )  # fmt: skip
+        self._early_waiting = 0  # get_batch(early=True) calls waiting for messages
         self._max_bytes = max_bytes
         self._threshold = Threshold(max_bytes)
         self._disk_per_body = _DISK_PER_BODY_DEFAULT
@@ -237,6 +250,7 @@ class Spool:
             full=self._threshold.full,
             disk_bytes=self._committer.usage.total,
             memory_bytes=ledger.memory_bytes,
+            rows_written=ledger.rows_written,
         )
 
     def health(self) -> SpoolHealth:
@@ -274,9 +288,11 @@ class Spool:
         ledger.add(msg)
         self._update_full()
         self._committer.wake()
+        if ledger.ready:
+            self._ready.set()
 
-    async def get_batch(self, max_n: int) -> list[Spooled]:
-        """Wait for committed messages and hand out up to ``max_n`` of them, in id order.
+    async def get_batch(self, max_n: int, *, early: bool = True) -> list[Spooled]:
+        """Wait for messages and hand out up to ``max_n`` of them, in id order.
 
         Released messages come before anything newer. Each message is handed out once
         until it is acked or released. Fewer than ``max_n`` come while handed-out bytes
@@ -284,6 +300,8 @@ class Spool:
 
         Args:
             max_n: most messages to return (at least 1).
+            early: hand out messages before their commit once nothing older waits (see the
+                module docstring); False: committed messages only.
 
         Returns:
             One or more messages, oldest first.
@@ -297,11 +315,15 @@ class Spool:
         ledger = self._ledger
         while True:
             self._check_usable(closing_ok=True)
-            if ledger.ready:
+            if ledger.ready_for(early=early):
                 break
             self._ready.clear()
-            await self._ready.wait()
-        batch = ledger.hand_out(max_n)
+            self._early_waiting += early
+            try:
+                await self._ready.wait()
+            finally:
+                self._early_waiting -= early
+        batch = ledger.hand_out(max_n, early=early)
         if ledger.page_request() is not None:
             self._committer.wake()
         return batch
@@ -314,10 +336,12 @@ class Spool:
         Args:
             ids: spool ids from ``get_batch``.
         """
-        if self._ledger.ack(ids):
+        ledger = self._ledger
+        if ledger.ack(ids):
             self._update_full()
-            self._committer.wake_deletes(urgent=self._threshold.full)
-            if self._ledger.ready:
+            if ledger.has_deletes or self._threshold.full:  # full: the WAL may need a checkpoint
+                self._committer.wake_deletes(urgent=self._threshold.full)
+            if ledger.ready:
                 self._ready.set()
 
     def release(self, items: Iterable[Spooled]) -> None:
@@ -467,7 +491,7 @@ class Spool:
     def _want_checkpoint(self, usage: DiskUsage) -> bool:
         # A full spool checkpoints early: deletes free pages, but the WAL holds them until then.
         limit = self._wal_limit
-        return usage.wal >= limit or (self._threshold.full and usage.wal >= limit // 4)
+        return usage.wal >= limit or (self._threshold.full and usage.wal >= min(limit, self._max_bytes) // 4)
 
     def _changed(self) -> None:
         """After a commit, a page-in or a failure: wake whoever waits, and report."""

@@ -61,6 +61,7 @@ class Committer:
         commit_bytes: int,
         on_change: Callable[[], None],
         want_checkpoint: Callable[[DiskUsage], bool],
+        taker_waiting: Callable[[], bool] = lambda: False,
     ) -> None:
         self.path = path
         self.store = store
@@ -71,6 +72,7 @@ class Committer:
         self.commit_bytes = commit_bytes
         self._on_change = on_change
         self._want_checkpoint = want_checkpoint
+        self._taker_waiting = taker_waiting
         self.usage = store.usage() if store is not None else DiskUsage(0, 0)
         self.tx_started = 0
         self.tx_done = 0
@@ -138,6 +140,8 @@ class Committer:
                 await self._group_wait()
                 async with self.lock:
                     ok = await self._commit() and await self.page_in()
+                    if ok:
+                        await self._checkpoint_if_wanted()
                 if not ok:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _MAX_BACKOFF)
@@ -170,6 +174,10 @@ class Committer:
         loop = asyncio.get_running_loop()
         interval = self.commit_interval * (1 if self._last_rows < _BUSY_ROWS else 5)
         wait = self._last_commit + interval - loop.time()
+        if not ledger.fresh or self._taker_waiting():
+            # Every pending message is with the publisher (early hand-out), or is about to be: give
+            # RabbitMQ the interval to confirm them; what it confirms in time is never written.
+            wait = max(wait, interval)
         if wait > 0:
             self._now.clear()
             try:
@@ -183,7 +191,8 @@ class Committer:
         """Write the pending rows and deletes in one transaction; False if the disk refused."""
         ledger = self.ledger
         rows, deletes = ledger.take_writes()
-        self._last_rows = len(rows)
+        if rows or deletes:
+            self._last_rows = len(rows)
         if not rows and not deletes:
             return True
         self.tx_started += 1
@@ -235,12 +244,22 @@ class Committer:
         else:
             await self.call(store.write, rows, deletes)
             self.usage = await self.call(store.usage)
-        if self._want_checkpoint(self.usage):
-            try:
-                await self.call(store.checkpoint)
-                self.usage = await self.call(store.usage)
-            except (sqlite3.Error, OSError) as exc:
-                log.warning("spool %s: WAL checkpoint failed (%s); will retry", self.path, exc, exc_info=True)
+
+    async def _checkpoint_if_wanted(self) -> None:
+        """Checkpoint on the spool thread when the facade wants it (a big WAL, or a full spool).
+
+        Checked after every step, not only after a write: a full spool whose messages are all
+        confirmed before their commit writes nothing, yet its WAL must shrink for it to have room.
+        """
+        store = self.store
+        if store is None or not self._want_checkpoint(self.usage):
+            return
+        try:
+            await self.call(store.checkpoint)
+            self.usage = await self.call(store.usage)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("spool %s: WAL checkpoint failed (%s); will retry", self.path, exc, exc_info=True)
+        self._on_change()
 
     async def page_in(self) -> bool:
         """Refill the window from disk when it is half empty; False if the read failed."""

@@ -3,14 +3,26 @@
 A message moves through these places, and the ledger counts messages and body
 bytes in each so that memory stays bounded in bytes, not only in messages::
 
-    add() ──▶ pending ──committed()──▶ window ─────hand_out()──▶ in flight ──ack()──▶ deletes
-                            │            ▲                        │
-                            └─▶ disk only┘ paged_in()   released ◀┘ release()
+    add() ──▶ fresh ──committed()──▶ window ─────hand_out()──▶ in flight ──ack()──▶ deletes
+                │           │            ▲                        ▲   │
+                │           └─▶ disk only┘ paged_in()   released ◀┼───┘ release()
+                └──────────────── hand_out(early=True) ───────────┘
 
-``pending`` is not on disk yet; ``window`` and ``disk only`` are committed and not
-handed out; every disk-only id is above every window id, so order is kept by
-paging in from ``tail_id``. No I/O and no asyncio here: the committer and the
-facade drive it, and it is tested through these methods alone.
+Two things are tracked for each message: where it is for hand-out (fresh, window,
+disk only, in flight, released) and whether it is written (pending, being written,
+on disk). ``fresh`` messages are not on disk yet; ``window`` and ``disk only`` are
+committed and not handed out; every disk-only id is above every window id, so
+order is kept by paging in from ``tail_id``.
+
+Early hand-out: once nothing older waits (no disk-only backlog, an empty window),
+a fresh message may go to the publisher before its commit. Its row is still
+written at the next group commit, unless RabbitMQ confirmed it first: then it is
+never written at all (``ack`` takes it out of ``pending``). A message is therefore
+always in RabbitMQ's hands or in a commit that is at most one group-commit
+interval away, as it was before; but a quick broker saves the disk write.
+
+No I/O and no asyncio here: the committer and the facade drive it, and it is
+tested through these methods alone.
 """
 
 from __future__ import annotations
@@ -76,9 +88,14 @@ class Ledger:
         self.depth = snapshot.count
         self.bytes = snapshot.nbytes
         self.committed_id = snapshot.next_id - 1
-        self._pending: list[Spooled] = []
+        self._pending: dict[int, Spooled] = {}  # not written yet, in id order
         self.pending_bytes = 0
-        self.writing_bytes = 0  # body bytes of the transaction being written (neither pending nor on disk)
+        self._writing: dict[int, Spooled] = {}  # the transaction being written (neither pending nor on disk)
+        self._acked_while_writing: set[int] = set()
+        self.writing_bytes = 0
+        self._fresh: collections.deque[Spooled] = collections.deque()  # not committed, not handed out
+        self.early_id = 0  # highest id handed out before its commit
+        self.rows_written = 0
         self._deletes: list[int] = []
         self._window: collections.deque[Spooled] = collections.deque()
         self.window_bytes = 0
@@ -98,6 +115,11 @@ class Ledger:
         return len(self._pending)
 
     @property
+    def fresh(self) -> int:
+        """Messages not committed and not handed out (early hand-out takes them from here)."""
+        return len(self._fresh)
+
+    @property
     def window(self) -> int:
         """Committed messages in memory, not handed out."""
         return len(self._window)
@@ -109,7 +131,10 @@ class Ledger:
 
     @property
     def memory_bytes(self) -> int:
-        """Body bytes the ledger holds in memory (pending, window, released, in flight)."""
+        """Body bytes the ledger holds in memory (pending, window, released, in flight).
+
+        A message handed out before its commit counts twice (pending and in flight): a bound, not a sum.
+        """
         return self.pending_bytes + self.window_bytes + self._released_bytes + self.in_flight_bytes
 
     @property
@@ -131,8 +156,16 @@ class Ledger:
 
     @property
     def ready(self) -> bool:
-        """True if ``hand_out`` would return something."""
-        return bool(self._released) or (bool(self._window) and self._may_hand_out_window())
+        """True if ``hand_out(early=True)`` would return something."""
+        return self.ready_for(early=True)
+
+    def ready_for(self, *, early: bool) -> bool:
+        """True if ``hand_out(early=early)`` would return something."""
+        if self._released:
+            return True
+        if self._window:
+            return self._may_hand_out_window()
+        return early and bool(self._fresh) and not self.disk_only and self._may_hand_out_window()
 
     def _may_hand_out_window(self) -> bool:
         held = self.in_flight_bytes + self._released_bytes
@@ -144,7 +177,8 @@ class Ledger:
         """Take a message: it gets the next id and waits for a commit."""
         item = Spooled(self.next_id, msg)
         self.next_id += 1
-        self._pending.append(item)
+        self._pending[item.id] = item
+        self._fresh.append(item)
         size = len(msg.body)
         self.pending_bytes += size
         self.depth += 1
@@ -153,28 +187,54 @@ class Ledger:
 
     def take_writes(self) -> tuple[list[Spooled], list[int]]:
         """Everything to write in the next transaction: pending rows and deletes."""
-        rows, self._pending = self._pending, []
-        size = sum(map(_size, rows))
-        self.pending_bytes -= size
-        self.writing_bytes = size
+        self._writing, self._pending = self._pending, {}
+        rows = list(self._writing.values())
+        self.writing_bytes = self.pending_bytes
+        self.pending_bytes = 0
         deletes, self._deletes = self._deletes, []
         return rows, deletes
 
     def restore(self, rows: list[Spooled], deletes: list[int]) -> None:
-        """The transaction failed: its rows and deletes go back in front of newer ones."""
-        self._pending[:0] = rows
+        """The transaction failed: its rows and deletes go back in front of newer ones.
+
+        A row confirmed while it was being written is not written again, and its delete is dropped.
+        """
+        acked = self._acked_while_writing
+        if acked:
+            rows = [item for item in rows if item.id not in acked]
+            self._deletes = [i for i in self._deletes if i not in acked]
+            acked.clear()
+        pending = {item.id: item for item in rows}
+        pending.update(self._pending)
+        self._pending = pending
         self.pending_bytes += sum(map(_size, rows))
+        self._writing = {}
         self.writing_bytes = 0
         self._deletes[:0] = deletes
 
     def committed(self, rows: list[Spooled]) -> None:
-        """The rows are on disk: into the window while it has room, else counted as on disk only."""
+        """The rows are on disk: into the window while it has room, else counted as on disk only.
+
+        Rows handed out early are already in flight (or released, or acked) and stay where they are.
+        """
+        self._writing = {}
+        self._acked_while_writing.clear()
         self.writing_bytes = 0
         if not rows:
             return
-        self.committed_id = rows[-1].id
+        self.rows_written += len(rows)
+        self.committed_id = max(self.committed_id, rows[-1].id)
         limits = self.limits
+        fresh = self._fresh
+        early_id = self.early_id
         for item in rows:
+            if item.id <= early_id:
+                # Handed out already; everything older is too, and disk-only rows are paged in
+                # from above tail_id: move it past this row, or a page-in would hand it out again.
+                self.tail_id = item.id
+                continue
+            if fresh and fresh[0] is item:
+                fresh.popleft()
             size = _size(item)
             fits = len(self._window) < limits.window_rows and self.window_bytes < limits.window_bytes
             if not self.disk_only and fits:
@@ -187,8 +247,12 @@ class Ledger:
 
     # -- hand-out side -------------------------------------------------------------
 
-    def hand_out(self, max_n: int) -> list[Spooled]:
-        """Up to ``max_n`` messages, released ones first, then the window, in id order."""
+    def hand_out(self, max_n: int, *, early: bool = False) -> list[Spooled]:
+        """Up to ``max_n`` messages, released ones first, then the window, in id order.
+
+        ``early``: once the window and the disk-only backlog are empty, fresh (not yet committed)
+        messages too; their commit follows, unless RabbitMQ confirms them first.
+        """
         batch: list[Spooled] = []
         while self._released and len(batch) < max_n:
             item = heapq.heappop(self._released)[1]
@@ -206,6 +270,15 @@ class Ledger:
             self.window_bytes -= size
             held += size
             batch.append(item)
+        if early and not window and not self.disk_only:
+            fresh = self._fresh
+            while fresh and len(batch) < max_n:
+                if held >= cap and (batch or self._in_flight):
+                    break
+                item = fresh.popleft()
+                held += _size(item)
+                batch.append(item)
+                self.early_id = item.id
         for item in batch:
             size = _size(item)
             self._in_flight[item.id] = size
@@ -220,7 +293,12 @@ class Ledger:
             if size is None:
                 continue
             self.in_flight_bytes -= size
-            self._deletes.append(i)
+            if self._pending.pop(i, None) is not None:
+                self.pending_bytes -= size  # confirmed before its commit: never written
+            else:
+                if i in self._writing:
+                    self._acked_while_writing.add(i)
+                self._deletes.append(i)
             self.depth -= 1
             self.bytes -= size
             n += 1
@@ -268,29 +346,33 @@ class Ledger:
     # -- dropping (high availability) ---------------------------------------------
 
     def drop_in_memory(self, keep: Callable[[Spooled], bool]) -> int:
-        """Drop pending, window and released messages for which ``keep`` is False; how many."""
+        """Drop fresh, window and released messages for which ``keep`` is False; how many.
+
+        Messages in flight are kept. Call it between commits (nothing is being written).
+        """
         dropped = 0
-        kept_pending = [i for i in self._pending if keep(i)]
-        for item in self._pending:
-            if not keep(item):
-                self._forget(item.id, _size(item), on_disk=False)
-                self.pending_bytes -= _size(item)
+        kept_fresh: collections.deque[Spooled] = collections.deque()
+        for item in self._fresh:
+            if keep(item):
+                kept_fresh.append(item)
+            else:
+                self._forget(item)
                 dropped += 1
-        self._pending = kept_pending
+        self._fresh = kept_fresh
         kept_window: collections.deque[Spooled] = collections.deque()
         for item in self._window:
             if keep(item):
                 kept_window.append(item)
             else:
                 self.window_bytes -= _size(item)
-                self._forget(item.id, _size(item), on_disk=True)
+                self._forget(item)
                 dropped += 1
         self._window = kept_window
         kept_released = [(i, item) for i, item in self._released if keep(item)]
         for _, item in self._released:
             if not keep(item):
                 self._released_bytes -= _size(item)
-                self._forget(item.id, _size(item), on_disk=True)
+                self._forget(item)
                 dropped += 1
         heapq.heapify(kept_released)
         self._released = kept_released
@@ -307,11 +389,15 @@ class Ledger:
             n += 1
         return n
 
-    def _forget(self, item_id: int, size: int, *, on_disk: bool) -> None:
+    def _forget(self, item: Spooled) -> None:
+        """Count a dropped message out: unwritten, it is not written; written (or being written), deleted."""
+        size = _size(item)
         self.depth -= 1
         self.bytes -= size
-        if on_disk:
-            self._deletes.append(item_id)
+        if self._pending.pop(item.id, None) is not None:
+            self.pending_bytes -= size
+        else:
+            self._deletes.append(item.id)
 
 
 class Threshold:
