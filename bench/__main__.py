@@ -27,13 +27,19 @@ def main(argv: list[str] | None = None) -> int:
                        help="chaos: seconds between fault starts (default 20 60)")
     chaos.add_argument("--down", type=float, nargs=2, default=(10.0, 40.0), metavar=("MIN", "MAX"),
                        help="chaos: seconds RabbitMQ stays stopped (default 10 40)")
+    chaos.add_argument("--kinds", help="chaos: comma-separated fault kinds to inject (default: all of them)")
     args = parser.parse_args(argv)
     if args.command == "chaos":
         from bench import chaos as chaos_bench
 
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else chaos_bench.KINDS
+        unknown = sorted(set(kinds) - set(chaos_bench.KINDS))
+        if unknown or not kinds:
+            choices = ", ".join(chaos_bench.KINDS)
+            parser.error(f"--kinds: unknown {', '.join(unknown) or '(none given)'}; one of {choices}")
         return chaos_bench.main(chaos_bench.ChaosConfig(
             minutes=args.minutes, seed=args.seed, rate=args.rate, replicas=args.replicas, broker=args.broker,
-            gap=tuple(args.gap), down=tuple(args.down), results_dir=args.results_dir,
+            gap=tuple(args.gap), down=tuple(args.down), results_dir=args.results_dir, kinds=kinds,
         ))  # fmt: skip
     if args.command == "outage":
         from bench import outage

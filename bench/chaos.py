@@ -63,6 +63,7 @@ SIGKILL_AFTER = 1.0
 SMALL_SPOOL = 256 * 1024  # --spool-max-bytes of the spool-full episode (the minimum is 64 KiB)
 PROCESS_WARMUP = 60.0  # seconds of each bridge process's life left out of the RSS slope
 MIN_SEGMENT = 120.0  # a process must contribute this many seconds of samples to the slope
+SETTLE_AFTER_FAULT = 15.0  # the "settled" RSS slope leaves out each fault and this long after it
 
 
 def _log(text: str) -> None:
@@ -84,6 +85,7 @@ class ChaosConfig:
     gap: tuple[float, float] = (20.0, 60.0)
     down: tuple[float, float] = (10.0, 40.0)
     results_dir: Path | None = None
+    kinds: tuple[str, ...] = KINDS
 
 
 @dataclass
@@ -544,9 +546,9 @@ class Soak:
         return {"drain_s": round(time.monotonic() - t0, 1), "depths": depths}
 
 
-def _schedule_kinds(rng: random.Random) -> Iterator[str]:
+def _schedule_kinds(rng: random.Random, kinds: tuple[str, ...] = KINDS) -> Iterator[str]:
     while True:
-        order = list(KINDS)
+        order = list(kinds)
         rng.shuffle(order)
         yield from order
 
@@ -569,14 +571,14 @@ def soak(cfg: ChaosConfig, target: Target) -> dict[str, Any]:
         t0 = time.time()
         sampler = Sampler(s.replicas, started)
         _log(f"running: bridge pid(s) {[r.pid for r in s.replicas]}, work dir {workdir}")
-        kinds = _schedule_kinds(s.rng)
+        kinds = _schedule_kinds(s.rng, cfg.kinds)
         deadline = t0 + cfg.minutes * 60
         next_at = t0 + s.rng.uniform(*cfg.gap)
         while True:
             seen = {f.kind for f in faults}
-            if time.time() >= deadline and seen >= set(KINDS):
+            if time.time() >= deadline and seen >= set(cfg.kinds):
                 break
-            if next_at > deadline and time.time() < deadline and seen >= set(KINDS):
+            if next_at > deadline and time.time() < deadline and seen >= set(cfg.kinds):
                 time.sleep(max(0.0, min(deadline, next_at) - time.time()))
                 continue
             time.sleep(max(0.0, next_at - time.time()))
@@ -731,7 +733,8 @@ def analyse(
                 key=lambda r: r["recovery_after_end_s"], default=None)  # fmt: skip
 
     # RSS / fds / tasks of the (leader) process series.
-    mem = _memory(cfg, samples, started)
+    settle = [(f.start - started, (f.end - started) + SETTLE_AFTER_FAULT) for f in faults]
+    mem = _memory(cfg, samples, started, settle)
     ok_lost = not elsewhere
     return {
         "benchmark": "orangepill-bridge chaos soak",
@@ -788,33 +791,74 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000.0, 2)
 
 
-def _memory(cfg: ChaosConfig, samples: list[dict[str, Any]], started: float) -> dict[str, Any]:
-    rows = [s for s in samples if s["rss"] and s["replica"] == 0]
+def _memory(
+    cfg: ChaosConfig, samples: list[dict[str, Any]], started: float, faults: list[tuple[float, float]] | None = None
+) -> dict[str, Any]:
+    """RSS, descriptors and tasks of the bridge processes, with two slopes (see ``slope_method``)."""
+    rows = [s for s in samples if s["rss"]]
     if not rows:
         return {}
     run_s = cfg.minutes * 60
     warmup = 300.0 if run_s >= 1500 else 0.2 * run_s
-    series: dict[Any, list[tuple[float, float]]] = {}
+    windows = sorted(faults or [])
+
+    def settled(t: float) -> bool:
+        return not any(a <= t <= b for a, b in windows)
+
+    every: dict[Any, list[tuple[float, float]]] = {}
+    calm: dict[Any, list[tuple[float, float]]] = {}
     for s in rows:
         if s["t"] >= warmup and s["age"] >= PROCESS_WARMUP:
-            series.setdefault(s["pid"], []).append((s["t"] / 3600.0, s["rss"] / 2**20))
-    series = {pid: pts for pid, pts in series.items() if (pts[-1][0] - pts[0][0]) * 3600 >= MIN_SEGMENT}
-    slope = _within_slope(series)
-    longest = max(series.values(), key=len, default=[])
+            point = (s["t"] / 3600.0, s["rss"] / 2**20)
+            every.setdefault(s["pid"], []).append(point)
+            if settled(s["t"]):
+                calm.setdefault(s["pid"], []).append(point)
+
+    def long_enough(series: dict[Any, list[tuple[float, float]]]) -> dict[Any, list[tuple[float, float]]]:
+        return {pid: pts for pid, pts in series.items() if (pts[-1][0] - pts[0][0]) * 3600 >= MIN_SEGMENT}
+
+    every, calm = long_enough(every), long_enough(calm)
+    slope = _within_slope(every)
+    calm_slope = _within_slope(calm)
+    longest = max(every.values(), key=len, default=[])
     longest_slope = _within_slope({0: longest}) if longest else None
-    with_fds = [s for s in rows if s["fds"] is not None]
-    with_tasks = [s for s in rows if s["tasks"] is not None]
+    per_replica = {}
+    for index in sorted({s["replica"] for s in rows}):
+        mine = [s for s in rows if s["replica"] == index]
+        per_replica[str(index)] = {
+            "rss_mb": {"start": round(mine[0]["rss"] / 2**20, 1), "peak": round(max(s["rss"] for s in mine) / 2**20, 1),
+                       "end": round(mine[-1]["rss"] / 2**20, 1)},
+            "processes": len({s["pid"] for s in mine}),
+        }  # fmt: skip
+    processes = []
+    for pid in dict.fromkeys(s["pid"] for s in rows):
+        mine = [s for s in rows if s["pid"] == pid]
+        processes.append({
+            "pid": pid, "replica": mine[0]["replica"],
+            "from_s": round(mine[0]["t"], 1), "to_s": round(mine[-1]["t"], 1),
+            "rss_mb_first_last_peak": [round(mine[0]["rss"] / 2**20, 1), round(mine[-1]["rss"] / 2**20, 1),
+                                       round(max(s["rss"] for s in mine) / 2**20, 1)],
+        })  # fmt: skip
+    first = [s for s in rows if s["replica"] == 0]
+    with_fds = [s for s in first if s["fds"] is not None]
+    with_tasks = [s for s in first if s["tasks"] is not None]
+    calm_minutes = sum((pts[-1][0] - pts[0][0]) * 60 for pts in calm.values())
     return {
         "replica": 0,
-        "rss_mb": {"start": round(rows[0]["rss"] / 2**20, 1), "peak": round(max(s["rss"] for s in rows) / 2**20, 1),
-                   "end": round(rows[-1]["rss"] / 2**20, 1)},
+        "rss_mb": per_replica.get("0", {}).get("rss_mb"),
+        "per_replica": per_replica,
         "slope_mb_per_hour": None if slope is None else round(slope, 3),
-        "slope_method": f"least squares over samples after {warmup:g} s of the run and {PROCESS_WARMUP:g} s of each "
-                        f"bridge process's life, processes with >= {MIN_SEGMENT:g} s of them, one intercept per "
-                        "process (restarts reset RSS); null when no process lived that long",
+        "slope_settled_mb_per_hour": None if calm_slope is None else round(calm_slope, 3),
+        "settled_minutes": round(calm_minutes, 1),
+        "slope_method": f"least squares over the samples of every bridge process (all replicas) after {warmup:g} s of "
+                        f"the run and {PROCESS_WARMUP:g} s of the process's life, processes with >= {MIN_SEGMENT:g} s "
+                        "of them, one intercept per process (a restart resets RSS). 'settled' also leaves out each "
+                        f"fault from its start to {SETTLE_AFTER_FAULT:g} s after its end (the outage's transient "
+                        "memory and its release); null when no process lived that long",
         "longest_process": {"minutes": round((longest[-1][0] - longest[0][0]) * 60, 1) if longest else 0,
                             "slope_mb_per_hour": None if longest_slope is None else round(longest_slope, 3)},
         "processes": len({s["pid"] for s in rows}),
+        "process_list": processes,
         "fds": {"start": with_fds[0]["fds"] if with_fds else None, "end": with_fds[-1]["fds"] if with_fds else None,
                 "max": max((s["fds"] for s in with_fds), default=None)},
         "tasks": {"start": with_tasks[0]["tasks"] if with_tasks else None,
@@ -907,7 +951,8 @@ def summary(report: dict[str, Any]) -> str:
     if m:
         lines += [
             f"RSS MB: start {m['rss_mb']['start']}  peak {m['rss_mb']['peak']}  end {m['rss_mb']['end']}  "
-            f"slope {m['slope_mb_per_hour']} MB/h over {m['processes']} process(es); longest process "
+            f"slope {m['slope_mb_per_hour']} MB/h, settled {m['slope_settled_mb_per_hour']} MB/h over "
+            f"{m['settled_minutes']} min, {m['processes']} process(es); longest process "
             f"{m['longest_process']['minutes']} min: {m['longest_process']['slope_mb_per_hour']} MB/h",
             f"fds: start {m['fds']['start']} end {m['fds']['end']} max {m['fds']['max']}   "
             f"asyncio tasks: start {m['tasks']['start']} end {m['tasks']['end']} max {m['tasks']['max']}",
