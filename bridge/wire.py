@@ -398,7 +398,9 @@ def _notification(obj: dict[str, Any]) -> Notification:
     flat: dict[str, Any] = {"type": "notification", "event": event, "data": data, "timestamp": timestamp}
     flat.update(extras)
     try:
-        body = dumps_exact(flat)
+        # A right-sized copy: orjson >= 3.12 hands out its working buffer (4 KiB at least) as the bytes
+        # object, and the spool keeps this body in memory while the broker is down (issue 14).
+        body = bytes(memoryview(dumps_exact(flat)))
     except (TypeError, ValueError) as exc:
         raise ProtocolError("unencodable", _short(str(exc))) from None
     return Notification(

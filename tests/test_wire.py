@@ -126,3 +126,25 @@ def test_check_interval_is_a_third_of_the_idle_timeout_at_most() -> None:
     """The keepalive loop looks often enough to notice silence within a third of the idle timeout."""
     assert Liveness(ping_interval=10.0, idle_timeout=6.0, now=0.0).check_every == 2.0
     assert Liveness(ping_interval=1.0, idle_timeout=6.0, now=0.0).check_every == 1.0
+
+
+def test_notification_body_takes_its_own_size_in_memory() -> None:
+    """A spooled body costs about its length, not orjson's 4 KiB output buffer (issue 14: RSS after outages)."""
+    import tracemalloc
+
+    from bridge.wire import Notification
+
+    raw = '{"type":"notification","event":"transaction.created","data":{"id":"t-1","amount":12.5},"timestamp":1}'
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        bodies = []
+        for _ in range(1000):
+            note = parse_frame(raw)
+            assert isinstance(note, Notification)
+            bodies.append(note.body)
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert len(bodies[0]) < 150
+    assert grown < 1000 * 400, f"{grown / 1000:.0f} bytes per held body"

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 MEMORY: Final = "memory"
 """The ``--spool`` value that keeps the spool in memory only (lost on exit)."""
 
-DEFAULT_WINDOW: Final = 5000
+DEFAULT_WINDOW: Final = Limits().window_rows
 _FULL_LOG_EVERY: Final = 60.0
 _WAL_MIN: Final = 1024**2
 _WAL_MAX: Final = 64 * 1024**2
