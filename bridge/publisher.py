@@ -369,6 +369,10 @@ class Publisher:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._announce(item)
+
+    def _announce(self, item: Spooled) -> None:
+        """Tell the HA announcer a message is settled (confirmed, or confirmed into the quarantine)."""
         if self._on_confirmed is not None:
             self._on_confirmed(item.msg.message_id)
 
@@ -436,6 +440,7 @@ class Publisher:
         self._failure_pause = 0.0
         self._confirmed += 1
         self._source.ack([item.id])
+        self._announce(item)
         self._metrics.quarantined(max(0.0, time.time() - item.msg.received_at))
 
     async def _move_unrouted(self, item: Spooled) -> None:
@@ -490,6 +495,7 @@ class Publisher:
         self._suspects.discard(item.id)
         self._condemned.pop(item.id, None)
         self._source.ack([item.id])
+        self._announce(item)
         self._metrics.quarantined(max(0.0, time.time() - msg.received_at))
         log.error(
             "RabbitMQ refuses an event for good: moved to the quarantine queue %s "

@@ -246,3 +246,33 @@ async def test_channel_closed_in_the_middle_of_a_batch_loses_nothing_and_acks_on
     assert len(set(acked)) == n  # each message acked, after its republish if needed
     by_id = {i + 1: i for i in range(n)}  # memory spool ids count from 1 in put order
     assert {by_id[i] for i in acked} <= seen  # nothing acked that RabbitMQ did not take
+
+
+async def test_every_settled_message_is_reported_to_the_ha_announcer_quarantine_included(exchange_name: str) -> None:
+    """on_confirmed gets the message_id of each confirmed event and of a quarantine message (the standby drops them)."""
+    from bridge.contract import quarantine_message
+    from bridge.errors import ProtocolError
+
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name)
+    bad = quarantine_message("{not json", ProtocolError("malformed", "expected a value"), realm="test",
+                             secrets=(), received_at=time.time())  # fmt: skip
+    events = [_event(0), bad, _event(1)]
+    reported: list[str] = []
+    metrics = Metrics()
+    broker = Broker(settings, metrics)
+    stop = asyncio.Event()
+    assert await broker.connect(stop)
+    spool = await Spool.open("memory")
+    for msg in events:
+        await spool.put(msg)
+    publisher = Publisher(settings, spool, metrics, broker, on_confirmed=reported.append)
+    task = asyncio.create_task(publisher.run(stop))
+    try:
+        assert await wait_until(lambda: spool.depth == 0, timeout=10)
+        assert await wait_until(lambda: len(reported) == 3, timeout=5)
+        assert sorted(reported) == sorted(m.message_id for m in events)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await spool.close()
+        await broker.close()
