@@ -18,7 +18,6 @@ from collections.abc import Callable
 __all__ = ["release_memory"]
 
 
-
 @functools.cache
 def _malloc_trim() -> Callable[[int], object] | None:
     name = ctypes.util.find_library("c")

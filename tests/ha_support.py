@@ -162,3 +162,12 @@ class Collector:
         """Wait until every seq 1..last_seq arrived."""
         want = set(range(1, last_seq + 1))
         return await wait_until(lambda: want <= set(self.seqs(realm)), timeout=timeout, interval=0.2)
+
+    async def expect_all_sent(self, sim: Any, timeout: float = 60) -> int:
+        """The simulator's last seq (its one realm), once every seq up to it arrived; fails with the missing ones."""
+        realms = sim.stats()["realms"]
+        last = int(realms[next(iter(realms))]["last_seq"])
+        if not await self.wait_all(last, timeout=timeout):
+            missing = sorted(set(range(1, last + 1)) - set(self.seqs()))[:20]
+            raise AssertionError(f"not every event up to seq {last} arrived; missing (first 20): {missing}")
+        return last

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aio_pika
@@ -21,7 +21,8 @@ from pamqp.header import ContentHeader
 import bridge.publisher as publisher_module
 from bridge.broker import Broker
 from bridge.config import Settings
-from bridge.contract import KIND_EVENT, Outbound, Topology
+from bridge.contract import KIND_EVENT, Outbound, Topology, quarantine_message
+from bridge.errors import ProtocolError
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
 from bridge.spool import Spool, Spooled
@@ -70,8 +71,9 @@ class _Lane:
 
 @contextlib.asynccontextmanager
 async def _lane(
-    settings: Settings, events: list[Outbound], publisher_class: type[Publisher] = Publisher
-) -> AsyncIterator[_Lane]:
+    settings: Settings, events: list[Outbound], publisher_class: type[Publisher] = Publisher,
+    on_confirmed: Callable[[str], None] | None = None,
+) -> AsyncIterator[_Lane]:  # fmt: skip
     """A broker link, a memory spool holding ``events`` and a running publisher; all closed afterwards."""
     metrics = Metrics()
     broker = Broker(settings, metrics)
@@ -82,7 +84,7 @@ async def _lane(
         await spool.put(msg)
     await spool.flush()
     source = _Recording(spool)
-    publisher = publisher_class(settings, source, metrics, broker)
+    publisher = publisher_class(settings, source, metrics, broker, on_confirmed=on_confirmed)
     task = asyncio.create_task(publisher.run(stop))
     try:
         yield _Lane(settings, source, publisher, broker)
@@ -250,29 +252,12 @@ async def test_channel_closed_in_the_middle_of_a_batch_loses_nothing_and_acks_on
 
 async def test_every_settled_message_is_reported_to_the_ha_announcer_quarantine_included(exchange_name: str) -> None:
     """on_confirmed gets the message_id of each confirmed event and of a quarantine message (the standby drops them)."""
-    from bridge.contract import quarantine_message
-    from bridge.errors import ProtocolError
-
     settings = bridge_settings("ws://127.0.0.1:1", exchange_name)
     bad = quarantine_message("{not json", ProtocolError("malformed", "expected a value"), realm="test",
                              secrets=(), received_at=time.time())  # fmt: skip
     events = [_event(0), bad, _event(1)]
     reported: list[str] = []
-    metrics = Metrics()
-    broker = Broker(settings, metrics)
-    stop = asyncio.Event()
-    assert await broker.connect(stop)
-    spool = await Spool.open("memory")
-    for msg in events:
-        await spool.put(msg)
-    publisher = Publisher(settings, spool, metrics, broker, on_confirmed=reported.append)
-    task = asyncio.create_task(publisher.run(stop))
-    try:
-        assert await wait_until(lambda: spool.depth == 0, timeout=10)
+    async with _lane(settings, events, on_confirmed=reported.append) as lane:
+        assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=10)
         assert await wait_until(lambda: len(reported) == 3, timeout=5)
         assert sorted(reported) == sorted(m.message_id for m in events)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await spool.close()
-        await broker.close()

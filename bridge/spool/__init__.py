@@ -130,6 +130,7 @@ class Spool:
         self._path = path
         self._ledger = ledger
         self._wal_limit = wal_limit
+        self._early_waiting = 0  # get_batch(early=True) calls waiting for messages
         self._committer = Committer(
             path, store, executor, ledger,
             commit_interval=commit_interval, commit_batch=commit_batch,
@@ -137,7 +138,6 @@ class Spool:
             on_change=self._changed, want_checkpoint=self._want_checkpoint,
             taker_waiting=lambda: self._early_waiting > 0,
         )  # fmt: skip
-        self._early_waiting = 0  # get_batch(early=True) calls waiting for messages
         self._max_bytes = max_bytes
         self._threshold = Threshold(max_bytes)
         self._disk_per_body = _DISK_PER_BODY_DEFAULT

@@ -191,10 +191,9 @@ class Committer:
         """Write the pending rows and deletes in one transaction; False if the disk refused."""
         ledger = self.ledger
         rows, deletes = ledger.take_writes()
-        if rows or deletes:
-            self._last_rows = len(rows)
         if not rows and not deletes:
-            return True
+            return True  # nothing to write (keeps _last_rows: an empty step says nothing about the load)
+        self._last_rows = len(rows)
         self.tx_started += 1
         tx = self.tx_started
         if self.store is not None:
