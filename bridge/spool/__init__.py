@@ -131,6 +131,7 @@ class Spool:
         self._ledger = ledger
         self._wal_limit = wal_limit
         self._early_waiting = 0  # get_batch(early=True) calls waiting for messages
+        self._acked_while_full = False  # acks freed space since the last checkpoint of a full spool
         self._committer = Committer(
             path, store, executor, ledger,
             commit_interval=commit_interval, commit_batch=commit_batch,
@@ -338,6 +339,7 @@ class Spool:
         """
         ledger = self._ledger
         if ledger.ack(ids):
+            self._acked_while_full = self._acked_while_full or self._threshold.full
             self._update_full()
             if ledger.has_deletes or self._threshold.full:  # full: the WAL may need a checkpoint
                 self._committer.wake_deletes(urgent=self._threshold.full)
@@ -489,9 +491,16 @@ class Spool:
         self._committed.set()
 
     def _want_checkpoint(self, usage: DiskUsage) -> bool:
-        # A full spool checkpoints early: deletes free pages, but the WAL holds them until then.
+        # A full spool checkpoints early once acks came: deletes free pages (and early-confirmed
+        # events write nothing), but the WAL holds its size until then. Without acks (the broker
+        # down) a checkpoint would only let the stream be read in bursts while the spool is full.
         limit = self._wal_limit
-        return usage.wal >= limit or (self._threshold.full and usage.wal >= min(limit, self._max_bytes) // 4)
+        if usage.wal >= limit:
+            return True
+        if self._threshold.full and self._acked_while_full and usage.wal >= min(limit, self._max_bytes) // 4:
+            self._acked_while_full = False  # the committer checkpoints now
+            return True
+        return False
 
     def _changed(self) -> None:
         """After a commit, a page-in or a failure: wake whoever waits, and report."""
