@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
     parser.add_argument("--only", action="append", choices=("ceiling", "naive", "node", "bridge"), help="rows to run")
     parser.add_argument("--loop", action="append", choices=("uvloop", "asyncio"), help="loops to run")
+    parser.add_argument("--pairs", type=int, help="alternating node/bridge full-speed pairs after the table "
+                        "(default 3; --smoke 1; 0: none)")
     chaos = parser.add_argument_group("chaos (issue 14)")
     chaos.add_argument("--minutes", type=float, default=60.0, help="chaos: length of the soak (default 60)")
     chaos.add_argument("--seed", type=int, help="chaos: seed of the fault schedule (printed; default random)")
@@ -55,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return profile.main(loop=(args.loop or ["uvloop"])[0], count=args.count or 60_000)
     from bench import run
 
+    pairs = args.pairs if args.pairs is not None else (1 if args.smoke else 3)
     report = run.main(
-        smoke=args.smoke, results_dir=args.results_dir, only=args.only, loops=args.loop, count=args.count
-    )
+        smoke=args.smoke, results_dir=args.results_dir, only=args.only, loops=args.loop, count=args.count,
+        pairs=pairs,
+    )  # fmt: skip
+    if "paired" in report and not report["paired"]["complete"]:
+        print("INCOMPLETE: the consumer did not count every event in a node/bridge pair", file=sys.stderr)
+        return 1
     incomplete = [f"{r['subject']}/{r['loop']}" for r in report["rows"] if not r["complete"]]
     if incomplete:
         print(f"INCOMPLETE: the consumer did not count every event for {', '.join(incomplete)}", file=sys.stderr)

@@ -9,6 +9,7 @@ stage of the bridge) to ``bench/results/profile-<loop>-<timestamp>.txt``.
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -22,20 +23,30 @@ from bench.run import measure
 
 # Which stage a stack belongs to: first marker found from the leaf upwards wins.
 STAGES = (
-    ("sqlite (spool thread)", ("_SqliteStore.", "_to_row", "_from_row")),
+    ("sqlite (spool store)", ("SqliteStore.", "_to_row", "_from_row", "spool/store.py")),
     ("publish: aio-pika/aiormq/pamqp", ("aio_pika/", "aiormq/", "pamqp/")),
     ("publish: bridge publisher", ("publisher.py",)),
-    ("spool (loop side)", ("spool.py",)),
-    ("protocol: parse + message_id", ("protocol.py",)),
+    ("spool (ledger, committer)", ("bridge/spool/",)),
+    ("protocol: parse + message (wire, contract)", ("bridge/wire.py", "bridge/contract.py")),
     ("metrics: prometheus_client", ("prometheus_client/",)),
     ("websockets read", ("websockets/",)),
     ("stream client", ("stream.py",)),
 )
 
 
-def _py_spy() -> str:
+def _py_spy() -> str | None:
+    """The py-spy executable (on PATH or next to this Python), or None."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return exe
+    return exe if os.access(exe, os.X_OK) else None
+
+
+# py-spy counts a thread that is preempted (runnable, waiting for a core) as running, so on a
+# busy machine a call that wakes another process (a loopback send) collects samples while the
+# bridge waits for the CPU. For CPU use `perf record -g -p <pid>`; this profile shows where time goes.
+CAVEAT = (
+    "note: py-spy samples wall time of running threads; a thread waiting for a core counts as running, "
+    "so calls that wake another process (socket writes on loopback) look larger than their CPU cost"
+)
 
 
 def summarise(raw: Path, top: int = 40) -> str:
@@ -70,13 +81,18 @@ def summarise(raw: Path, top: int = 40) -> str:
 
 
 def main(*, loop: str, count: int, rate: float = 0.0) -> int:
+    py_spy = _py_spy()
+    if py_spy is None:
+        print("py-spy not found: install it with `.venv/bin/pip install py-spy` (it is not a dependency "
+              "of the bridge or its tests)", file=sys.stderr)  # fmt: skip
+        return 2
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     raw = common.RESULTS / f"profile-{loop}-{stamp}.raw"
 
     def on_go(pid: int) -> Callable[[], Any]:
         proc = subprocess.Popen(
-            [_py_spy(), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+            [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
              "--output", str(raw), "--threads"],  # every thread, on-CPU samples only
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
@@ -93,7 +109,7 @@ def main(*, loop: str, count: int, rate: float = 0.0) -> int:
     head = (
         f"bridge on {loop}, {count:,} events at {'full speed' if not rate else f'{rate:g}/s'}: "
         f"{res['events_per_s']:,.0f} events/s, CPU {res['cpu_s_per_100k']} s/100k, "
-        f"other processes {res['cpu_other_processes_s']}, foreign {res['cpu_foreign_s']} s\n"
+        f"other processes {res['cpu_other_processes_s']}, foreign {res['cpu_foreign_s']} s\n{CAVEAT}\n"
     )
     (common.RESULTS / f"profile-{loop}-{stamp}.txt").write_text(head + "\n" + text + "\n")
     print(head)

@@ -206,6 +206,48 @@ def low_rate(subject: str, loop: str, smoke: bool) -> dict[str, Any]:
     return res
 
 
+def paired(rounds: int, smoke: bool, count: int | None) -> dict[str, Any]:
+    """The bridge (uvloop) against the Node peer in alternating full-speed runs of the same N.
+
+    The VM's speed drifts by up to 2x over a day, and a lone run of each subject minutes
+    apart compares two different machines. Pairs run back to back, node then bridge, and
+    the median of the per-pair ratios is the figure to quote.
+    """
+    n = count or (1500 if smoke else 60_000)
+    pairs: list[dict[str, Any]] = []
+    for i in range(rounds):
+        node = measure("node", NODE_LOOP, count=n, rate=0, latency=False, timeout=max(120, n / 300))
+        bridge = measure("bridge", "uvloop", count=n, rate=0, latency=False, timeout=max(120, n / 300))
+        pair = {
+            "node_events_per_s": node["events_per_s"],
+            "bridge_events_per_s": bridge["events_per_s"],
+            "bridge_over_node": _ratio(bridge["events_per_s"], node["events_per_s"]),
+            "node_cpu_us_per_event": node["cpu_us_per_event"],
+            "bridge_cpu_us_per_event": bridge["cpu_us_per_event"],
+            "node_broker_cpu_us_per_event": node["broker_cpu_us_per_event"],
+            "bridge_broker_cpu_us_per_event": bridge["broker_cpu_us_per_event"],
+            "complete": node["complete"] and bridge["complete"],
+            "foreign_cpu_s": round((node["cpu_foreign_s"] or 0) + (bridge["cpu_foreign_s"] or 0), 2),
+        }
+        pairs.append(pair)
+        _log(
+            f"  pair {i + 1}/{rounds}: node {_fmt(node['events_per_s'])}/s, bridge {_fmt(bridge['events_per_s'])}/s "
+            f"(ratio {_fmt(pair['bridge_over_node'], '.2f')}; CPU us/ev {_fmt(node['cpu_us_per_event'], '.1f')} / "
+            f"{_fmt(bridge['cpu_us_per_event'], '.1f')})"
+        )
+
+    def median(key: str) -> float | None:
+        values = [p[key] for p in pairs if p[key] is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    return {
+        "count": n,
+        "pairs": pairs,
+        "median": {key: median(key) for key in pairs[0] if key not in ("complete", "foreign_cpu_s")} if pairs else {},
+        "complete": all(p["complete"] for p in pairs),
+    }
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -319,7 +361,7 @@ def merge(tput: dict[str, Any], lat: dict[str, Any]) -> dict[str, Any]:
 
 # ~55 lines: a flat list of the measurements the report holds, in order; nothing to factor out.
 def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str] | None = None,
-         loops: list[str] | None = None, count: int | None = None) -> dict[str, Any]:  # fmt: skip
+         loops: list[str] | None = None, count: int | None = None, pairs: int = 3) -> dict[str, Any]:  # fmt: skip
     """Run the benchmark, print the table, write the JSON; return the report."""
     started = time.time()
     out_dir = results_dir or common.RESULTS
@@ -352,6 +394,11 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
             p = lat["latency"] or {}
             _log(f"  {subject:<8} {loop:<8} p50 {p.get('p50_ms')} ms p99 {p.get('p99_ms')} ms")
     summary = summarise(rows)
+    pair_report: dict[str, Any] | None = None
+    if pairs and "node" not in skipped and (only is None or {"node", "bridge"} <= set(only)):
+        _log(f"  node vs bridge/uvloop: {pairs} alternating pairs ...")
+        pair_report = paired(pairs, smoke, count)
+        summary["paired"] = pair_report
     report = {
         "benchmark": "orangepill-bridge end-to-end",
         "mode": "smoke" if smoke else "full",
@@ -389,6 +436,16 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
         **summary,
     }
     text = table(rows, summary)
+    if pair_report is not None and pair_report["pairs"]:
+        med = pair_report["median"]
+        text += (
+            f"\npaired node/bridge (uvloop) runs of N={pair_report['count']:,}, "
+            f"median of {len(pair_report['pairs'])}: bridge/node = {_fmt(med['bridge_over_node'], '.2f')}; "
+            f"CPU us/ev node {_fmt(med['node_cpu_us_per_event'], '.1f')}, "
+            f"bridge {_fmt(med['bridge_cpu_us_per_event'], '.1f')}; "
+            f"broker us/ev node {_fmt(med['node_broker_cpu_us_per_event'], '.1f')}, "
+            f"bridge {_fmt(med['bridge_broker_cpu_us_per_event'], '.1f')}"
+        )
     print()
     print(text, flush=True)
     stamp = datetime.fromtimestamp(started, tz=UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Generic, TypeVar
+import weakref
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -19,7 +20,7 @@ from bridge import __version__
 from bridge.catalog import metric_labels
 from bridge.wire import REJECT_REASONS
 
-__all__ = ["PREFIX", "DisconnectReason", "Metrics", "PublishFailure"]
+__all__ = ["PREFIX", "DisconnectReason", "InFlightSource", "Metrics", "PublishFailure"]
 
 PREFIX = "orangepill_bridge"
 
@@ -50,6 +51,14 @@ class PublishFailure(enum.StrEnum):
 
 
 _M = TypeVar("_M", Counter, Gauge)
+
+
+class InFlightSource(Protocol):
+    """What the ``publish_in_flight`` gauge reads: a publisher."""
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes awaiting a confirm now."""
 
 
 class _Children(Generic[_M]):
@@ -185,6 +194,8 @@ class Metrics:
         self.publish_in_flight = Gauge(
             f"{p}_publish_in_flight", "Messages published and awaiting a confirm.", registry=r
         )
+        self._in_flight_sources: weakref.WeakSet[InFlightSource] = weakref.WeakSet()
+        self.publish_in_flight.set_function(self._in_flight_total)
         self.amqp_connected = Gauge(
             f"{p}_amqp_connected", "1 while the RabbitMQ connection and channel are open.", registry=r
         )
@@ -288,9 +299,16 @@ class Metrics:
         """A publish was not confirmed; the message goes back to the spool."""
         self._failures(reason.value).inc()
 
-    def in_flight(self, n: int) -> None:
-        """Publishes awaiting a confirm now."""
-        self.publish_in_flight.set(n)
+    def count_in_flight(self, source: InFlightSource) -> None:
+        """Add ``source.in_flight`` to the ``publish_in_flight`` gauge, which is read when scraped.
+
+        Every publisher of the process counts (one per realm, and those that publish the spool
+        files of an earlier run); a publisher that is gone drops out by itself.
+        """
+        self._in_flight_sources.add(source)
+
+    def _in_flight_total(self) -> float:
+        return float(sum(source.in_flight for source in list(self._in_flight_sources)))
 
     def amqp_up(self, up: bool) -> None:
         """Whether the RabbitMQ connection and its channel are usable now."""

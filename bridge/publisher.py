@@ -23,8 +23,9 @@ from typing import Any, Final, Protocol
 
 import aiormq
 from aiormq.abc import AbstractChannel as RawChannel
-from aiormq.abc import ChannelFrame, DeliveredMessage
-from aiormq.channel import Channel
+from aiormq.abc import ChannelFrame, ConfirmationFrameType, DeliveredMessage
+from aiormq.channel import Channel, Returning
+from pamqp import commands as spec
 
 from bridge.broker import Broker
 from bridge.config import Settings
@@ -40,7 +41,7 @@ from bridge.contract import (
 from bridge.metrics import Metrics, PublishFailure
 from bridge.spool import Spooled
 
-__all__ = ["MessageSource", "Publisher"]
+__all__ = ["ConfirmRouter", "MessageSource", "Publisher"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,79 @@ class _Batch:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class ConfirmRouter:
+    """Settles the publisher confirms of one channel in O(confirmed), synchronously.
+
+    aiormq's own handler answers an ack with ``multiple=True`` by scanning every
+    unconfirmed delivery tag of the channel and scheduling a loop callback per tag
+    it covers (again for a tag a previous frame of the same read already covered).
+    With 256 publishes in flight and RabbitMQ acking every second or third publish,
+    a profile at full speed counted 165,383 settle calls for 60,000 events, and 1.53 s
+    of confirm handling where this router takes 0.72 s. This one pops the covered
+    tags from the front of the channel's ``confirmations`` map (tags go in in
+    increasing order) and settles each at once, with aiormq's rules: a ``Returning``
+    marker is dropped, a settled slot or future is skipped, an ack sets the result,
+    a nack sets ``DeliveryError``.
+
+    aiormq re-inserts a returned publish's tag at the end of the map (as a
+    ``Returning`` marker), out of order; after a return, confirms scan the whole
+    map until no marker is left.
+    """
+
+    __slots__ = ("_confirmations", "_on_return", "returning")
+
+    def __init__(self, raw: Channel) -> None:
+        self._confirmations = raw.confirmations
+        self._on_return = raw._on_return_frame
+        self.returning = False  # a Returning marker may sit out of order in the map
+        # aiormq's channel reader awaits these two through the instance: these replace them.
+        raw._on_confirm_frame = self.on_confirm  # type: ignore[method-assign]
+        raw._on_return_frame = self.on_return  # type: ignore[method-assign]
+
+    async def on_return(self, frame: spec.Basic.Return) -> None:
+        """A publish came back (mandatory, unroutable): aiormq's handler, then mark the map."""
+        self.returning = True
+        await self._on_return(frame)
+
+    async def on_confirm(self, frame: ConfirmationFrameType) -> None:
+        """An ack or nack from RabbitMQ, for one tag or (``multiple``) every tag up to it."""
+        self.settle(frame)
+
+    def settle(self, frame: ConfirmationFrameType) -> None:
+        """Settle what ``frame`` covers (synchronous: no callback per tag)."""
+        confirmations = self._confirmations
+        tag = frame.delivery_tag
+        if tag not in confirmations:
+            log.error("Unexpected confirmation frame %r from broker", frame)
+            return
+        if not getattr(frame, "multiple", False):
+            self._deliver(tag, frame)
+            return
+        while confirmations:
+            first = next(iter(confirmations))
+            if first > tag:
+                break
+            self._deliver(first, frame)
+        if self.returning:
+            covered = [t for t in confirmations if t <= tag]
+            for t in covered:
+                self._deliver(t, frame)
+            self.returning = any(isinstance(c, Returning) for c in confirmations.values())
+
+    def _deliver(self, tag: int, frame: ConfirmationFrameType) -> None:
+        confirmation = self._confirmations.pop(tag)
+        if isinstance(confirmation, Returning):
+            return
+        if confirmation.done():  # a publish timeout or a cancellation came first
+            level = logging.DEBUG if confirmation.cancelled() else logging.WARNING
+            log.log(level, "Delivery tag %r confirmed %r was ignored", tag, frame)
+            return
+        if isinstance(frame, spec.Basic.Ack):
+            confirmation.set_result(frame)
+        else:
+            confirmation.set_exception(aiormq.exceptions.DeliveryError(None, frame))
+
+
 class Publisher:
     """Moves messages from the spool to RabbitMQ with a window of unconfirmed publishes.
 
@@ -171,6 +245,7 @@ class Publisher:
         self._strikes: dict[int, _Strikes] = {}  # spool id -> refusals, while it is retried
         self._suspects: set[int] = set()  # in flight when the broker refused for good: resent alone
         self._condemned: dict[int, str] = {}  # poison, to quarantine when handed out again: why
+        metrics.count_in_flight(self)
 
     @property
     def in_flight(self) -> int:
@@ -234,6 +309,7 @@ class Publisher:
                 return
             raw = self._raw = underlay
             raw.closing.add_done_callback(functools.partial(self._channel_closed, raw))
+            ConfirmRouter(raw)
         free = 1 if self._suspects else max(1, self._settings.confirm_window - len(self._open))
         batch = await self._source.get_batch(free)
         if self._suspects and batch and batch[0].id not in self._suspects:
@@ -304,7 +380,6 @@ class Publisher:
         self._idle.clear()
         if len(open_) >= self._settings.confirm_window:
             self._room.clear()
-        self._metrics.in_flight(self.in_flight)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -332,7 +407,6 @@ class Publisher:
             self._room.set()
         if not self._open:
             self._idle.set()
-            self._metrics.in_flight(len(self._side))
         return True
 
     def _settle(self, slot: _Slot, result: object) -> None:

@@ -198,8 +198,19 @@ def parse_frame(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
     obj = _loads(raw)
     if not isinstance(obj, dict):
         raise ProtocolError("not_object", f"frame is JSON {type(obj).__name__}, not an object")
-    _check_depth(obj)
+    if _may_be_deep(raw):
+        _check_depth(obj)
     return _from_object(obj)
+
+
+def _may_be_deep(raw: str | bytes) -> bool:
+    """False when the text cannot nest deeper than MAX_DEPTH: each level opens with its own bracket.
+
+    Brackets inside strings only make the count larger, so the answer errs towards the walk.
+    """
+    if isinstance(raw, bytes):
+        return raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+    return raw.count("{") + raw.count("[") > MAX_DEPTH
 
 
 # A run of 19+ digits may be an integer orjson would turn into a float (it keeps
@@ -384,19 +395,20 @@ def _notification(obj: dict[str, Any]) -> Notification:
         event = inner.get("event")
         data = inner.get("data")
         timestamp = inner.get("timestamp", obj.get("timestamp"))
-        extras = [(k, v) for k, v in inner.items() if k not in _ENVELOPE_KEYS]
-        extras += [(k, v) for k, v in obj.items() if k not in _ENVELOPE_KEYS and k not in inner]
+        extra = {k: v for k, v in inner.items() if k not in _ENVELOPE_KEYS}
+        extra.update((k, v) for k, v in obj.items() if k not in _ENVELOPE_KEYS and k not in inner)
     else:
         shape = "flat"
         event = obj.get("event")
         data = inner
         timestamp = obj.get("timestamp")
-        extras = [(k, v) for k, v in obj.items() if k not in _ENVELOPE_KEYS]
+        extra = {k: v for k, v in obj.items() if k not in _ENVELOPE_KEYS}
     if not isinstance(event, str) or not event:
         raise ProtocolError("missing_event", "notification has no event name")
     validate_routing_key(event)
     flat: dict[str, Any] = {"type": "notification", "event": event, "data": data, "timestamp": timestamp}
-    flat.update(extras)
+    if extra:
+        flat.update(extra)
     try:
         # A right-sized copy: orjson >= 3.12 hands out its working buffer (4 KiB at least) as the bytes
         # object, and the spool keeps this body in memory while the broker is down (issue 14).
@@ -404,7 +416,7 @@ def _notification(obj: dict[str, Any]) -> Notification:
     except (TypeError, ValueError) as exc:
         raise ProtocolError("unencodable", _short(str(exc))) from None
     return Notification(
-        event=event, data=data, timestamp=_ts(timestamp), body=body, shape=shape, extra=dict(extras)
+        event=event, data=data, timestamp=_ts(timestamp), body=body, shape=shape, extra=extra
     )
 
 
@@ -422,6 +434,8 @@ def validate_routing_key(name: str) -> str:
             bytes, has an empty word, or holds whitespace, control characters,
             ``*`` or ``#`` (wildcards of bindings, never of routing keys).
     """
+    if name in _VALID_KEYS:
+        return name
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
@@ -437,7 +451,15 @@ def validate_routing_key(name: str) -> str:
             "invalid_routing_key",
             f"event name {name!r} holds whitespace, a control character, '*' or '#'",
         )
+    if len(_VALID_KEYS) >= _VALID_KEYS_MAX:  # names come from upstream: bound what is kept
+        _VALID_KEYS.clear()
+    _VALID_KEYS[name] = None
     return name
+
+
+# Event names already found valid: a stream repeats a few dozen names millions of times.
+_VALID_KEYS: dict[str, None] = {}
+_VALID_KEYS_MAX: Final = 4096
 
 
 def timestamp_seconds(value: Timestamp) -> float | None:

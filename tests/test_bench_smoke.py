@@ -65,6 +65,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert {"throughput_ge_1.0_node", "cpu_per_event_le_80us"} <= report["targets"][loop].keys()
     assert "bridge" in report["table"]
     assert "broker us/ev" in report["table"]
+    if ("node", "node") in expected:
+        # One alternating node/bridge pair (--smoke), every event counted, the ratio from both.
+        (pair,) = report["paired"]["pairs"]
+        assert pair["complete"], pair
+        assert pair["bridge_over_node"] == pytest.approx(pair["bridge_events_per_s"] / pair["node_events_per_s"], 1e-2)
+        assert report["paired"]["median"]["bridge_over_node"] == pair["bridge_over_node"]
+        assert "paired node/bridge" in report["table"]
+    else:
+        assert "paired" not in report
 
 
 @pytest.mark.skipif(not HAS_NODE, reason="no `node` on PATH: the bench skips the Node peer")
@@ -102,3 +111,15 @@ def test_cpu_seconds_reads_procfs() -> None:
     sum(i * i for i in range(3_000_000))
     assert common.cpu_seconds(os.getpid()) > before
     assert common.cpu_seconds(2**22 + 12345) != common.cpu_seconds(2**22 + 12345)  # NaN
+
+
+def test_profile_without_py_spy_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m bench profile` needs py-spy, which no extra installs: it says so and exits 2, before any run."""
+    from bench import profile
+
+    monkeypatch.setattr(profile.shutil, "which", lambda name: None)
+    monkeypatch.setattr(profile.sys, "executable", str(tmp_path / "python"))  # no py-spy next to it
+    assert profile.main(loop="uvloop", count=10) == 2
+    assert "pip install py-spy" in capsys.readouterr().err

@@ -260,3 +260,21 @@ def test_flat_and_nested_envelopes_agree_on_any_values(obj: dict[str, Any], data
     assert [(m.body, m.message_id) for m in flat.messages] == [(m.body, m.message_id) for m in nested.messages]
     assert json.loads(flat.messages[0].body)["data"] == data
 
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_one_level_past_the_bound_is_quarantined_as_too_deep(as_bytes: bool) -> None:
+    """MAX_DEPTH + 1 levels (just past the bracket count that skips the walk) is refused, text or binary."""
+    text = orjson.dumps({"event": "a.b", "data": _nested(MAX_DEPTH + 1), "timestamp": 1}).decode()
+    assert text.count("{") == MAX_DEPTH + 1
+    result = _messages(text.encode() if as_bytes else text)
+    assert result.rejected is not None
+    assert result.rejected.reason == "too_deep"
+
+
+def test_brackets_inside_strings_do_not_make_a_shallow_frame_deep() -> None:
+    """Hundreds of '{' and '[' in string values: the depth walk runs and finds the frame shallow."""
+    obj = {"event": "a.b", "data": "{[" * 300, "timestamp": 1, "note": {"text": "[" * 100}}
+    result = _messages(orjson.dumps(obj))
+    assert result.rejected is None
+    assert orjson.loads(result.messages[0].body)["data"] == "{[" * 300

@@ -130,6 +130,11 @@ async def test_many_publishes_go_out_in_few_writes_and_every_confirm_acks_its_me
         got = await collect(queue, n, timeout=60, settle=0.3)
         assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=10)
         assert lane.publisher.in_flight == 0
+        raw = lane.publisher._raw
+        assert raw is not None
+        # Confirms went through the publisher's router (not aiormq's scan), and it left no tag behind.
+        assert isinstance(raw._on_confirm_frame.__self__, publisher_module.ConfirmRouter)  # type: ignore[attr-defined]
+        assert not raw.confirmations
     assert _seqs(got) == list(range(n))
     assert len(set(lane.source.acked)) == len(lane.source.acked) == n
     assert lane.source.released == []
@@ -261,3 +266,27 @@ async def test_every_settled_message_is_reported_to_the_ha_announcer_quarantine_
         assert await wait_until(lambda: lane.source.spool.depth == 0, timeout=10)
         assert await wait_until(lambda: len(reported) == 3, timeout=5)
         assert sorted(reported) == sorted(m.message_id for m in events)
+
+
+def test_in_flight_gauge_sums_every_publisher_of_the_process() -> None:
+    """One gauge, several publishers (one per realm): it shows their sum when scraped, not the last one's count."""
+    import gc
+
+    class _Source:
+        def __init__(self, n: int) -> None:
+            self.in_flight = n
+
+    metrics = Metrics()
+    first, second = _Source(3), _Source(4)
+    metrics.count_in_flight(first)
+    metrics.count_in_flight(second)
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("orangepill_bridge_publish_in_flight")
+
+    assert gauge() == 7
+    first.in_flight = 0
+    assert gauge() == 4
+    del second
+    gc.collect()
+    assert gauge() == 0  # a publisher that is gone drops out

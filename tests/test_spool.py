@@ -109,6 +109,29 @@ async def test_early_hand_out_confirmed_within_the_interval_is_never_written(db:
     await spool.close()
 
 
+async def test_a_group_wait_ends_once_everything_uncommitted_is_confirmed(db: str) -> None:
+    """Early hand-out, confirmed early: the commit wait ends at the ack, not by its timer an interval later."""
+    spool = await Spool.open(db, commit_interval=5.0)
+    waiter = asyncio.ensure_future(spool.get_batch(10))
+    await asyncio.sleep(0)
+    await spool.put(msg(0))
+    batch = await asyncio.wait_for(waiter, 1.0)
+    committer = spool._committer
+    for _ in range(100):
+        if committer._group_waiting:
+            break
+        await asyncio.sleep(0.01)
+    assert committer._group_waiting  # waiting out the 5 s interval for the row handed out early
+    spool.ack(item.id for item in batch)
+    for _ in range(20):
+        if not committer._group_waiting:
+            break
+        await asyncio.sleep(0.01)
+    assert not committer._group_waiting  # well before the 5 s timer
+    assert spool.stats().rows_written == 0
+    await spool.close()
+
+
 EARLY_CRASH_SCRIPT = """
 import asyncio, os, signal, sys
 from bridge.contract import Outbound
@@ -587,3 +610,4 @@ def test_delete_runs_collapse_consecutive_ids() -> None:
     """Acked ids are deleted as runs of consecutive ids, whatever order they came in."""
     assert runs([5, 3, 4, 9, 1, 10, 4]) == [(1, 1), (3, 5), (9, 10)]
     assert runs([]) == []
+

@@ -148,3 +148,19 @@ def test_notification_body_takes_its_own_size_in_memory() -> None:
         tracemalloc.stop()
     assert len(bodies[0]) < 150
     assert grown < 1000 * 400, f"{grown / 1000:.0f} bytes per held body"
+
+
+def test_a_valid_event_name_is_remembered_but_an_invalid_one_is_still_refused() -> None:
+    """The cache of valid routing keys holds only names that passed, and stays bounded."""
+    from bridge import wire
+    from bridge.errors import ProtocolError
+
+    assert wire.validate_routing_key("transaction.created") == "transaction.created"
+    assert "transaction.created" in wire._VALID_KEYS
+    for bad in ("transaction..created", "transaction.#", "a b", "x" * 256):
+        with pytest.raises(ProtocolError):
+            wire.validate_routing_key(bad)
+        assert bad not in wire._VALID_KEYS
+    for n in range(wire._VALID_KEYS_MAX + 10):
+        wire.validate_routing_key(f"kind.{n}")
+    assert len(wire._VALID_KEYS) <= wire._VALID_KEYS_MAX

@@ -339,6 +339,7 @@ class Spool:
         """
         ledger = self._ledger
         if ledger.ack(ids):
+            self._committer.pending_confirmed()
             self._acked_while_full = self._acked_while_full or self._threshold.full
             self._update_full()
             if ledger.has_deletes or self._threshold.full:  # full: the WAL may need a checkpoint

@@ -87,6 +87,7 @@ class Committer:
         self._read_failing = False
         self._wake = asyncio.Event()  # there is work
         self._now = asyncio.Event()  # commit now, do not wait for the interval
+        self._group_waiting = False  # in the group-commit wait
         self._delete_timer: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()  # one disk step at a time (the owner, discard, expire)
 
@@ -96,6 +97,15 @@ class Committer:
         """There is work; ``now``: do not wait for the commit interval."""
         self._wake.set()
         if now or self.ledger.pending >= self.commit_batch or self.ledger.pending_bytes >= self.commit_bytes:
+            self._now.set()
+
+    def pending_confirmed(self) -> None:
+        """Acks came: once every uncommitted row is confirmed (early hand-out), a group wait has no reason left.
+
+        It ends now, in the loop pass that took the confirm, instead of by its timer one interval
+        later: at a low rate that timer was one more wake-up of the process for every event.
+        """
+        if self._group_waiting and not self.ledger.pending:
             self._now.set()
 
     def wake_deletes(self, *, urgent: bool = False) -> None:
@@ -179,12 +189,16 @@ class Committer:
             # RabbitMQ the interval to confirm them; what it confirms in time is never written.
             wait = max(wait, interval)
         if wait > 0:
+            # A timer that sets the event, not asyncio.timeout: at a low rate this wait ends by the
+            # timer for nearly every event, and a timeout does it by cancelling the task and raising.
             self._now.clear()
+            timer = loop.call_later(wait, self._now.set)
+            self._group_waiting = True
             try:
-                async with asyncio.timeout(wait):
-                    await self._now.wait()
-            except TimeoutError:
-                pass
+                await self._now.wait()
+            finally:
+                self._group_waiting = False
+                timer.cancel()
         self._last_commit = loop.time()
 
     async def _commit(self) -> bool:
