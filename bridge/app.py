@@ -657,10 +657,7 @@ async def _open_spools(settings: Settings, metrics: Metrics) -> dict[str, Spool]
     spools: dict[str, Spool] = {}
 
     def report(_stats: SpoolStats) -> None:
-        opened = list(spools.values())
-        metrics.spool_state(
-            sum(s.depth for s in opened), sum(s.bytes for s in opened), any(s.full for s in opened)
-        )
+        metrics.spool_full_now(any(s.full for s in spools.values()))
 
     share = max(1, settings.spool_max_bytes // max(1, len(settings.realms)))
     try:
@@ -671,4 +668,5 @@ async def _open_spools(settings: Settings, metrics: Metrics) -> dict[str, Spool]
             with contextlib.suppress(Exception):
                 await spool.close()
         raise
+    metrics.watch_spools(spools.values())
     return spools

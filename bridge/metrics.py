@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import weakref
+from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -20,7 +21,7 @@ from bridge import __version__
 from bridge.catalog import metric_labels
 from bridge.wire import REJECT_REASONS
 
-__all__ = ["PREFIX", "DisconnectReason", "InFlightSource", "Metrics", "PublishFailure"]
+__all__ = ["PREFIX", "DisconnectReason", "InFlightSource", "Metrics", "PublishFailure", "SpoolGauges"]
 
 PREFIX = "orangepill_bridge"
 
@@ -59,6 +60,18 @@ class InFlightSource(Protocol):
     @property
     def in_flight(self) -> int:
         """Publishes awaiting a confirm now."""
+
+
+class SpoolGauges(Protocol):
+    """What the ``spool_depth`` and ``spool_bytes`` gauges read: a spool."""
+
+    @property
+    def depth(self) -> int:
+        """Messages put and not yet confirmed."""
+
+    @property
+    def bytes(self) -> int:
+        """Body bytes of those messages."""
 
 
 class _Children(Generic[_M]):
@@ -324,10 +337,18 @@ class Metrics:
 
     # -- spool --------------------------------------------------------------------
 
-    def spool_state(self, depth: int, size_bytes: int, full: bool) -> None:
-        """The spool's depth, payload bytes and whether it is full (the spool's observer)."""
-        self.spool_depth.set(depth)
-        self.spool_bytes.set(size_bytes)
+    def watch_spools(self, spools: Iterable[SpoolGauges]) -> None:
+        """Read ``spool_depth`` and ``spool_bytes`` from these spools (summed) whenever scraped.
+
+        Read, not pushed: an ack of a message confirmed before its commit changes both and
+        writes nothing, so no commit (and no report) follows it; a pushed value kept counting it.
+        """
+        held = tuple(spools)
+        self.spool_depth.set_function(lambda: float(sum(s.depth for s in held)))
+        self.spool_bytes.set_function(lambda: float(sum(s.bytes for s in held)))
+
+    def spool_full_now(self, full: bool) -> None:
+        """Whether a spool is full (the spools' observer, called on every change)."""
         self.spool_full.set(1 if full else 0)
 
     # -- process ------------------------------------------------------------------

@@ -10,17 +10,22 @@ import signal
 import sqlite3
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from prometheus_client import CollectorRegistry
 
+from bridge.app import _open_spools
 from bridge.contract import KIND_EVENT, KIND_QUARANTINE, Outbound
 from bridge.errors import SpoolError
+from bridge.metrics import Metrics
 from bridge.spool import MEMORY, Spool, Spooled, SpoolStats
 from bridge.spool.store import runs
+from tests.helpers import bridge_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -611,3 +616,61 @@ def test_delete_runs_collapse_consecutive_ids() -> None:
     assert runs([5, 3, 4, 9, 1, 10, 4]) == [(1, 1), (3, 5), (9, 10)]
     assert runs([]) == []
 
+
+async def test_depth_gauges_follow_an_ack_of_a_row_never_written(db: str) -> None:
+    """The spool_depth and spool_bytes gauges match the spool after an ack that leaves nothing to write.
+
+    A message put while a commit is on the spool's thread is counted by that commit's report;
+    handed out early and confirmed before its own commit, it is never written, so no commit
+    (the only other report) follows its ack. The gauges must not keep counting it.
+    """
+    settings = bridge_settings("ws://127.0.0.1:9", "x", spool=db)
+    metrics = Metrics(CollectorRegistry())
+    spools = await _open_spools(settings, metrics)
+    spool = next(iter(spools.values()))
+    committer = spool._committer
+    store = committer.store
+    assert store is not None
+    # Commits go to the spool's thread (as after a slow commit), and this one holds it until let go.
+    committer._inline_from = asyncio.get_running_loop().time() + 3600
+    committer.commit_interval = 5.0  # X waits for its group commit long enough to be confirmed first
+    release = threading.Event()
+    write = store.write
+
+    def held_write(rows: list[Spooled], deletes: list[int]) -> None:
+        release.wait(10)
+        write(rows, deletes)
+
+    store.write = held_write  # type: ignore[method-assign]
+
+    def gauges() -> tuple[float, float]:
+        read = metrics.registry.get_sample_value
+        return read("orangepill_bridge_spool_depth"), read("orangepill_bridge_spool_bytes")
+
+    await spool.put(msg(0, size=10))  # C: its commit starts on the thread and waits there
+    for _ in range(200):
+        if committer.tx_started > committer.tx_done:
+            break
+        await asyncio.sleep(0.005)
+    assert committer.tx_started > committer.tx_done
+    held = await asyncio.wait_for(spool.get_batch(10), 1)  # C, early; stays in flight
+    await spool.put(msg(1, size=20))  # X, put during C's commit
+    x = await asyncio.wait_for(spool.get_batch(10), 1)
+    assert nums(held) == [0] and nums(x) == [1]
+    release.set()
+    for _ in range(400):
+        if committer.tx_done == committer.tx_started:
+            break
+        await asyncio.sleep(0.005)
+    assert committer.tx_done == committer.tx_started == 1
+    assert gauges() == (2, 30)  # C's commit reported C and X
+    spool.ack(item.id for item in x)  # X confirmed before its commit: nothing to write
+    await asyncio.sleep(0.3)
+    assert spool.depth == 1
+    assert spool.stats().rows_written == 1  # only C
+    assert gauges() == (1, 10)
+    spool.ack(item.id for item in held)
+    await spool.flush()
+    assert gauges() == (0, 0)
+    for s in spools.values():
+        await s.close()
