@@ -185,17 +185,20 @@ class Announcer:
         for fp in self._leading():
             if fp not in pending and now - self._last_sent.get(fp, -self._heartbeat) >= self._heartbeat - 0.01:
                 pending[fp] = []  # a heartbeat: "this realm's leader is alive and publishing"
+        # Not mandatory: an announcement no queue takes (no standby, or one re-binding after a
+        # reconnect) is simply dropped; RabbitMQ would return it, and aiormq logs ERROR for a
+        # returned message of a channel without confirms.
         for fp, ids in pending.items():
             self._last_sent[fp] = now
             if not ids:
                 with contextlib.suppress(Exception):
-                    await target.publish(self._message(fp, []), routing_key="")
+                    await target.publish(self._message(fp, []), routing_key="", mandatory=False)
                     self.heartbeats += 1
                 continue
             for start in range(0, len(ids), MAX_IDS_PER_MESSAGE):
                 chunk = ids[start : start + MAX_IDS_PER_MESSAGE]
                 try:
-                    await target.publish(self._message(fp, chunk), routing_key="")
+                    await target.publish(self._message(fp, chunk), routing_key="", mandatory=False)
                 except Exception:
                     # Lost announcements mean duplicates after a failover, never loss: do not retry.
                     log.debug("ha: announcement not sent", exc_info=True)
