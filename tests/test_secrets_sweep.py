@@ -69,6 +69,16 @@ def _get(url: str) -> str:
         return f"<{exc}>"
 
 
+async def _answer(url: str, want: str, *, timeout: float) -> str:
+    """GET ``url`` until the answer contains ``want`` (or ``timeout`` runs out); the last answer."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        text = await asyncio.to_thread(_get, url)
+        if want in text or asyncio.get_running_loop().time() >= deadline:
+            return text
+        await asyncio.sleep(0.25)
+
+
 def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PYTHON, "-m", "bridge", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -178,17 +188,21 @@ async def test_no_secret_anywhere_in_a_whole_session(
             seen.append(("check of an unknown key", result.stdout + result.stderr))
 
         # 4. Broker auth failure (wrong password) and a broker on a closed port.
+        closed = free_port()
         for what, url in (
             ("auth failure", f"amqp://{sweep_user}:{quote(WRONG, safe='')}@127.0.0.1:5672/"),
-            ("closed port", f"amqp://{sweep_user}:{quote(PASSWORD, safe='')}@127.0.0.1:{free_port()}/"),
+            ("closed port", f"amqp://{sweep_user}:{quote(PASSWORD, safe='')}@127.0.0.1:{closed}/"),
         ):
             bad_url = tmp_path / f"amqp_url_{what.replace(' ', '_')}"
             bad_url.write_text(url + "\n")
             port = free_port()
+            while port == closed:  # nothing listens on the closed port, so it may come back
+                port = free_port()
             bridge = BridgeProcess(common(sim.url, port), {**env, "BRIDGE_AMQP_URL_FILE": str(bad_url)}, clean_env=True)
             try:
-                await asyncio.sleep(4)
-                seen.append((f"/readyz ({what})", await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/readyz")))
+                # /readyz answers once the process is up; it names the broker once the first connect failed.
+                readyz = await _answer(f"http://127.0.0.1:{port}/readyz", "127.0.0.1", timeout=30)
+                seen.append((f"/readyz ({what})", readyz))
                 seen.append((f"/metrics ({what})", await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")))
             finally:
                 bridge.stop()
