@@ -25,7 +25,7 @@ from bridge.errors import SpoolError
 from bridge.metrics import Metrics
 from bridge.spool import MEMORY, Spool, Spooled, SpoolStats
 from bridge.spool.store import runs
-from tests.helpers import bridge_settings
+from tests.helpers import bridge_settings, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,17 +122,10 @@ async def test_a_group_wait_ends_once_everything_uncommitted_is_confirmed(db: st
     await spool.put(msg(0))
     batch = await asyncio.wait_for(waiter, 1.0)
     committer = spool._committer
-    for _ in range(100):
-        if committer._group_waiting:
-            break
-        await asyncio.sleep(0.01)
-    assert committer._group_waiting  # waiting out the 5 s interval for the row handed out early
+    # waiting out the 5 s interval for the row handed out early
+    assert await wait_until(lambda: committer._group_waiting, timeout=1.0, interval=0.01)
     spool.ack(item.id for item in batch)
-    for _ in range(20):
-        if not committer._group_waiting:
-            break
-        await asyncio.sleep(0.01)
-    assert not committer._group_waiting  # well before the 5 s timer
+    assert await wait_until(lambda: not committer._group_waiting, timeout=0.2, interval=0.01)  # well before 5 s
     assert spool.stats().rows_written == 0
     await spool.close()
 
@@ -648,20 +641,13 @@ async def test_depth_gauges_follow_an_ack_of_a_row_never_written(db: str) -> Non
         return read("orangepill_bridge_spool_depth"), read("orangepill_bridge_spool_bytes")
 
     await spool.put(msg(0, size=10))  # C: its commit starts on the thread and waits there
-    for _ in range(200):
-        if committer.tx_started > committer.tx_done:
-            break
-        await asyncio.sleep(0.005)
-    assert committer.tx_started > committer.tx_done
+    assert await wait_until(lambda: committer.tx_started > committer.tx_done, timeout=1.0, interval=0.005)
     held = await asyncio.wait_for(spool.get_batch(10), 1)  # C, early; stays in flight
     await spool.put(msg(1, size=20))  # X, put during C's commit
     x = await asyncio.wait_for(spool.get_batch(10), 1)
     assert nums(held) == [0] and nums(x) == [1]
     release.set()
-    for _ in range(400):
-        if committer.tx_done == committer.tx_started:
-            break
-        await asyncio.sleep(0.005)
+    assert await wait_until(lambda: committer.tx_done == committer.tx_started, timeout=2.0, interval=0.005)
     assert committer.tx_done == committer.tx_started == 1
     assert gauges() == (2, 30)  # C's commit reported C and X
     spool.ack(item.id for item in x)  # X confirmed before its commit: nothing to write
