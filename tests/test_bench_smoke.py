@@ -65,6 +65,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert {"throughput_ge_1.0_node", "cpu_per_event_le_80us"} <= report["targets"][loop].keys()
     assert "bridge" in report["table"]
     assert "broker us/ev" in report["table"]
+    # The floor of the 100/s figure: a compiled relay, or why it was skipped.
+    floor = report["relay_floor_at_100_per_s"]
+    if "skipped" not in floor:
+        assert floor["complete"], floor
+        assert 0 < floor["cpu_percent_of_core"] < 100, floor
+        assert "socat" in report["table"]
     if ("node", "node") in expected:
         # One alternating node/bridge pair (--smoke), every event counted, the ratio from both.
         (pair,) = report["paired"]["pairs"]
@@ -72,6 +78,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert pair["bridge_over_node"] == pytest.approx(pair["bridge_events_per_s"] / pair["node_events_per_s"], 1e-2)
         assert report["paired"]["median"]["bridge_over_node"] == pair["bridge_over_node"]
         assert "paired node/bridge" in report["table"]
+        # The two targets against the peer are judged on the pairs too, next to the table's verdict.
+        node_target = report["targets"]["uvloop"]["throughput_ge_1.0_node"]
+        assert node_target["value_paired"] == pair["bridge_over_node"]
+        assert node_target["met_paired"] == (pair["bridge_over_node"] >= 1.0)
+        assert "met_paired" in report["targets"]["uvloop"]["broker_cpu_per_event_le_node"]
+        assert "(pairs: " in report["table"]
     else:
         assert "paired" not in report
 
