@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_POLL_INTERVAL = 10.0
 _RECONNECT_INTERVAL = 1.0
+_STILL_DOWN_EVERY = 60.0  # a broker that stays down at start: a reminder this often (seconds)
+_DOWN_TEXTS_MAX = 32  # distinct error texts logged at WARNING per outage; then only the reminder
 
 
 class LinkState(enum.Enum):
@@ -108,6 +111,36 @@ async def declare_topology(
     except aiormq.exceptions.AMQPError as exc:
         raise TopologyError(f"exchange {names.exchange} cannot be used: {describe_error(exc)}") from None
     return channel, exchange, False
+
+
+class _DownLog:
+    """The connect loop's log: ``broker down`` once, then only when the error changes or a minute passed.
+
+    Each retry in between is logged at DEBUG (the backoff reaches ``--reconnect-max``, 30 s by
+    default, but starts at ``--reconnect-min``: a line per attempt would flood the log).
+    """
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.since = time.monotonic()
+        self._said: set[str] = set()  # every error text already logged (one per node of a cluster)
+        self._said_at = 0.0
+
+    def failed(self, error: str, delay: float) -> None:
+        self.attempts += 1
+        now = time.monotonic()
+        if error not in self._said and len(self._said) < _DOWN_TEXTS_MAX:
+            log.warning("broker down: %s; retrying in %.1fs", error, delay)
+        elif now - self._said_at >= _STILL_DOWN_EVERY:
+            log.warning(
+                "broker still down after %d attempts in %.0fs: %s; retrying in %.1fs",
+                self.attempts, now - self.since, error, delay,
+            )  # fmt: skip
+        else:
+            log.debug("broker down: %s; retrying in %.1fs (attempt %d)", error, delay, self.attempts)
+            return
+        self._said.add(error)
+        self._said_at = now
 
 
 class Broker:
@@ -191,6 +224,7 @@ class Broker:
         tls = amqp_connect_kwargs(self._settings)  # built once: the CA and client files are read here
         nodes = self._settings.amqp_nodes
         start = 0
+        told = _DownLog()
         while not stop.is_set():
             try:
                 # One node per attempt, the next one after each failure; once connected, aio-pika's
@@ -210,7 +244,7 @@ class Broker:
                     raise cause from None
                 delay = backoff.next_delay(None)
                 self.last_error = f"broker unreachable at {node_of(nodes[start % len(nodes)])}: {describe_error(cause)}"
-                log.warning("broker down: %s; retrying in %.1fs", self.last_error, delay)
+                told.failed(self.last_error, delay)
                 start = (start + 1) % len(nodes)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)

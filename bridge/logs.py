@@ -12,7 +12,7 @@ import orjson
 
 from bridge.secrets import LogScrubber
 
-__all__ = ["setup_logging"]
+__all__ = ["LibraryNoise", "setup_logging"]
 
 _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -49,6 +49,41 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=lambda v: clean(str(v))).decode()
 
 
+# What aio-pika and aiormq log, at WARNING or ERROR, about a broker that is down or a link that
+# broke: one line per reconnect attempt (every second), tracebacks of the reader, callbacks of
+# channels that close with their connection. The bridge says each of these once, in its own words
+# (``broker down: …``, ``broker up again``), so the libraries' lines are demoted to DEBUG.
+# Each entry: logger, start of the format string, text the formatted line must hold ("" = any).
+# A failing callback is noise only for aio-pika's own channel-close handler: any other (the
+# bridge's own included) stays an ERROR.
+_NOISE: tuple[tuple[str, str, str], ...] = (
+    ("aiormq.connection", "error when creating transport", ""),
+    ("aiormq.connection", "Cancelling cause reader exited abnormally", ""),
+    ("aio_pika.robust_connection", "Connection attempt to ", ""),
+    ("aio_pika.tools", "Callback %r error", "RobustChannel._on_close"),
+)
+
+
+class LibraryNoise(logging.Filter):
+    """Demote the libraries' per-attempt lines about a broker outage to DEBUG (see ``_NOISE``).
+
+    A logger filter runs after the logger's own level check, so a demoted record is
+    dropped here unless the root logger shows DEBUG.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            return True
+        msg = record.msg if isinstance(record.msg, str) else ""
+        for name, prefix, holds in _NOISE:
+            if record.name == name and msg.startswith(prefix) and (not holds or holds in record.getMessage()):
+                break
+        else:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(
     level: str = "INFO",
     fmt: str = "auto",
@@ -75,3 +110,9 @@ def setup_logging(
     # Library chatter at INFO would be one line per reconnect attempt; ours says it once.
     for noisy in ("aio_pika", "aiormq", "websockets", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    noise = LibraryNoise()
+    for name in {name for name, _, _ in _NOISE}:
+        logger = logging.getLogger(name)
+        for old_filter in [f for f in logger.filters if isinstance(f, LibraryNoise)]:
+            logger.removeFilter(old_filter)
+        logger.addFilter(noise)

@@ -154,7 +154,9 @@ class Metrics:
             registry=r,
         )
         self.stream_errors = Counter(
-            f"{p}_stream_error_frames", "error frames received after subscribing.", registry=r
+            f"{p}_stream_error_frames",
+            "error frames from the stream: after subscribing, or answering subscribe (a rejected key excepted).",
+            registry=r,
         )
 
     def _declare_events(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -101,3 +102,25 @@ async def test_first_connect_retries_until_stopped() -> None:
     stop.set()
     assert await asyncio.wait_for(attempt, timeout=10) is False
     assert link.health().connected is False
+
+
+async def test_a_broker_down_at_start_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Retries while RabbitMQ is unreachable log one WARNING; each further attempt is a DEBUG line."""
+    closed = free_port()  # nothing listens here
+    settings = bridge_settings(
+        "ws://127.0.0.1:9", "bridge.test.down", amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/",
+        reconnect_min=0.02, reconnect_max=0.1,
+    )  # fmt: skip
+    broker = Broker(settings, Metrics(CollectorRegistry()))
+    stop = asyncio.Event()
+    caplog.set_level(logging.DEBUG, logger="bridge.broker")
+    task = asyncio.create_task(broker.connect(stop))
+    await asyncio.sleep(1.5)
+    stop.set()
+    assert await asyncio.wait_for(task, 5) is False
+    mine = [r for r in caplog.records if r.name == "bridge.broker" and "broker down" in r.getMessage()]
+    warnings = [r for r in mine if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert f"127.0.0.1:{closed}" in warnings[0].getMessage()
+    assert len(mine) - len(warnings) >= 3  # the retries went on, at DEBUG
+    assert broker.health().error is not None

@@ -71,3 +71,30 @@ def test_scrubbing_leaves_the_record_alone(captured: io.StringIO) -> None:
         logging.getLogger("bridge.test").error("failed", exc_info=True)
     assert seen[-1].exc_info is not None
     assert KEY not in captured.getvalue()
+
+
+def test_library_lines_about_a_down_broker_are_demoted(captured: io.StringIO) -> None:
+    """aiormq's and aio-pika's per-attempt lines about an outage do not reach an INFO log; other lines do."""
+    logging.getLogger("aiormq.connection").error("error when creating transport: %r", ConnectionRefusedError(111))
+    logging.getLogger("aio_pika.robust_connection").warning(
+        'Connection attempt to "%s" failed: %s. Reconnecting after %r seconds.', "amqp://h/", "refused", 1
+    )
+    logging.getLogger("aio_pika.tools").error(
+        "Callback %r error: %s: %s", "<bound method RobustChannel._on_close of x>", "RuntimeError", "closed"
+    )
+    # A failing callback of the bridge's own, and any other library error, stay errors.
+    logging.getLogger("aio_pika.tools").error("Callback %r error: %s: %s", "<Broker._on_reconnected>", "KeyError", "x")
+    logging.getLogger("aiormq.connection").error("Unexpected frame %r", "frame")
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
+    assert [(r["logger"], r["level"]) for r in lines] == [("aio_pika.tools", "error"), ("aiormq.connection", "error")]
+    assert "Broker._on_reconnected" in lines[0]["msg"]
+
+
+def test_demoted_library_lines_show_at_debug(captured: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --log-level DEBUG the demoted lines are there, at DEBUG."""
+    debug = io.StringIO()
+    monkeypatch.setattr(logs.sys, "stderr", debug)
+    logs.setup_logging("DEBUG", "json", realm_keys=(KEY,), passwords=("guest",))
+    logging.getLogger("aiormq.connection").error("error when creating transport: %r", ConnectionRefusedError(111))
+    lines = [json.loads(line) for line in debug.getvalue().splitlines()]
+    assert [(r["logger"], r["level"]) for r in lines] == [("aiormq.connection", "debug")]

@@ -143,8 +143,34 @@ def test_text_tokens_are_other(raw: str) -> None:
 
 
 def test_unknown_type_is_other() -> None:
-    """JSON with an unknown type is Other(unknown_type)."""
+    """JSON with an unknown type and no event is Other(unknown_type)."""
     assert parse_frame('{"type":"hello"}') == Other(kind="unknown_type", detail="hello")
+    assert parse_frame('{"type":"pong","data":"x"}') == Other(kind="unknown_type", detail="pong")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type":"event","event":"deposit.received","data":"d1","timestamp":"1"}',
+        '{"type":"notifications","event":"deposit.received","data":"d1"}',
+        '{"type":"push","data":{"event":"deposit.received","data":"d1","timestamp":1}}',
+    ],
+)
+def test_an_event_under_an_unknown_type_is_quarantined_not_dropped(raw: str) -> None:
+    """A frame that carries an event name under a type other than notification is refused (quarantined), not counted away."""
+    with pytest.raises(ProtocolError) as info:
+        parse_frame(raw)
+    assert info.value.reason == "unknown_type"
+    assert "carries an event" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["Notification", "NOTIFICATION", " notification "])
+def test_the_type_is_read_without_case(kind: str) -> None:
+    """"Notification" is a notification; the published body says "notification" as documented."""
+    frame = parse_frame(f'{{"type":"{kind}","event":"deposit.received","data":"d1","timestamp":"1"}}')
+    assert isinstance(frame, Notification)
+    assert orjson.loads(frame.body)["type"] == "notification"
+    assert parse_frame('{"type":"INFO","realm":"NONE","timestamp":1}') == Info(accepted=False, timestamp=1)
 
 
 @pytest.mark.parametrize(

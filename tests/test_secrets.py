@@ -187,6 +187,18 @@ def test_toml_errors_never_echo_a_secret(tmp_path: Path) -> None:
     assert not _leaks(str(info.value), KEY)
 
 
+def test_toml_unknown_plain_name_is_named(tmp_path: Path) -> None:
+    """An unknown name that is a short plain word is named; one with digits or a long one is only counted."""
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text('bogus_key = 1\nabc123def456 = 2\ncorrect_horse_battery_staple = 3\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(_args("--config", str(cfg), "--realm-key", KEY), {})
+    text = str(info.value)
+    assert "'bogus_key'" in text, text
+    assert "abc123def456" not in text and "correct_horse" not in text, text
+    assert "2 other name(s), not shown" in text, text
+
+
 # -- realm keys -----------------------------------------------------------------------
 
 
