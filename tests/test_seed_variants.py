@@ -11,7 +11,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.helpers import bind_queue, bridge_settings, collect, running_bridge
+from tests.helpers import bind_queue, bridge_settings, collect, queue_of, running_bridge
 
 pytestmark = pytest.mark.broker
 
@@ -124,3 +124,28 @@ async def test_info_only_answer_and_numeric_timestamps(amqp: AbstractRobustConne
             await ws.send(notification(seq))
 
     assert await _events_arrive(amqp, exchange_name, on_subscribe, 2) == [1, 2]
+
+
+async def test_type_case_and_an_event_under_another_type(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """"Notification" is published; an event under an unknown type goes to quarantine; a bare unknown type is counted."""
+    odd = '{"type":"event","event":"deposit.received","data":"odd","timestamp":"1671547687000"}'
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        await ws.send(json.dumps({"type": "subscribe", "realm": realm, "timestamp": 1671547687}))
+        await ws.send(notification(1).replace('"type": "notification"', '"type": "Notification"'))
+        await ws.send(odd)
+        await ws.send('{"type":"pong"}')
+        await ws.send(notification(2))
+
+    async with documented_server(on_subscribe) as url:
+        settings = bridge_settings(url, exchange_name)
+        queue = await bind_queue(amqp, settings, "deposit.#")
+        async with running_bridge(settings) as bridge:
+            msgs = await collect(queue, 2, timeout=15, settle=0.5)
+            quarantined = await collect(await queue_of(amqp, f"{exchange_name}.quarantine"), 1, timeout=15)
+            assert bridge.metric("orangepill_bridge_events_rejected_total", {"reason": "unknown_type"}) == 1
+            assert bridge.metric("orangepill_bridge_frames_other_total", {"kind": "unknown_type"}) == 1
+            assert await bridge.finish() == 0
+    assert [json.loads(m.body)["seq"] for m in msgs] == [1, 2]
+    assert json.loads(msgs[0].body)["type"] == "notification"
+    assert [(m.body.decode(), (m.headers or {}).get("reason")) for m in quarantined] == [(odd, "unknown_type")]
