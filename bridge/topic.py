@@ -60,8 +60,8 @@ def pattern_problem(pattern: str) -> str | None:
     """Why a binding pattern is refused as configuration, or None when it is fine.
 
     RabbitMQ itself accepts any short string; this refuses the ones that are
-    almost surely mistakes: empty, too long, whitespace or control characters,
-    and ``*`` or ``#`` glued to other characters (``transaction*`` is a literal
+    almost surely mistakes: empty, too long, whitespace or control characters, an
+    empty word, and ``*`` or ``#`` glued to other characters (``transaction*`` is a literal
     word for RabbitMQ and would catch nothing).
     """
     if pattern == "":
@@ -70,6 +70,10 @@ def pattern_problem(pattern: str) -> str | None:
         return f"is longer than {MAX_BYTES} bytes"
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in pattern):
         return "holds whitespace or a control character"
+    if "" in pattern.split("."):
+        # The bridge never publishes a name with an empty word (it quarantines one), so such a
+        # pattern would catch nothing: almost surely a typo (transaction..done).
+        return "has an empty word (two dots, or a dot at an end): no event name has one, so it would catch nothing"
     for word in words(pattern):
         if word not in ("*", "#") and ("*" in word or "#" in word):
             return f"has the word {word!r}: * and # are wildcards only as a whole word"

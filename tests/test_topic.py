@@ -100,13 +100,13 @@ def test_documented_matches() -> None:
     assert documented_matches("nothing.here") == ()
 
 
-@pytest.mark.parametrize("bad", ["", "transaction*", "a.#b", "a b", "a\tb", "x" * 256])
+@pytest.mark.parametrize("bad", ["", "transaction*", "a.#b", "a b", "a\tb", "x" * 256, "a..b", ".a", "transaction."])
 def test_pattern_problem_refuses(bad: str) -> None:
     """Patterns that are surely mistakes get a reason."""
     assert pattern_problem(bad) is not None
 
 
-@pytest.mark.parametrize("good", ["#", "*", "transaction.#", "*.failed", "a..b", "apps.payment.*"])
+@pytest.mark.parametrize("good", ["#", "*", "transaction.#", "*.failed", "#.failed", "apps.payment.*"])
 def test_pattern_problem_accepts(good: str) -> None:
     """Ordinary patterns are accepted."""
     assert pattern_problem(good) is None
