@@ -558,7 +558,7 @@ def _convert(s: Setting, raw: Any, where: str, *, skip_empty: bool = False) -> A
 # number, a size, a word). Anything else may be a key or password put under the wrong
 # setting; a URL is shown as host:port only.
 _PLAIN = re.compile(r"^[A-Za-z0-9.:+-]{0,11}$")
-_PLAIN_NAME = re.compile(r"^[A-Za-z][A-Za-z_-]{0,15}$")  # a TOML name shown although unknown
+_PLAIN_NAME = re.compile(r"[A-Za-z][A-Za-z_-]{0,15}")  # a TOML name shown although unknown (fullmatch)
 
 
 def _shown(raw: Any) -> str:
@@ -588,12 +588,13 @@ def _read_toml(path: str, specs: Sequence[Setting], config: ConfigFile) -> dict[
     unknown = sorted(set(data) - set(names))
     if unknown:
         # An unknown name may be a secret written as a key: only a near miss of a real name, or a
-        # short plain word (letters, '_' and '-': no digits, so no key or hex), is shown.
+        # short plain word (at most 16 letters, '_' and '-': no digit, so never a realm key, which
+        # is a UUID), is shown.
         hints: list[str] = []
         for key in unknown:
             if close := difflib.get_close_matches(key, list(names), n=1, cutoff=0.75):
                 hints.append(f"{key!r} (did you mean {close[0]!r}?)")
-            elif _PLAIN_NAME.match(key):
+            elif _PLAIN_NAME.fullmatch(key):
                 hints.append(repr(key))
         hidden = len(unknown) - len(hints)
         shown = ", ".join([*hints, *([f"{hidden} other name(s), not shown"] if hidden else [])])

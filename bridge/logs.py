@@ -50,18 +50,22 @@ class _JsonFormatter(logging.Formatter):
 
 
 # What aio-pika and aiormq log, at WARNING or ERROR, about a broker that is down or a link that
-# broke: one line per reconnect attempt (every second), tracebacks of the reader, callbacks of
-# channels that close with their connection. The bridge says each of these once, in its own words
-# (``broker down: …``, ``broker up again``), so the libraries' lines are demoted to DEBUG.
-# Each entry: logger, start of the format string, text the formatted line must hold ("" = any).
+# broke: a line per reconnect attempt (every second), the reader's traceback, callbacks of channels
+# that close with their connection.
+# Each entry: logger, start of the format string, text the formatted line must hold ("" = any), and
+# ``always`` (a duplicate of what the bridge or aio-pika already says: always DEBUG) or ``repeats``
+# (the first line of each text passes as it is, so the cause of a failing reconnect such as
+# ACCESS_REFUSED after a password change is shown; the same text again within a minute is DEBUG).
 # A failing callback is noise only for aio-pika's own channel-close handler: any other (the
 # bridge's own included) stays an ERROR.
-_NOISE: tuple[tuple[str, str, str], ...] = (
-    ("aiormq.connection", "error when creating transport", ""),
-    ("aiormq.connection", "Cancelling cause reader exited abnormally", ""),
-    ("aio_pika.robust_connection", "Connection attempt to ", ""),
-    ("aio_pika.tools", "Callback %r error", "RobustChannel._on_close"),
+_NOISE: tuple[tuple[str, str, str, str], ...] = (
+    ("aiormq.connection", "error when creating transport", "", "always"),
+    ("aiormq.connection", "Cancelling cause reader exited abnormally", "", "repeats"),
+    ("aio_pika.robust_connection", "Connection attempt to ", "", "repeats"),
+    ("aio_pika.tools", "Callback %r error", "RobustChannel._on_close", "always"),
 )
+_REPEAT_WINDOW = 60.0
+_SEEN_MAX = 256
 
 
 class LibraryNoise(logging.Filter):
@@ -71,15 +75,28 @@ class LibraryNoise(logging.Filter):
     dropped here unless the root logger shows DEBUG.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[str, float] = {}  # text of a "repeats" line -> when it last passed
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno <= logging.DEBUG:
             return True
         msg = record.msg if isinstance(record.msg, str) else ""
-        for name, prefix, holds in _NOISE:
-            if record.name == name and msg.startswith(prefix) and (not holds or holds in record.getMessage()):
-                break
-        else:
+        mode = next(
+            (mode for name, prefix, holds, mode in _NOISE
+             if record.name == name and msg.startswith(prefix) and (not holds or holds in record.getMessage())),
+            None,
+        )  # fmt: skip
+        if mode is None:
             return True
+        if mode == "repeats":
+            text, now = record.getMessage(), record.created
+            if now - self._seen.get(text, float("-inf")) >= _REPEAT_WINDOW:
+                if len(self._seen) >= _SEEN_MAX:
+                    self._seen.clear()
+                self._seen[text] = now
+                return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
@@ -111,7 +128,7 @@ def setup_logging(
     for noisy in ("aio_pika", "aiormq", "websockets", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     noise = LibraryNoise()
-    for name in {name for name, _, _ in _NOISE}:
+    for name in {entry[0] for entry in _NOISE}:
         logger = logging.getLogger(name)
         for old_filter in [f for f in logger.filters if isinstance(f, LibraryNoise)]:
             logger.removeFilter(old_filter)

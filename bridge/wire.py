@@ -329,7 +329,7 @@ def _lenient_objects(raw: str | bytes) -> list[dict[str, Any]] | None:
         return None
     if not rest and len(objects) > 1:
         return objects
-    if rest and set(rest) <= {"}"} and all(_type_of(obj) in _CONTROL_TYPES for obj in objects):
+    if rest and set(rest) <= {"}"} and all(_is_control(obj) for obj in objects):
         return objects
     return None
 
@@ -340,10 +340,17 @@ def _type_of(obj: dict[str, Any]) -> Any:
     return kind.strip().lower() if isinstance(kind, str) else kind
 
 
+def _is_control(obj: dict[str, Any]) -> bool:
+    kind = _type_of(obj)
+    return isinstance(kind, str) and kind in _CONTROL_TYPES  # a list or dict type is not hashable
+
+
 def _from_object(obj: dict[str, Any]) -> Frame:
     kind = _type_of(obj)
     if kind == "info":
-        return Info(accepted=obj.get("realm") != _NONE_REALM, timestamp=_ts(obj.get("timestamp")))
+        realm = obj.get("realm")
+        rejected = isinstance(realm, str) and realm.strip().upper() == _NONE_REALM
+        return Info(accepted=not rejected, timestamp=_ts(obj.get("timestamp")))
     if kind == "error":
         message = obj.get("realm")
         if not isinstance(message, str):
@@ -358,7 +365,8 @@ def _from_object(obj: dict[str, Any]) -> Frame:
         return _notification(obj)
     if _looks_like_notification(obj):
         # An event under a type this bridge does not know: quarantined (kept for a person), not dropped.
-        raise ProtocolError("unknown_type", f"frame of type {_short(str(obj.get('type')), 64)!r} carries an event")
+        # Not truncated here (the type may echo a realm key): the caller redacts, then clips.
+        raise ProtocolError("unknown_type", f"frame of type {json.dumps(obj.get('type'))} carries an event")
     return Other(kind="unknown_type", detail=_short(str(obj.get("type")), 64))
 
 

@@ -69,7 +69,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     floor = report["relay_floor_at_100_per_s"]
     if "skipped" not in floor:
         assert floor["complete"], floor
-        assert 0 < floor["cpu_percent_of_core"] < 100, floor
+        assert 0 <= floor["cpu_percent_of_core"] < 100, floor  # 200 events: a tick or two of CPU, maybe none
         assert "socat" in report["table"]
     if ("node", "node") in expected:
         # One alternating node/bridge pair (--smoke), every event counted, the ratio from both.

@@ -124,3 +124,25 @@ async def test_a_broker_down_at_start_is_logged_once(caplog: pytest.LogCaptureFi
     assert f"127.0.0.1:{closed}" in warnings[0].getMessage()
     assert len(mine) - len(warnings) >= 3  # the retries went on, at DEBUG
     assert broker.health().error is not None
+
+
+async def test_a_broker_that_stays_down_gets_a_reminder(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the broker stays down, 'broker still down after N attempts' comes once per reminder interval."""
+    monkeypatch.setattr("bridge.broker._STILL_DOWN_EVERY", 0.5)
+    closed = free_port()
+    settings = bridge_settings(
+        "ws://127.0.0.1:9", "bridge.test.down", amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/",
+        reconnect_min=0.02, reconnect_max=0.1,
+    )  # fmt: skip
+    broker = Broker(settings, Metrics(CollectorRegistry()))
+    stop = asyncio.Event()
+    caplog.set_level(logging.DEBUG, logger="bridge.broker")
+    task = asyncio.create_task(broker.connect(stop))
+    await asyncio.sleep(1.8)
+    stop.set()
+    assert await asyncio.wait_for(task, 5) is False
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bridge.broker" and r.levelno == logging.WARNING]
+    assert warnings[0].startswith("broker down: "), warnings
+    reminders = warnings[1:]
+    assert 1 <= len(reminders) <= 4, warnings
+    assert all(w.startswith("broker still down after ") and f"127.0.0.1:{closed}" in w for w in reminders), warnings

@@ -278,3 +278,28 @@ def test_brackets_inside_strings_do_not_make_a_shallow_frame_deep() -> None:
     result = _messages(orjson.dumps(obj))
     assert result.rejected is None
     assert orjson.loads(result.messages[0].body)["data"] == "{[" * 300
+
+
+def test_a_key_in_an_unknown_type_is_redacted_before_any_cut() -> None:
+    """The unknown_type detail quotes the type; a key in it is replaced whole, even past the 64th character."""
+    raw = json.dumps({"type": "realm-" + "x" * 40 + " " + SECRET, "event": "a.b", "data": "d"})
+    result = _messages(raw)
+    assert result.rejected is not None and result.rejected.reason == "unknown_type"
+    (msg,) = result.messages
+    detail = str(msg.headers["detail"])
+    assert SECRET[:8] not in detail, detail
+    assert SECRET[:8] not in msg.body.decode(), msg.body
+
+
+@pytest.mark.parametrize("raw", ['{"type":[]} }', '{"type":{}} }', '{"type":["info"],"realm":"x"}}'])
+def test_an_unhashable_type_with_a_stray_brace_is_bad_json(raw: str) -> None:
+    """A list or dict as the type, then a stray brace: bad JSON like any other notification (no TypeError)."""
+    with pytest.raises(ProtocolError) as info:
+        parse_frames(raw)
+    assert info.value.reason == "bad_json"
+
+
+def test_info_none_is_read_without_case() -> None:
+    """The type is read without case, and so is the NONE of a refusal."""
+    assert parse_frame('{"type":"INFO","realm":"none","timestamp":1}') == Info(accepted=False, timestamp=1)
+    assert parse_frame('{"type":"info","realm":" None "}') == Info(accepted=False, timestamp=None)

@@ -14,10 +14,15 @@ from bridge import logs
 KEY = "c9d4744c-0eae-4457-a665-2c18b9ac132b"
 
 
+LIBRARY_LOGGERS = ("aio_pika", "aiormq", "websockets", "aiohttp.access", "aiormq.connection",
+                   "aio_pika.robust_connection", "aio_pika.tools")  # fmt: skip
+
+
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    libraries = {name: (logging.getLogger(name).level, list(logging.getLogger(name).filters)) for name in LIBRARY_LOGGERS}
     stream = io.StringIO()
     monkeypatch.setattr(logs.sys, "stderr", stream)
     logs.setup_logging("INFO", "json", realm_keys=(KEY,), passwords=("guest",))
@@ -27,6 +32,10 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     for handler in saved[0]:
         root.addHandler(handler)
     root.setLevel(saved[1])
+    for name, (level, filters) in libraries.items():  # setup_logging set levels and filters on these too
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.filters[:] = filters
 
 
 def test_realm_key_is_scrubbed_from_messages_and_tracebacks(captured: io.StringIO) -> None:
@@ -74,11 +83,14 @@ def test_scrubbing_leaves_the_record_alone(captured: io.StringIO) -> None:
 
 
 def test_library_lines_about_a_down_broker_are_demoted(captured: io.StringIO) -> None:
-    """aiormq's and aio-pika's per-attempt lines about an outage do not reach an INFO log; other lines do."""
+    """Per-attempt outage lines of aiormq and aio-pika: duplicates never reach an INFO log, a new cause once a minute."""
+    attempt = 'Connection attempt to "%s" failed: %s. Reconnecting after %r seconds.'
+    robust = logging.getLogger("aio_pika.robust_connection")
     logging.getLogger("aiormq.connection").error("error when creating transport: %r", ConnectionRefusedError(111))
-    logging.getLogger("aio_pika.robust_connection").warning(
-        'Connection attempt to "%s" failed: %s. Reconnecting after %r seconds.', "amqp://h/", "refused", 1
-    )
+    for _ in range(3):
+        robust.warning(attempt, "amqp://h/", "[Errno 111] Connection refused", 1)
+    robust.warning(attempt, "amqp://h/", "ACCESS_REFUSED - Login was refused", 1)  # a new cause: shown
+    robust.warning(attempt, "amqp://h/", "ACCESS_REFUSED - Login was refused", 1)
     logging.getLogger("aio_pika.tools").error(
         "Callback %r error: %s: %s", "<bound method RobustChannel._on_close of x>", "RuntimeError", "closed"
     )
@@ -86,8 +98,28 @@ def test_library_lines_about_a_down_broker_are_demoted(captured: io.StringIO) ->
     logging.getLogger("aio_pika.tools").error("Callback %r error: %s: %s", "<Broker._on_reconnected>", "KeyError", "x")
     logging.getLogger("aiormq.connection").error("Unexpected frame %r", "frame")
     lines = [json.loads(line) for line in captured.getvalue().splitlines()]
-    assert [(r["logger"], r["level"]) for r in lines] == [("aio_pika.tools", "error"), ("aiormq.connection", "error")]
-    assert "Broker._on_reconnected" in lines[0]["msg"]
+    assert [(r["logger"], r["level"]) for r in lines] == [
+        ("aio_pika.robust_connection", "warning"),
+        ("aio_pika.robust_connection", "warning"),
+        ("aio_pika.tools", "error"),
+        ("aiormq.connection", "error"),
+    ]
+    assert "Connection refused" in lines[0]["msg"] and "ACCESS_REFUSED" in lines[1]["msg"]
+    assert "Broker._on_reconnected" in lines[2]["msg"]
+
+
+def test_a_repeated_library_line_passes_again_after_a_minute(captured: io.StringIO) -> None:
+    """The same text passes once per minute (by the record's own time), and is DEBUG in between."""
+    noise = logs.LibraryNoise()  # the fixture set the root logger to INFO: a demoted line is dropped
+
+    def record(at: float) -> logging.LogRecord:
+        rec = logging.makeLogRecord({"name": "aio_pika.robust_connection", "levelno": logging.WARNING,
+                                     "levelname": "WARNING", "msg": 'Connection attempt to "%s" failed',
+                                     "args": ("amqp://h/",), "created": at})  # fmt: skip
+        return rec
+
+    verdicts = [(noise.filter(rec := record(t)), rec.levelname) for t in (1000.0, 1030.0, 1059.0, 1061.0)]
+    assert verdicts == [(True, "WARNING"), (False, "DEBUG"), (False, "DEBUG"), (True, "WARNING")]
 
 
 def test_demoted_library_lines_show_at_debug(captured: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
