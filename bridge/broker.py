@@ -35,7 +35,7 @@ from bridge.config import Settings
 from bridge.contract import APP_ID, Topology
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics
-from bridge.nodes import NoNodeAvailable, connect_robust_nodes, node_in_use, node_of
+from bridge.nodes import NoNodeAvailable, connect_robust_nodes, node_in_use, node_of, with_default_heartbeat
 from bridge.tls import amqp_connect_kwargs
 
 __all__ = ["Broker", "BrokerHealth", "LinkState", "declare_topology", "describe_error"]
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_POLL_INTERVAL = 10.0
 _RECONNECT_INTERVAL = 1.0
+_PUBLISH_HEARTBEAT = 10.0  # AMQP heartbeat of the publishing connection unless its URL sets one (s)
 _STILL_DOWN_EVERY = 60.0  # a broker that stays down at start: a reminder this often (seconds)
 _DOWN_TEXTS_MAX = 32  # distinct error texts logged at WARNING per outage; then only the reminder
 
@@ -222,7 +223,9 @@ class Broker:
         """
         backoff = Backoff(self._settings.reconnect_min, self._settings.reconnect_max, float("inf"))
         tls = amqp_connect_kwargs(self._settings)  # built once: the CA and client files are read here
-        nodes = self._settings.amqp_nodes
+        # A silent link (a partition: no FIN, no RST) is found by the heartbeat after 3 x (heartbeat + 1) s;
+        # with RabbitMQ's 60 s that is 3 minutes of "connected" while nothing gets through.
+        nodes = [with_default_heartbeat(url, _PUBLISH_HEARTBEAT) for url in self._settings.amqp_nodes]
         start = 0
         told = _DownLog()
         while not stop.is_set():

@@ -24,10 +24,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import aiormq
 from aio_pika.abc import AbstractConnection
@@ -37,6 +37,8 @@ from bridge.nodes import NoNodeAvailable, connect_first, node_of, with_heartbeat
 __all__ = ["Leadership", "LeadershipHealth", "RealmLock", "Role", "lock_queue_name"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class Role(StrEnum):
@@ -156,7 +158,8 @@ class Leadership:
                     self._demote_all("lock connection closed")
                     self._connected = False
                     with contextlib.suppress(Exception):
-                        await connection.close()
+                        # Bounded: closing a silent link waits for an answer that never comes.
+                        await asyncio.wait_for(connection.close(), timeout=self._heartbeat)
                 if not stop.is_set():
                     start = index + 1  # the node we lost may be going down: try the next one first
                     await _wait(stop, min(self._poll, 0.5))
@@ -192,10 +195,13 @@ class Leadership:
                     if delay and await _wait_any(stop, lost, delay):
                         break
                     if channel is None or channel.is_closed:
-                        channel = await raw.channel()
+                        channel = await self._rpc(raw.channel(), lost)
                     try:
-                        await channel.queue_declare(
-                            lock_queue_name(self._exchange, realm.fingerprint), exclusive=True, auto_delete=True
+                        await self._rpc(
+                            channel.queue_declare(
+                                lock_queue_name(self._exchange, realm.fingerprint), exclusive=True, auto_delete=True
+                            ),
+                            lost,
                         )
                     except aiormq.exceptions.ChannelLockedResource:
                         channel = None  # the broker closed it; a new one next time
@@ -211,6 +217,30 @@ class Leadership:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await probe
 
+    async def _rpc(self, call: Awaitable[_T], lost: asyncio.Event) -> _T:
+        """Await one RPC on the lock connection, but not past a lost link or ``heartbeat`` seconds.
+
+        A link that goes silent (a network partition, a frozen proxy) answers nothing and closes
+        nothing: aiormq's pending RPC would wait for ever, and with it this replica's attempts at
+        the lock (a standby never reconnected, and never led again). The probe sets ``lost``
+        within ``heartbeat`` seconds; this returns then, so the loop reconnects.
+
+        Raises:
+            ConnectionError: the link was lost, or the RPC took longer than ``heartbeat``.
+        """
+        task = asyncio.ensure_future(call)
+        watch = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({task, watch}, timeout=self._heartbeat, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ConnectionError("lock connection lost" if lost.is_set() else "lock connection did not answer")
+
     async def _probe(self, raw: aiormq.abc.AbstractConnection, lost: asyncio.Event) -> None:
         # A cheap synchronous RPC every heartbeat/2 on a channel of its own. No answer within
         # heartbeat/2 = the link is gone as far as leadership goes: demote now rather than after
@@ -225,7 +255,7 @@ class Leadership:
                 log.warning("leadership: lock connection did not answer within %.1fs", interval)
                 self._on_lost(lost)
                 with contextlib.suppress(Exception):
-                    await raw.close()
+                    await asyncio.wait_for(raw.close(), timeout=interval)  # a silent link never answers
                 return
 
     def _on_lost(self, lost: asyncio.Event) -> None:

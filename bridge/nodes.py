@@ -29,7 +29,15 @@ from yarl import URL
 
 from bridge.errors import BridgeError
 
-__all__ = ["NoNodeAvailable", "connect_first", "connect_robust_nodes", "node_in_use", "node_of", "with_heartbeat"]
+__all__ = [
+    "NoNodeAvailable",
+    "connect_first",
+    "connect_robust_nodes",
+    "node_in_use",
+    "node_of",
+    "with_default_heartbeat",
+    "with_heartbeat",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,12 @@ def node_of(url: str | URL) -> str:
 def with_heartbeat(url: str, heartbeat: float) -> str:
     """The URL with its AMQP heartbeat timeout set (whole seconds, at least 1)."""
     return str(URL(url).update_query(heartbeat=max(1, round(heartbeat))))
+
+
+def with_default_heartbeat(url: str, heartbeat: float) -> str:
+    """The URL with an AMQP heartbeat, unless it sets one itself (``?heartbeat=N`` wins)."""
+    parsed = URL(url)
+    return url if "heartbeat" in parsed.query else with_heartbeat(url, heartbeat)
 
 
 async def connect_first(

@@ -305,3 +305,66 @@ def process_args(stream_url: str, exchange: str, spool: str, metrics_port: int |
         "--reconnect-reset-after", "1",
         "--drain-timeout", "5",
     ]  # fmt: skip
+
+
+class FreezableProxy:
+    """A loopback TCP proxy to RabbitMQ whose open links can go silent (``freeze``): nothing more is
+    forwarded either way and nothing is closed, as in a network partition. Links opened after a
+    freeze work normally.
+    """
+
+    def __init__(self, upstream_port: int = 5672) -> None:
+        self._upstream_port = upstream_port
+        self._server: asyncio.Server | None = None
+        self._links: list[tuple[asyncio.Event, list[asyncio.Task[None]], list[asyncio.StreamWriter]]] = []
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """An AMQP URL that goes through the proxy."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def links(self) -> int:
+        """Connections accepted so far."""
+        return len(self._links)
+
+    async def start(self) -> FreezableProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        go = asyncio.Event()
+        go.set()
+        pumps = [asyncio.create_task(self._pump(reader, up_writer, go)),
+                 asyncio.create_task(self._pump(up_reader, writer, go))]  # fmt: skip
+        self._links.append((go, pumps, [writer, up_writer]))
+
+    @staticmethod
+    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, go: asyncio.Event) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                await go.wait()
+                data = await src.read(65536)
+                if not data:
+                    break
+                await go.wait()
+                dst.write(data)
+        dst.close()
+
+    def freeze(self) -> None:
+        """Every link open now goes silent."""
+        for go, _, _ in self._links:
+            go.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for _, pumps, writers in self._links:
+            for task in pumps:
+                task.cancel()
+            for w in writers:
+                w.close()
+        await asyncio.gather(*(t for _, pumps, _ in self._links for t in pumps), return_exceptions=True)

@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from bridge.broker import Broker, LinkState
 from bridge.metrics import Metrics
-from tests.helpers import bridge_settings, free_port
+from bridge.nodes import with_default_heartbeat
+from tests.helpers import FreezableProxy, bridge_settings, free_port, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -146,3 +147,32 @@ async def test_a_broker_that_stays_down_gets_a_reminder(caplog: pytest.LogCaptur
     reminders = warnings[1:]
     assert 1 <= len(reminders) <= 4, warnings
     assert all(w.startswith("broker still down after ") and f"127.0.0.1:{closed}" in w for w in reminders), warnings
+
+
+def test_the_publishing_connection_gets_a_short_heartbeat_unless_the_url_sets_one() -> None:
+    """RabbitMQ's 60 s heartbeat would leave a silent link 'connected' for 3 minutes: 10 s unless the URL says."""
+    assert with_default_heartbeat("amqp://u:p@h:5672/", 10) == "amqp://u:p@h:5672/?heartbeat=10"
+    assert with_default_heartbeat("amqp://u:p@h:5672/v?heartbeat=30", 10) == "amqp://u:p@h:5672/v?heartbeat=30"
+    assert with_default_heartbeat("amqps://u:p@h/?heartbeat=0&x=1", 10) == "amqps://u:p@h/?heartbeat=0&x=1"
+
+
+async def test_a_silent_broker_link_is_reported_down_and_comes_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A partition (nothing forwarded, nothing closed) turns the link DOWN by the heartbeat; a new link brings it UP."""
+    proxy = await FreezableProxy().start()
+    registry = CollectorRegistry()
+    settings = bridge_settings("ws://127.0.0.1:9", "bridge.test.silent", amqp_url=proxy.url + "?heartbeat=1")
+    broker = Broker(settings, Metrics(registry))
+    try:
+        assert await broker.connect(asyncio.Event())
+        assert registry.get_sample_value("orangepill_bridge_amqp_connected") == 1
+        caplog.set_level(logging.INFO, logger="bridge.broker")
+        proxy.freeze()
+        # aiormq gives up on a link after 3 x (heartbeat + 1) s without a frame: 6 s here.
+        assert await wait_until(lambda: not broker.connected, timeout=15)
+        assert registry.get_sample_value("orangepill_bridge_amqp_connected") == 0
+        assert any("broker down: broker connection lost" in r.getMessage() for r in caplog.records)
+        assert await wait_until(lambda: broker.connected, timeout=15)  # aio-pika reconnects on a new link
+        assert proxy.links >= 2
+    finally:
+        await broker.close()
+        await proxy.close()

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.leadership import Leadership, RealmLock, Role, lock_queue_name
-from tests.helpers import AMQP_URL, wait_until
+from tests.helpers import AMQP_URL, FreezableProxy, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -137,3 +137,34 @@ async def test_failed_attempts_do_not_leak_callbacks() -> None:
             print(f"close callbacks / channels before {before}, after {after}")
             assert not two.is_leader("a")
             assert after[0] <= before[0] + 1 and after[1] <= before[1] + 1
+
+
+async def test_a_standby_whose_lock_link_goes_silent_reconnects_and_can_lead() -> None:
+    """A standby's lock connection goes silent (partition): it gives that link up, reconnects, and takes over later.
+
+    Its attempts at the lock are RPCs that a silent link never answers; they must not wait for ever.
+    """
+    ex, r = f"test.{uuid.uuid4().hex[:8]}", realm("a")
+    proxy = await FreezableProxy().start()
+    try:
+        async with contender(ex, [r]) as (one, stop_one):
+            assert await wait_until(lambda: one.is_leader("a"), timeout=10)
+            two = Leadership(ex, [r], [proxy.url], poll=0.2, heartbeat=2.0)
+            stop_two = asyncio.Event()
+            task = asyncio.create_task(two.run(stop_two))
+            try:
+                assert await wait_until(lambda: two.health().connected and proxy.links == 1, timeout=10)
+                await asyncio.sleep(0.5)  # a few refused attempts at the lock
+                proxy.freeze()
+                # The probe notices within the heartbeat; the standby then opens a new link.
+                assert await wait_until(lambda: proxy.links >= 2 and two.health().connected, timeout=15), (
+                    proxy.links, two.health()
+                )
+                assert not two.is_leader("a")
+                stop_one.set()  # the leader goes away: the standby, on its new link, takes the lock
+                assert await wait_until(lambda: two.is_leader("a"), timeout=10), two.health()
+            finally:
+                stop_two.set()
+                await asyncio.wait_for(task, 15)
+    finally:
+        await proxy.close()
