@@ -313,14 +313,18 @@ class Bridge:
             asyncio.create_task(self._expire_windows(self._coord_stop), name="standby-window"),
             asyncio.create_task(self._publish_carry(), name="carry"),
             asyncio.create_task(
-                watch_backlog(
-                    lambda: sum(lane.spool.depth for lane in self.lanes.values()),
-                    lambda: self.broker.connected,
-                    self._coord_stop,
-                ),
+                # Only what this replica publishes is a backlog: a standby's spool is its window, kept, not drained.
+                watch_backlog(self._led_depth, self._publishing_any, self._coord_stop),
                 name="backlog-progress",
             ),
         ]
+
+    def _led_depth(self) -> int:
+        """Events in the spools of the realms this replica leads (what it has to publish)."""
+        return sum(lane.spool.depth for label, lane in self.lanes.items() if self.leadership.is_leader(label))
+
+    def _publishing_any(self) -> bool:
+        return self.broker.connected and any(map(self.leadership.is_leader, self.lanes))
 
     async def _coordinate(self) -> None:
         """Connect to RabbitMQ, then announce (leader), follow (standby) and poll the bridge's queues."""

@@ -93,7 +93,7 @@ class BacklogWatch:
             current.set_total((current.total or 0) + depth - self._depth)
         self._depth = depth
         if not broker_up:
-            log.info("backlog drain paused: broker down with %d events in the spool", depth)
+            log.info("backlog drain paused: not publishing now (broker down, or no realm led) with %d events", depth)
             self.close()
         elif depth <= self.settled:
             self.close()

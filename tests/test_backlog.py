@@ -140,3 +140,23 @@ def test_memory_is_given_back_once_per_drain_that_finishes() -> None:
 def test_release_memory_trims_the_heap_on_glibc() -> None:
     """release_memory finds glibc's malloc_trim here and calls it."""
     assert release_memory() is True
+
+
+def test_a_standby_spool_is_not_a_backlog() -> None:
+    """The bridge reports as backlog only the spools of the realms it leads; a standby's window is kept, not drained."""
+    from types import SimpleNamespace
+
+    from bridge.app import Bridge
+
+    leading = {"eu"}
+    fake = SimpleNamespace(
+        lanes={"eu": SimpleNamespace(spool=SimpleNamespace(depth=1_500)),
+               "us": SimpleNamespace(spool=SimpleNamespace(depth=40_000))},
+        leadership=SimpleNamespace(is_leader=lambda label: label in leading),
+        broker=SimpleNamespace(connected=True),
+    )
+    assert Bridge._led_depth(fake) == 1_500  # type: ignore[arg-type]
+    assert Bridge._publishing_any(fake) is True  # type: ignore[arg-type]
+    leading.clear()  # standby for every realm: nothing to drain, nothing published
+    assert Bridge._led_depth(fake) == 0  # type: ignore[arg-type]
+    assert Bridge._publishing_any(fake) is False  # type: ignore[arg-type]
