@@ -179,6 +179,7 @@ class Leadership:
         log.info("leadership: lock connection on node %s", self._node)
         raw = self._raw = _raw(connection)
         settled_at = time.monotonic() + self._settle
+        told_standby: set[str] = set()
         channel: aiormq.abc.AbstractChannel | None = None
         probe = asyncio.create_task(self._probe(raw, lost))
         try:
@@ -205,6 +206,9 @@ class Leadership:
                         )
                     except aiormq.exceptions.ChannelLockedResource:
                         channel = None  # the broker closed it; a new one next time
+                        if realm.label not in told_standby:  # once per lock connection: a role is visible at start
+                            told_standby.add(realm.label)
+                            log.info("leadership: realm %s is standby (another replica holds the lock)", realm.label)
                         continue
                     if not lost.is_set():
                         self._set(realm.label, Role.LEADER, f"holds the lock on node {self._node}")

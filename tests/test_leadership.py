@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import subprocess
 import sys
@@ -168,3 +169,16 @@ async def test_a_standby_whose_lock_link_goes_silent_reconnects_and_can_lead() -
                 await asyncio.wait_for(task, 15)
     finally:
         await proxy.close()
+
+
+async def test_a_standby_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A replica that starts as standby logs it once per lock connection, not once per poll."""
+    ex, r = f"test.{uuid.uuid4().hex[:8]}", realm("a")
+    caplog.set_level(logging.INFO, logger="bridge.leadership")
+    async with contender(ex, [r]) as (one, _):
+        assert await wait_until(lambda: one.is_leader("a"), timeout=10)
+        async with contender(ex, [r]) as (two, _):
+            await asyncio.sleep(1.5)  # about seven refused attempts at poll 0.2 s
+            assert not two.is_leader("a")
+    said = [rec.getMessage() for rec in caplog.records if "is standby (another replica holds the lock)" in rec.getMessage()]
+    assert said == ["leadership: realm a is standby (another replica holds the lock)"]
