@@ -105,8 +105,8 @@ async def test_first_connect_retries_until_stopped() -> None:
     assert link.health().connected is False
 
 
-async def test_a_broker_down_at_start_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    """Retries while RabbitMQ is unreachable log one WARNING; each further attempt is a DEBUG line."""
+async def _connect_to_nothing(caplog: pytest.LogCaptureFixture, seconds: float) -> tuple[Broker, int]:
+    """Run ``Broker.connect`` against a closed loopback port for ``seconds``, logging bridge.broker at DEBUG."""
     closed = free_port()  # nothing listens here
     settings = bridge_settings(
         "ws://127.0.0.1:9", "bridge.test.down", amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/",
@@ -116,9 +116,15 @@ async def test_a_broker_down_at_start_is_logged_once(caplog: pytest.LogCaptureFi
     stop = asyncio.Event()
     caplog.set_level(logging.DEBUG, logger="bridge.broker")
     task = asyncio.create_task(broker.connect(stop))
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(seconds)
     stop.set()
     assert await asyncio.wait_for(task, 5) is False
+    return broker, closed
+
+
+async def test_a_broker_down_at_start_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Retries while RabbitMQ is unreachable log one WARNING; each further attempt is a DEBUG line."""
+    broker, closed = await _connect_to_nothing(caplog, 1.5)
     mine = [r for r in caplog.records if r.name == "bridge.broker" and "broker down" in r.getMessage()]
     warnings = [r for r in mine if r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -130,18 +136,7 @@ async def test_a_broker_down_at_start_is_logged_once(caplog: pytest.LogCaptureFi
 async def test_a_broker_that_stays_down_gets_a_reminder(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the broker stays down, 'broker still down after N attempts' comes once per reminder interval."""
     monkeypatch.setattr("bridge.broker._STILL_DOWN_EVERY", 0.5)
-    closed = free_port()
-    settings = bridge_settings(
-        "ws://127.0.0.1:9", "bridge.test.down", amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/",
-        reconnect_min=0.02, reconnect_max=0.1,
-    )  # fmt: skip
-    broker = Broker(settings, Metrics(CollectorRegistry()))
-    stop = asyncio.Event()
-    caplog.set_level(logging.DEBUG, logger="bridge.broker")
-    task = asyncio.create_task(broker.connect(stop))
-    await asyncio.sleep(1.8)
-    stop.set()
-    assert await asyncio.wait_for(task, 5) is False
+    _, closed = await _connect_to_nothing(caplog, 1.8)
     warnings = [r.getMessage() for r in caplog.records if r.name == "bridge.broker" and r.levelno == logging.WARNING]
     assert warnings[0].startswith("broker down: "), warnings
     reminders = warnings[1:]
