@@ -95,7 +95,9 @@ async def connect_first(
         index = (start + step) % len(urls)
         try:
             connection = await aio_pika.connect(urls[index], timeout=attempt_timeout, **kwargs)
-        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        except Exception as exc:  # whatever a connect attempt raises, that node did not answer
+            # Not only AMQP and socket errors: a server that accepts and closes at once makes aiormq
+            # raise StopAsyncIteration out of its handshake (that killed the bridge with exit 1).
             failures.append(f"{node_of(urls[index])} ({type(exc).__name__})")
             log.debug("AMQP node %s did not answer", node_of(urls[index]), exc_info=True)
             continue
@@ -180,7 +182,7 @@ async def connect_robust_nodes(
     budget = attempt_timeout + 1 if single_attempt else attempt_timeout * len(urls) + 1
     try:
         await asyncio.wait_for(connection.connect(timeout=attempt_timeout), timeout=budget)
-    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+    except Exception as exc:  # as in connect_first (StopAsyncIteration from aiormq included)
         await connection.close()
         tried = node_of(urls[first]) if single_attempt else ", ".join(node_of(u) for u in urls)
         raise NoNodeAvailable(f"no RabbitMQ node answered: {tried} ({type(exc).__name__})") from exc

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.leadership import Leadership, RealmLock, Role, lock_queue_name
+from bridge.nodes import NoNodeAvailable, connect_first, connect_robust_nodes
 from tests.helpers import AMQP_URL, FreezableProxy, wait_until
 
 pytestmark = pytest.mark.broker
@@ -182,3 +183,58 @@ async def test_a_standby_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
             assert not two.is_leader("a")
     said = [rec.getMessage() for rec in caplog.records if "is standby (another replica holds the lock)" in rec.getMessage()]
     assert said == ["leadership: realm a is standby (another replica holds the lock)"]
+
+
+@contextlib.asynccontextmanager
+async def accept_and_close() -> AsyncIterator[str]:
+    """A loopback 'broker' that accepts each TCP connection and closes it at once (a load balancer with no backend)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await reader.readexactly(8)  # the client's protocol header: it then waits for Connection.Start
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"amqp://guest:guest@127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+
+
+async def test_a_node_that_accepts_and_closes_is_a_node_that_did_not_answer() -> None:
+    """aiormq raises StopAsyncIteration out of such a handshake: connect_first says 'no node answered' instead."""
+    async with accept_and_close() as url:
+        with pytest.raises(NoNodeAvailable, match="no RabbitMQ node answered"):
+            await connect_first([url], attempt_timeout=2)
+        with pytest.raises(NoNodeAvailable):
+            await connect_robust_nodes([url], attempt_timeout=2, single_attempt=True)
+
+
+async def test_leadership_keeps_retrying_a_node_that_accepts_and_closes() -> None:
+    """The lock loop waits for a usable node instead of ending the process (it used to exit 1)."""
+    async with accept_and_close() as url:
+        lead = Leadership("test.x", [realm("a")], [url], poll=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(lead.run(stop))
+        await asyncio.sleep(1.5)  # several attempts
+        assert not task.done(), task
+        stop.set()
+        await asyncio.wait_for(task, 10)  # ends cleanly: no exception
+        assert not lead.health().connected
+
+
+async def test_any_exception_of_a_connect_attempt_means_no_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the accept-and-close race ends in a reset (AMQPConnectionError) or an EOF before the first frame
+    (aiormq's StopAsyncIteration, seen from a proxy with no backend) depends on timing: both mean 'no node'."""
+
+    async def eof_before_the_first_frame(*args: object, **kwargs: object) -> None:
+        raise StopAsyncIteration
+
+    monkeypatch.setattr("bridge.nodes.aio_pika.connect", eof_before_the_first_frame)
+    with pytest.raises(NoNodeAvailable, match=r"127\.0\.0\.1:1 \(StopAsyncIteration\)"):
+        await connect_first(["amqp://guest:guest@127.0.0.1:1/"])
+    lead = Leadership("test.x", [realm("a")], ["amqp://guest:guest@127.0.0.1:1/"], poll=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(lead.run(stop))
+    await asyncio.sleep(0.5)
+    assert not task.done(), task
+    stop.set()
+    await asyncio.wait_for(task, 10)
