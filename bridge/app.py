@@ -621,9 +621,17 @@ async def _set_aside_earlier_runs(settings: Settings) -> list[str]:
     """
     if settings.spool == MEMORY:
         return []
-    found, existing = _earlier_files(settings)
+    found, existing, orphans = _earlier_files(settings)
     for path in existing:
-        earlier = await Spool.open(path, max_bytes=settings.spool_max_bytes)
+        try:
+            earlier = await Spool.open(path, max_bytes=settings.spool_max_bytes)
+        except SpoolError as exc:
+            if path not in orphans:
+                raise
+            # A realm file of another layout that another process holds (two bridges sharing one
+            # directory): theirs, not ours.
+            log.warning("spool %s belongs to no configured realm and cannot be opened (%s); left alone", path, exc)
+            continue
         depth = earlier.depth
         report = await earlier.close(give_up_after=settings.drain_timeout)
         if not depth:
@@ -642,17 +650,26 @@ async def _set_aside_earlier_runs(settings: Settings) -> list[str]:
     return sorted(set(found))
 
 
-def _earlier_files(settings: Settings) -> tuple[list[str], list[str]]:
-    """Carry files left by earlier starts, and the spool files (``--spool`` and per realm) that exist."""
+def _earlier_files(settings: Settings) -> tuple[list[str], list[str], set[str]]:
+    """Carry files left by earlier starts, the spool files that exist, and which of those are orphans.
+
+    Spool files are ``--spool`` itself, each configured realm's file, and the realm files of any
+    other set of realms next to it (``<stem>.fp-<12 hex>.db``): a bridge that ran with two realms
+    and now runs with one (or other ones) publishes what those files kept instead of stranding it.
+    """
     fps = [realm.fingerprint for realm in settings.realms]
-    paths = list(dict.fromkeys([settings.spool, *spool_paths(settings.spool, fps).values()]))
+    ours = list(dict.fromkeys([settings.spool, *spool_paths(settings.spool, fps).values()]))
+    template = spool_paths(settings.spool, ["@FP@", "@other@"])["@FP@"]
+    realm_files = glob.escape(template).replace("@FP@", "fp-" + "[0-9a-f]" * 12)
+    orphans = {found for found in glob.glob(realm_files) if found not in ours}
+    paths = [*ours, *sorted(orphans)]
     carry = [
         found
-        for path in paths
-        for found in glob.glob(glob.escape(path) + ".carry-*")
+        for pattern in [*(glob.escape(path) for path in ours), realm_files]
+        for found in glob.glob(pattern + ".carry-*")
         if not found.endswith(("-wal", "-shm", "-journal"))
     ]
-    return carry, [path for path in paths if os.path.exists(path)]
+    return carry, [path for path in paths if os.path.exists(path)], orphans
 
 
 async def _open_spools(settings: Settings, metrics: Metrics) -> dict[str, Spool]:

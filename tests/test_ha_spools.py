@@ -108,3 +108,25 @@ async def test_legacy_spool_of_several_realms_is_published_first(tmp_path: Path)
                 assert (tmp_path / f"spool.{key_fingerprint(realm)}.db").exists()
         finally:
             await connection.close()
+
+
+async def test_realm_files_of_an_earlier_layout_are_carried_not_stranded(tmp_path: Path) -> None:
+    """Two realms before, one now: both realm files next to --spool are set aside and published first."""
+    from bridge.app import _set_aside_earlier_runs
+
+    two = spool_paths(str(tmp_path / "spool.db"), [key_fingerprint(KEY), key_fingerprint(KEY2)])
+    for label, path in zip(("test", "second"), two.values(), strict=True):
+        earlier = await Spool.open(path)
+        for n in range(1, 4):
+            await earlier.put(_legacy(n, label))
+        await earlier.flush()
+        assert (await earlier.close()).kept == 3
+    (tmp_path / "spool.fp-notarealmfile.db").write_bytes(b"not matched: the fingerprint is not 12 hex digits")
+    settings = bridge_settings("ws://127.0.0.1:9", "test.x", spool=str(tmp_path / "spool.db"))  # one realm: KEY
+    carry = await _set_aside_earlier_runs(settings)
+    assert len(carry) == 2, carry
+    assert all(".carry-" in c for c in carry)
+    assert not any(Path(p).exists() for p in two.values())  # moved aside, to be published first
+    assert (tmp_path / "spool.fp-notarealmfile.db").exists()
+    # A crash before they were published: the next start finds the carry files again.
+    assert sorted(await _set_aside_earlier_runs(settings)) == sorted(carry)
