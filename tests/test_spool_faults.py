@@ -243,3 +243,34 @@ async def test_full_disk_keeps_everything_once_space_returns(tmp_path: Path) -> 
     spool = await Spool.open(str(path))
     assert nums(await drain(spool)) == list(range(int(str(out["accepted"]))))
     await spool.close()
+
+
+async def test_a_spool_truncated_at_a_page_boundary_is_salvaged_not_refused(tmp_path: Path) -> None:
+    """A spool cut short by whole pages ("database disk image is malformed") is set aside and a fresh one opens."""
+    path = tmp_path / "spool.db"
+    await _fill_and_close(path, 1500, 200)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 4096)  # its last page gone
+    spool = await Spool.open(str(path))
+    saved = spool.depth
+    assert 0 <= saved < 1500
+    got = nums(await drain(spool))
+    assert got == sorted(got) and len(got) == saved
+    await spool.close()
+    aside = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name and p.name.endswith("Z")]
+    assert len(aside) == 1 and aside[0].startswith("spool.db.corrupt-")
+    # Opening again works: the fresh spool is healthy.
+    again = await Spool.open(str(path))
+    await again.close()
+
+
+async def test_a_foreign_file_that_sqlite_calls_malformed_is_still_refused(tmp_path: Path) -> None:
+    """The salvage of an unopenable file needs the spool's own header: anything else is left where it is."""
+    path = tmp_path / "spool.db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\x10\x00\x01\x01" + b"\x00" * 4076)  # a header, no spool
+    before = path.read_bytes()
+    with pytest.raises((SpoolError, sqlite3.DatabaseError)):
+        await Spool.open(str(path))
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]

@@ -154,6 +154,16 @@ def _inspect(path: str) -> None:
     _check_schema(path, tables, app_id, version)
 
 
+def _spool_header(path: str) -> bool:
+    """True if the file's SQLite header names this application (``PRAGMA application_id``, bytes 68-71)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError:
+        return False
+    return head.startswith(b"SQLite format 3\x00") and int.from_bytes(head[68:72], "big") == APPLICATION_ID
+
+
 def _check_schema(path: str, tables: set[str], app_id: int, version: int) -> bool:
     """Raise unless this is a spool we can use; True if the file is empty (to be created)."""
     if not tables and app_id == 0 and version == 0:
@@ -200,12 +210,20 @@ class SqliteStore:
             sqlite3.Error, OSError: SQLite or the OS refused (the caller names the path).
         """
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _inspect(path)
-        store = cls(path, synchronous, wal_limit=wal_limit)
-        damage = store.check()
-        if damage is None:
-            return store
-        store.close()
+        try:
+            _inspect(path)
+            store = cls(path, synchronous, wal_limit=wal_limit)
+        except sqlite3.DatabaseError as exc:
+            # Too damaged to open (a file truncated at a page boundary: "malformed"), yet its own
+            # header says it is a spool: salvage it like any other damage. Anything else is refused.
+            if not (is_corruption(exc) and _spool_header(path)):
+                raise
+            damage: str | None = str(exc)
+        else:
+            damage = store.check()
+            if damage is None:
+                return store
+            store.close()
         saved, aside = salvage(path)
         log.error(
             "spool %s is damaged (%s): saved %d readable events into a fresh spool; the damaged file is now %s",
