@@ -658,7 +658,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("unroutable", "--unroutable", "BRIDGE_UNROUTABLE", choice("keep", "drop"),
             "keep unroutable events in <exchange>.unrouted, or drop (and count) them"),
     Setting("max_frame_bytes", "--max-frame-bytes", "BRIDGE_MAX_FRAME_BYTES", _size,
-            "larger frames are quarantined"),
+            "largest frame read; a larger one closes the link (1009), counts as oversize, and is redialled"),
     Setting("drain_timeout", "--drain-timeout", "BRIDGE_DRAIN_TIMEOUT", _positive_float,
             "seconds to wait for outstanding confirms on shutdown"),
     Setting("log_format", "--log-format", "BRIDGE_LOG_FORMAT", choice("auto", "json", "text"),

@@ -318,7 +318,8 @@ class StreamClient:
         why = clip(redact(why, self._secrets), DETAIL_LIMIT)  # the server's text may echo the key
         raise RealmRejected(
             f"the stream rejected the realm key of realm {self._name!r} "
-            f"({self._realm.fingerprint}): {why.rstrip('.')}. Check ORANGEPILL_REALM_KEY / --realm-key; "
+            f"({self._realm.fingerprint}): {why.rstrip('.')}. Check the key given (--realm-key, --realm-key-file, "
+            "ORANGEPILL_REALM_KEY or ORANGEPILL_REALM_KEY_FILE); "
             "the bridge does not retry a key the server refuses."
         )
 
