@@ -99,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_until_signal(lambda stop: demo(settings, args, stop))
     if command == "tail":
         from bridge.tail import tail
+        from bridge.topic import pattern_problem
+
+        for pattern in args.patterns:
+            problem = pattern_problem(pattern)
+            if problem is not None:  # the same rule as --bind: a pattern that would catch nothing
+                print(f"orangepill-bridge tail: pattern {pattern[:80]!r} {problem}", file=sys.stderr)
+                return 2
 
         return _run_until_signal(lambda stop: tail(settings, args.patterns, args.json, stop, count=args.count))
     if command == "check":

@@ -104,6 +104,14 @@ def test_tail_count_must_be_a_whole_number() -> None:
     assert "--count" in result.stderr and "whole number" in result.stderr
 
 
+@pytest.mark.parametrize("pattern", ["transaction*", "a..b", ""])
+def test_tail_refuses_a_pattern_that_would_catch_nothing(pattern: str) -> None:
+    """tail checks its patterns as --bind does: exit 2 with the reason, before any broker is touched."""
+    result = _run("tail", pattern)
+    assert result.returncode == 2
+    assert f"pattern {pattern!r}" in result.stderr
+
+
 async def _publish(exchange_name: str, keys: list[str]) -> None:
     connection = await aio_pika.connect(AMQP_URL, timeout=10)
     async with connection:
