@@ -67,5 +67,12 @@ class SpoolError(BridgeError):
     """The durable spool could not be opened, read or written."""
 
 
+class SpoolPathError(SpoolError):
+    """``--spool`` names something that can never be this bridge's spool (a directory, an unwritable place,
+    a file that is not a spool, a newer schema): bad configuration, exit 2, not worth a restart."""
+
+    exit_code = 2
+
+
 class StreamError(BridgeError, ConnectionError):
     """The stream link failed; the client reconnects."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bridge.contract import KIND_EVENT, Outbound
-from bridge.errors import SpoolError
+from bridge.errors import SpoolError, SpoolPathError
 from bridge.spool import Spool, Spooled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,3 +274,25 @@ async def test_a_foreign_file_that_sqlite_calls_malformed_is_still_refused(tmp_p
         await Spool.open(str(path))
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+
+
+@pytest.mark.parametrize("kind", ["directory", "random_bytes", "other_sqlite"])
+async def test_a_spool_path_that_can_never_be_a_spool_is_bad_configuration(tmp_path: Path, kind: str) -> None:
+    """A directory, a non-SQLite file or someone else's SQLite database as --spool: exit code 2, named, untouched."""
+    path = tmp_path / "spool.db"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "random_bytes":
+        path.write_bytes(os.urandom(8192))
+    else:
+        other = sqlite3.connect(path)
+        other.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+        other.commit()
+        other.close()
+    before = None if kind == "directory" else path.read_bytes()
+    with pytest.raises(SpoolPathError) as info:
+        await Spool.open(str(path))
+    assert info.value.exit_code == 2
+    assert str(path) in str(info.value)
+    if before is not None:
+        assert path.read_bytes() == before

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from bridge.contract import Outbound
-from bridge.errors import SpoolError
+from bridge.errors import SpoolError, SpoolPathError
 from bridge.spool.committer import Committer
 from bridge.spool.ledger import Ledger, Limits, Threshold
 from bridge.spool.store import SYNCHRONOUS, DiskUsage, Snapshot, Spooled, SqliteStore
@@ -583,6 +584,21 @@ async def _open_file(path: str, sync: str, wal_limit: int,
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             raise SpoolError(f"spool {path} is in use by another process") from exc
         if isinstance(exc, (sqlite3.Error, OSError, ValueError)):
+            bad_path = _bad_path(path, exc)
+            if bad_path is not None:
+                raise SpoolPathError(f"--spool {path}: {bad_path}") from exc
             raise SpoolError(f"cannot open spool {path}: {exc}") from exc
         raise
+
+
+def _bad_path(path: str, exc: BaseException) -> str | None:
+    """Why ``path`` can never be a spool, when that is why it did not open; None for other failures."""
+    if os.path.isdir(path):
+        return "is a directory; give a file path such as /var/lib/orangepill-bridge/spool.db"
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        return f"the directory {folder} is not writable by this process (the spool needs its file, WAL and lock there)"
+    if isinstance(exc, sqlite3.DatabaseError) and "file is not a database" in str(exc):
+        return "is not an SQLite database, so not a spool; choose another --spool path (the file is left as it is)"
+    return None
 

@@ -17,7 +17,7 @@ from typing import Any, Final
 import orjson
 
 from bridge.contract import Outbound
-from bridge.errors import SpoolError
+from bridge.errors import SpoolError, SpoolPathError
 
 __all__ = [
     "APPLICATION_ID",
@@ -169,12 +169,12 @@ def _check_schema(path: str, tables: set[str], app_id: int, version: int) -> boo
     if not tables and app_id == 0 and version == 0:
         return True
     if app_id != APPLICATION_ID:
-        raise SpoolError(
+        raise SpoolPathError(
             f"{path} is an SQLite database but not an orangepill-bridge spool "
             f"(tables: {', '.join(sorted(tables)) or 'none'}); choose another --spool path"
         )
     if version > SCHEMA_VERSION:
-        raise SpoolError(
+        raise SpoolPathError(
             f"spool {path} has schema version {version}, newer than this bridge "
             f"understands ({SCHEMA_VERSION}); run the newer bridge to drain it"
         )
