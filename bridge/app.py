@@ -20,7 +20,7 @@ from bridge.config import Realm, Settings
 from bridge.contract import KIND_EVENT, Outbound
 from bridge.errors import BridgeError, ConfigError, SpoolError
 from bridge.explorer.hub import ExplorerHub
-from bridge.ha import Announcer, Follower, LeaderEvidence, spool_paths
+from bridge.ha import Announcer, Follower, LeaderEvidence, realm_spool_glob, spool_paths
 from bridge.http import start_http
 from bridge.leadership import Leadership, RealmLock, Role
 from bridge.metrics import Metrics
@@ -321,10 +321,10 @@ class Bridge:
 
     def _led_depth(self) -> int:
         """Events in the spools of the realms this replica leads (what it has to publish)."""
-        return sum(lane.spool.depth for label, lane in self.lanes.items() if self.leadership.is_leader(label))
+        return sum(lane.spool.depth for lane in self.lanes.values() if lane.leading)
 
     def _publishing_any(self) -> bool:
-        return self.broker.connected and any(map(self.leadership.is_leader, self.lanes))
+        return self.broker.connected and any(lane.leading for lane in self.lanes.values())
 
     async def _coordinate(self) -> None:
         """Connect to RabbitMQ, then announce (leader), follow (standby) and poll the bridge's queues."""
@@ -659,8 +659,7 @@ def _earlier_files(settings: Settings) -> tuple[list[str], list[str], set[str]]:
     """
     fps = [realm.fingerprint for realm in settings.realms]
     ours = list(dict.fromkeys([settings.spool, *spool_paths(settings.spool, fps).values()]))
-    template = spool_paths(settings.spool, ["@FP@", "@other@"])["@FP@"]
-    realm_files = glob.escape(template).replace("@FP@", "fp-" + "[0-9a-f]" * 12)
+    realm_files = realm_spool_glob(settings.spool)
     orphans = {found for found in glob.glob(realm_files) if found not in ours}
     paths = [*ours, *sorted(orphans)]
     carry = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,7 +31,16 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge.errors import ProtocolError
 
-__all__ = ["Announcer", "Follower", "LeaderEvidence", "ha_exchange_name", "pack_ids", "spool_paths", "unpack_ids"]
+__all__ = [
+    "Announcer",
+    "Follower",
+    "LeaderEvidence",
+    "ha_exchange_name",
+    "pack_ids",
+    "realm_spool_glob",
+    "spool_paths",
+    "unpack_ids",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +84,20 @@ def spool_paths(path: str, fingerprints: Iterable[str]) -> dict[str, str]:
     fps = list(fingerprints)
     if path == "memory" or len(fps) == 1:
         return dict.fromkeys(fps, path)
+    return {fp: _realm_file(path, fp) for fp in fps}
+
+
+def realm_spool_glob(path: str) -> str:
+    """A glob of every realm's file next to ``path`` (``<stem>.fp-<12 hex><suffix>``), whatever the realms."""
+    return glob.escape(_realm_file(path, "@FP@")).replace("@FP@", "fp-" + "[0-9a-f]" * 12)
+
+
+def _realm_file(path: str, fp: str) -> str:
     head, sep, name = path.rpartition("/")
     stem, dot, suffix = name.rpartition(".")
     if not dot or not stem:
         stem, suffix = name, ""
-    return {fp: f"{head}{sep}{stem}.{fp}{'.' + suffix if suffix else ''}" for fp in fps}
+    return f"{head}{sep}{stem}.{fp}{'.' + suffix if suffix else ''}"
 
 
 def ha_exchange_name(exchange: str) -> str:

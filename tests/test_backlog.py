@@ -148,15 +148,11 @@ def test_a_standby_spool_is_not_a_backlog() -> None:
 
     from bridge.app import Bridge
 
-    leading = {"eu"}
-    fake = SimpleNamespace(
-        lanes={"eu": SimpleNamespace(spool=SimpleNamespace(depth=1_500)),
-               "us": SimpleNamespace(spool=SimpleNamespace(depth=40_000))},
-        leadership=SimpleNamespace(is_leader=lambda label: label in leading),
-        broker=SimpleNamespace(connected=True),
-    )
+    eu = SimpleNamespace(spool=SimpleNamespace(depth=1_500), leading=True)
+    us = SimpleNamespace(spool=SimpleNamespace(depth=40_000), leading=False)
+    fake = SimpleNamespace(lanes={"eu": eu, "us": us}, broker=SimpleNamespace(connected=True))
     assert Bridge._led_depth(fake) == 1_500  # type: ignore[arg-type]
     assert Bridge._publishing_any(fake) is True  # type: ignore[arg-type]
-    leading.clear()  # standby for every realm: nothing to drain, nothing published
+    eu.leading = False  # standby for every realm: nothing to drain, nothing published
     assert Bridge._led_depth(fake) == 0  # type: ignore[arg-type]
     assert Bridge._publishing_any(fake) is False  # type: ignore[arg-type]

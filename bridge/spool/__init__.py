@@ -598,7 +598,7 @@ def _bad_path(path: str, exc: BaseException) -> str | None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
         return f"the directory {folder} is not writable by this process (the spool needs its file, WAL and lock there)"
-    if isinstance(exc, sqlite3.DatabaseError) and "file is not a database" in str(exc):
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
         return "is not an SQLite database, so not a spool; choose another --spool path (the file is left as it is)"
     return None
 
