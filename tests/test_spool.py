@@ -130,6 +130,38 @@ async def test_a_group_wait_ends_once_everything_uncommitted_is_confirmed(db: st
     await spool.close()
 
 
+async def test_a_confirm_read_as_the_group_wait_times_out_still_saves_the_write(db: str) -> None:
+    """A confirm that reaches the spool a couple of loop passes after the commit timer fired keeps the row unwritten."""
+    spool = await Spool.open(db, commit_interval=0.05)
+    waiter = asyncio.ensure_future(spool.get_batch(10))
+    await asyncio.sleep(0)
+    await spool.put(msg(0))
+    batch = await asyncio.wait_for(waiter, 1.0)
+    committer = spool._committer
+    loop = asyncio.get_running_loop()
+    acked = loop.create_future()
+
+    def ack() -> None:
+        spool.ack(item.id for item in batch)
+        acked.set_result(None)
+
+    def watch() -> None:
+        # RabbitMQ's confirm is read in the pass where the timer fires; like aiormq's reader task and
+        # the publisher's flush, it takes two more passes to reach the spool.
+        if committer._now.is_set():
+            loop.call_soon(loop.call_soon, ack)
+        else:
+            loop.call_soon(watch)
+
+    assert await wait_until(lambda: committer._group_waiting, timeout=1.0, interval=0.001)
+    watch()
+    await asyncio.wait_for(acked, 1.0)
+    await asyncio.sleep(0.2)  # the commit step, and any delete, are over
+    assert spool.stats().rows_written == 0
+    assert spool.depth == 0
+    await spool.close()
+
+
 EARLY_CRASH_SCRIPT = """
 import asyncio, os, signal, sys
 from bridge.contract import Outbound
