@@ -54,7 +54,7 @@ async def demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
 async def _start_tail(settings: Settings, stop: asyncio.Event) -> asyncio.Task[int]:
     """Start the tail and wait (up to 15 s) until its queue is bound or it failed."""
     bound = asyncio.Event()
-    task = asyncio.create_task(tail(settings, ["#"], False, stop, bound))
+    task = asyncio.create_task(tail(settings, ["#"], False, stop, bound, new_exchange_notice=False))
     bound_wait = asyncio.ensure_future(bound.wait())
     await asyncio.wait({bound_wait, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
     bound_wait.cancel()

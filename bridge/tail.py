@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -45,6 +46,7 @@ async def tail(
     *,
     count: int = 0,
     progress: Progress | None = None,
+    new_exchange_notice: bool = True,
 ) -> int:
     """Print every event matching the patterns until stopped, or until ``count`` events (the Explorer, on RabbitMQ).
 
@@ -56,6 +58,7 @@ async def tail(
         bound: set once the queue is bound (the demo waits for it).
         count: stop after this many events; 0 = never. A bar on a terminal shows how far it is.
         progress: reports the ``count`` events (default: a :class:`Progress` on standard error).
+        new_exchange_notice: say so when the exchange did not exist (a mistyped ``--exchange``).
 
     Returns:
         The exit code: 0, or 1 when the broker cannot be reached.
@@ -68,7 +71,14 @@ async def tail(
         return 1
     # One connection for the whole tail, and its channel lives as long: nothing is opened per message.
     async with connection:
+        existed = await _exchange_exists(connection, settings.exchange)
         channel, exchange, _ = await declare_topology(connection, settings, confirms=False)
+        if not existed and new_exchange_notice:
+            print(
+                f"tail: the exchange {settings.exchange!r} did not exist; declared it. If the bridge already "
+                "runs, check --exchange (or BRIDGE_EXCHANGE): a bridge with another exchange publishes nothing here",
+                file=sys.stderr,
+            )
         queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
         for pattern in patterns:
             await queue.bind(exchange, routing_key=pattern)
@@ -100,6 +110,19 @@ async def tail(
             if progress is not None:
                 progress.close()
     return 0
+
+
+async def _exchange_exists(connection: aio_pika.abc.AbstractConnection, name: str) -> bool:
+    """True if the exchange is there (a passive declare, on a channel of its own: a miss closes it)."""
+    channel = await connection.channel()
+    try:
+        await channel.get_exchange(name, ensure=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
 
 
 async def _first(*events: asyncio.Event) -> None:

@@ -191,3 +191,18 @@ async def test_simulate_count_logs_progress_to_the_total() -> None:
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert "simulate: 5/5 (100%)" in out.decode(), out.decode()[-2000:]
+
+
+@pytest.mark.broker
+async def test_tail_says_when_it_had_to_create_the_exchange(exchange_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """tail on an exchange that does not exist yet says so (a mistyped --exchange); on an existing one it does not."""
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name)
+    for _ in range(2):  # the first run creates the exchange, the second finds it
+        bound, stop = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(tail(settings, ["#"], False, stop, bound))
+        await asyncio.wait_for(bound.wait(), 30)
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+    first, _, second = capsys.readouterr().err.partition(f"tail: bound to {exchange_name}")
+    assert f"the exchange {exchange_name!r} did not exist" in first
+    assert "did not exist" not in second
