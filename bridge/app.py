@@ -167,7 +167,13 @@ class Bridge:
             lane.last_confirm = time.monotonic()
             if not self._publish_stop.is_set():
                 if lane.spool.depth:
-                    log.info("realm %s: publishing the %d events its spool holds first", label, lane.spool.depth)
+                    # Not (only) an earlier run's events: a standby keeps what it reads until the leader
+                    # announces it published them, and a replica is standby until its lock settles.
+                    log.info(
+                        "realm %s: leading now; publishing first the %d events its spool holds (read while "
+                        "standby and not announced by another replica, or left by an earlier run)",
+                        label, lane.spool.depth,
+                    )  # fmt: skip
                 lane.start(self._recovered, self._lane_done)
         else:
             lane.halt()
@@ -436,7 +442,9 @@ class Bridge:
         self._lost = report.lost
         if self._http is not None:
             await self._http.cleanup()
-        self._report_leftovers(unconfirmed, report)
+        # The files that keep the events: one per realm when there are several (``<stem>.fp-<hex>.db``).
+        holders = [lane.spool.path for lane, r in zip(self.lanes.values(), reports, strict=True) if r.kept]
+        self._report_leftovers(unconfirmed, report, ", ".join(holders) or self.settings.spool)
 
     async def _stop_streams(self) -> None:
         """Unsubscribe every realm; cancel the ones that do not finish in time."""
@@ -463,8 +471,7 @@ class Bridge:
         drains = [lane.publisher.drain(self.settings.drain_timeout) for lane in self.lanes.values()]
         return sum(await asyncio.gather(*drains))
 
-    def _report_leftovers(self, unconfirmed: int, report: CloseReport) -> None:
-        spool = self.settings.spool
+    def _report_leftovers(self, unconfirmed: int, report: CloseReport, spool: str) -> None:
         if unconfirmed:
             log.warning("%d publishes were not confirmed in time; they stay in the spool", unconfirmed)
         if report.error:

@@ -16,7 +16,17 @@ from bridge.ha import Announcer, Follower, LeaderEvidence, spool_paths
 from bridge.secrets import key_fingerprint
 from bridge.spool import Spool
 from tests.ha_support import KEY2
-from tests.helpers import AMQP_URL, KEY, bind_queue, bridge_settings, collect, running_bridge, simulator, wait_until
+from tests.helpers import (
+    AMQP_URL,
+    KEY,
+    bind_queue,
+    bridge_settings,
+    collect,
+    free_port,
+    running_bridge,
+    simulator,
+    wait_until,
+)
 
 
 def test_spool_paths_keep_the_single_realm_file() -> None:
@@ -130,3 +140,24 @@ async def test_realm_files_of_an_earlier_layout_are_carried_not_stranded(tmp_pat
     assert (tmp_path / "spool.fp-notarealmfile.db").exists()
     # A crash before they were published: the next start finds the carry files again.
     assert sorted(await _set_aside_earlier_runs(settings)) == sorted(carry)
+
+
+async def test_shutdown_names_the_realm_files_that_keep_events(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With two realms and no broker, the stop line names each realm's spool file, not only --spool."""
+    exchange = f"test.ha.left.{uuid.uuid4().hex[:6]}"
+    async with simulator(rate=200, count=0, realm_keys=(KEY, KEY2)) as sim:
+        settings = bridge_settings(
+            sim.url,
+            exchange,
+            amqp_urls=(f"amqp://guest:guest@127.0.0.1:{free_port()}/",),  # nothing listens: no broker
+            spool=str(tmp_path / "spool.db"),
+            realms=(Realm(label="test", key=KEY), Realm(label="second", key=KEY2)),
+        )
+        with caplog.at_level("INFO", logger="bridge.app"):
+            async with running_bridge(settings):
+                assert await wait_until(lambda: len(sim.sent) >= 100, timeout=30)
+    line = next(r.getMessage() for r in caplog.records if "for the next start" in r.getMessage())
+    for key in (KEY, KEY2):
+        assert str(tmp_path / f"spool.{key_fingerprint(key)}.db") in line
