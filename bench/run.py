@@ -25,6 +25,7 @@ from typing import Any
 from bench import common
 from bench.common import KEY, BridgeProcess, RssSampler, Worker
 from bench.floor import relay_floor
+from bench.shapes import consumer_cost
 from bench.workers import ceiling_main, consumer_main, naive_main, node_main, simulator_main
 
 SUBJECTS = ("ceiling", "naive", "node", "bridge")
@@ -367,6 +368,13 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"CPU at 100/s, share of one core: {refs}; a compiled relay (socat, one wake-up per event, no AMQP) "
             f"{_fmt(floor['cpu_percent_of_core'], '.2f')} %{why}"
         )
+    shape = summary.get("consumer_cost_by_shape")
+    if shape is not None and "skipped" not in shape:
+        lines.append(
+            f"the consumer's CPU per message: {_fmt(shape['contract']['consumer_cpu_us_per_msg'], '.1f')} us on the "
+            f"contract's messages, {_fmt(shape['node_peer']['consumer_cpu_us_per_msg'], '.1f')} us on the Node "
+            f"peer's (4 properties, no headers); median of {shape['rounds']} alternating drains of {shape['count']:,}"
+        )
     return "\n".join(lines)
 
 
@@ -437,6 +445,20 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
         _log(f"  socat relay at 100/s: {floor['cpu_percent_of_core']} % of one core {floor.get('skipped', '')}")
         for t in summary["targets"].values():
             t["cpu_at_100_per_s_lt_2pct_core"]["socat_relay"] = floor["cpu_percent_of_core"]
+    if any(r["subject"] == "bridge" for r in rows) and any(r["subject"] == "node" for r in rows):
+        # The contract's properties and headers cost the consumer too: its share of the end-to-end gap.
+        try:
+            shape = consumer_cost(2000, 1) if smoke else consumer_cost()
+        except Exception as exc:  # a reference row: never lose the run over it
+            shape = {"skipped": f"consumer cost by shape failed: {type(exc).__name__}: {exc}"}
+        summary["consumer_cost_by_shape"] = shape
+        if "skipped" not in shape:
+            ours, peer = shape["contract"], shape["node_peer"]
+            _log(
+                f"  consumer CPU per message: contract {ours['consumer_cpu_us_per_msg']} us, Node peer's shape "
+                f"{peer['consumer_cpu_us_per_msg']} us (header frames {ours['header_frame_bytes']} / "
+                f"{peer['header_frame_bytes']} B)"
+            )
     pair_report: dict[str, Any] | None = None
     if pairs and "node" not in skipped and (only is None or {"node", "bridge"} <= set(only)):
         _log(f"  node vs bridge/uvloop: {pairs} alternating pairs ...")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import common
+from bench import common, shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,6 +84,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert node_target["met_paired"] == (pair["bridge_over_node"] >= 1.0)
         assert "met_paired" in report["targets"]["uvloop"]["broker_cpu_per_event_le_node"]
         assert "(pairs: " in report["table"]
+        # What the contract's headers cost the consumer, next to the Node peer's message shape.
+        shape = report["consumer_cost_by_shape"]
+        assert "skipped" not in shape, shape
+        assert shape["contract"]["consumer_cpu_us_per_msg"] > 0 and shape["node_peer"]["consumer_cpu_us_per_msg"] > 0
+        assert "the consumer's CPU per message" in report["table"]
     else:
         assert "paired" not in report
 
@@ -135,3 +140,13 @@ def test_profile_without_py_spy_says_how_to_get_it(
     monkeypatch.setattr(profile.sys, "executable", str(tmp_path / "python"))  # no py-spy next to it
     assert profile.main(loop="uvloop", count=10) == 2
     assert "pip install py-spy" in capsys.readouterr().err
+
+
+def test_consumer_cost_shapes_are_the_contract_and_the_peer() -> None:
+    """The bench's two message shapes: the bridge's own encoding of the contract, and the Node peer's four properties."""
+    ours, peer = shapes.contract_properties(), shapes.peer_properties()
+    assert ours.delivery_mode == peer.delivery_mode == 2
+    assert ours.headers is not None and {"realm", "entity_id", "received_at"} <= ours.headers.keys()
+    assert ours.message_type == "deposit.received" and ours.app_id == "orangepill-bridge"
+    assert peer.headers is None and peer.timestamp is None
+    assert len(ours.marshal()) > len(peer.marshal())
