@@ -74,6 +74,18 @@ async def test_partial_requests_are_closed_within_the_header_timeout() -> None:
 
 async def test_connections_beyond_the_cap_are_refused() -> None:
     """With the cap reached, one more connection gets a 503 and is closed, and the held ones still work."""
+    await _refused_beyond_the_cap()
+
+
+def test_connections_beyond_the_cap_are_refused_under_uvloop(caplog: pytest.LogCaptureFixture) -> None:
+    """Under uvloop (the bridge's default loop) the refusal is the same 503, with no ERROR logged."""
+    uvloop = pytest.importorskip("uvloop")
+    caplog.set_level(logging.DEBUG)
+    uvloop.run(_refused_beyond_the_cap())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def _refused_beyond_the_cap() -> None:
     async with serving(max_connections=10, header_timeout=30) as port:
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
         await asyncio.sleep(0.2)
