@@ -365,7 +365,8 @@ def _secret_lines(raw: Any, where: str) -> list[tuple[str, str]]:
     """The lines of a secret file (blank lines and ``#`` comment lines skipped), each with where it was."""
     path = str(raw).strip()
     try:
-        with open(path, encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (Notepad's "UTF-8") is not part of the first key.
+        with open(path, encoding="utf-8-sig") as handle:
             text = handle.read(1024 * 1024)
     except OSError as exc:
         raise ConfigError(f"{where} {path}: cannot read the file ({exc.strerror})") from None
@@ -574,7 +575,8 @@ def _read_toml(path: str, specs: Sequence[Setting], config: ConfigFile) -> dict[
     """The file's values by setting name, each with where it was found (for errors)."""
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            raw = handle.read()
+        data = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))  # a byte-order mark is allowed
     except OSError as exc:
         raise ConfigError(f"{config.flag} {path}: cannot read the file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:

@@ -42,6 +42,13 @@ def test_flag_beats_env_beats_file(tmp_path: Path) -> None:
     assert [r.key.reveal() for r in s.realms] == ["filekey-0123456789abcdef"]
 
 
+def test_a_toml_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A TOML file saved with a UTF-8 byte-order mark reads like one without."""
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_bytes(b'\xef\xbb\xbfexchange = "from.file"\r\nrealm_keys = ["filekey-0123456789abcdef"]\r\n')
+    assert load_settings(_args("--config", str(cfg)), {}).exchange == "from.file"
+
+
 def test_env_realm_keys_are_comma_separated() -> None:
     """ORANGEPILL_REALM_KEY holds several keys separated by commas, with optional labels."""
     s = load_settings(None, {"ORANGEPILL_REALM_KEY": f"{KEY}, eu=other-key-0123456789ab"})

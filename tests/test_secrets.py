@@ -247,6 +247,15 @@ def test_realm_key_file(tmp_path: Path) -> None:
     assert len(flag.realms) == 2  # the flag wins over the environment
 
 
+def test_a_byte_order_mark_is_not_part_of_the_key(tmp_path: Path) -> None:
+    """A key file saved with a UTF-8 byte-order mark (Notepad) gives the key itself, and its own fingerprint."""
+    path = tmp_path / "realm_key"
+    path.write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\r\n")
+    (realm,) = load_settings(None, {"ORANGEPILL_REALM_KEY_FILE": str(path)}).realms
+    assert realm.key.reveal() == KEY
+    assert realm.fingerprint == key_fingerprint(KEY)
+
+
 def test_realm_key_file_errors_show_the_path_not_the_content(tmp_path: Path) -> None:
     """A bad line names the file and line, never the content; a missing file says so."""
     path = tmp_path / "realm_key"
