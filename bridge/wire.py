@@ -282,10 +282,10 @@ def parse_frames(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
     """Parse a frame, tolerating the variations the Orangepill WebSocket documentation itself shows.
 
     Besides what ``parse_frame`` accepts: several JSON objects in one frame
-    (the documentation prints its info + error answer as two objects), and a control
-    frame followed by stray closing braces (the documentation's own examples end in
-    ``} }``). A notification with trailing junk is still refused: its data
-    goes to quarantine for a person to look at.
+    (the documentation prints its info + error answer as two objects), and control
+    objects followed by stray closing braces (the documentation's own examples end in
+    ``} }``), also when several such objects share one frame. A notification with
+    trailing junk is still refused: its data goes to quarantine for a person to look at.
 
     Raises:
         ProtocolError: as ``parse_frame``.
@@ -311,9 +311,15 @@ def _lenient_objects(raw: str | bytes) -> list[dict[str, Any]] | None:
         return None
     objects: list[dict[str, Any]] = []
     index, end = 0, len(text)
+    stray = False  # closing braces skipped after a control object (the documentation's "} }")
     while True:
-        while index < end and text[index].isspace():
-            index += 1
+        while index < end:
+            if text[index].isspace():
+                index += 1
+            elif text[index] == "}" and objects and _is_control(objects[-1]):
+                index, stray = index + 1, True
+            else:
+                break
         if index >= end or text[index] != "{":
             break
         try:
@@ -324,14 +330,9 @@ def _lenient_objects(raw: str | bytes) -> list[dict[str, Any]] | None:
             return None
         _check_depth(value)
         objects.append(value)
-    rest = text[index:].strip()
-    if not objects:
-        return None
-    if not rest and len(objects) > 1:
-        return objects
-    if rest and set(rest) <= {"}"} and all(_is_control(obj) for obj in objects):
-        return objects
-    return None
+    if not objects or text[index:].strip():
+        return None  # junk, or a stray brace after a notification: its data goes to quarantine
+    return objects if len(objects) > 1 or stray else None
 
 
 def _type_of(obj: dict[str, Any]) -> Any:

@@ -339,6 +339,30 @@ def test_info_and_error_in_one_frame() -> None:
     ]
 
 
+@pytest.mark.parametrize("between", ["\n", " ", "", "\r\n  "])
+def test_info_and_error_in_one_frame_each_with_its_stray_brace(between: str) -> None:
+    """Both answers in one frame, each ending in the documentation's "} }", still read as a rejection (and success)."""
+    raw = (
+        '{ "type":"info", "realm":"NONE", "timestamp": 1671547687 } }' + between
+        + '{ "type":"error", "realm":"Invalid Realm Key.", "timestamp": 1671547687 } }'
+    )  # fmt: skip
+    assert parse_frames(raw) == [
+        Info(accepted=False, timestamp=1671547687),
+        ErrorFrame(message="Invalid Realm Key.", timestamp=1671547687),
+    ]
+    ok = f'{{ "type":"info", "realm":"{KEY}", "timestamp": 1 }} }}{between}{{ "type":"subscribe", "realm":"{KEY}" }} }}'
+    assert [type(f) for f in parse_frames(ok)] == [Info, Subscribed]
+
+
+def test_a_stray_brace_is_read_past_only_after_a_control_object() -> None:
+    """A stray brace after a notification still quarantines the frame, whatever control object comes first."""
+    note = '{"type":"notification","event":"deposit.received","data":"x","timestamp":"1"}'
+    for raw in (f'{{"type":"info","realm":"NONE"}} }} {note} }}', f"{note} }} {{\"type\":\"info\"}}"):
+        with pytest.raises(ProtocolError) as info:
+            parse_frames(raw)
+        assert info.value.reason == "bad_json"
+
+
 def test_notification_with_stray_brace_is_still_quarantined() -> None:
     """A notification with trailing junk is refused (its data goes to quarantine), not guessed at."""
     with pytest.raises(ProtocolError) as info:
