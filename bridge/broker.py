@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import aiormq
 from aio_pika.abc import (
@@ -95,8 +96,16 @@ async def declare_topology(
             names.exchange, ExchangeType.TOPIC, durable=True, arguments=arguments or None
         )
         return channel, exchange, keep
-    except aiormq.exceptions.ChannelPreconditionFailed:
-        # The exchange exists with other arguments (no alternate exchange, or another type).
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        # The exchange exists with other arguments. Without the alternate exchange it still routes
+        # by pattern; another type (fanout, direct) or a transient exchange breaks the contract.
+        wrong = _WRONG_KIND.search(str(exc))
+        if wrong is not None:
+            raise TopologyError(
+                f"exchange {names.exchange} already exists as {_describe_kind(wrong.group(1), wrong.group(2))}; the "
+                "bridge needs a durable topic exchange (routing key = event name, bound by patterns such as "
+                f"transaction.#). Delete it (rabbitmqctl delete_exchange {names.exchange}) or choose another --exchange"
+            ) from None
         log.warning(
             "exchange %s already exists with different arguments; using it as it is. Unroutable "
             "events are still kept: the bridge publishes with mandatory and moves returned events "
@@ -112,6 +121,20 @@ async def declare_topology(
     except aiormq.exceptions.AMQPError as exc:
         raise TopologyError(f"exchange {names.exchange} cannot be used: {describe_error(exc)}") from None
     return channel, exchange, False
+
+
+# RabbitMQ's 406 text for a declare that disagrees with the existing exchange, on a property the
+# contract depends on: "inequivalent arg 'type' for exchange 'x' in vhost '/': received 'topic' but
+# current is 'fanout'" (or 'durable', 'auto_delete', 'internal').
+_WRONG_KIND: Final = re.compile(r"inequivalent arg '(type|durable|auto_delete|internal)'.*?current is '([^']*)'")
+
+
+def _describe_kind(arg: str, current: str) -> str:
+    if arg == "type":
+        return f"a {current} exchange"
+    if arg == "durable":
+        return "a transient (not durable) exchange" if current == "false" else "a durable exchange"
+    return f"an exchange with {arg}={current}"
 
 
 class _DownLog:

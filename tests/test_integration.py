@@ -11,7 +11,9 @@ import aio_pika
 import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from prometheus_client import CollectorRegistry
 
+from bridge.app import run_bridge
 from bridge.catalog import metric_label
 from bridge.contract import message_id
 from bridge.secrets import key_fingerprint
@@ -203,6 +205,33 @@ async def test_existing_exchange_without_alternate_still_keeps_unroutable(
             assert await bridge.finish() == 0
     assert len(kept) == 1
     assert dict(kept[0].headers or {})["original_routing_key"] == "alias.deleted"
+
+
+@pytest.mark.parametrize(
+    ("kind", "durable", "said"),
+    [
+        (aio_pika.ExchangeType.FANOUT, True, "a fanout exchange"),
+        (aio_pika.ExchangeType.DIRECT, True, "a direct exchange"),
+        (aio_pika.ExchangeType.TOPIC, False, "a transient (not durable) exchange"),
+    ],
+)
+async def test_an_existing_exchange_of_another_kind_stops_the_bridge(
+    amqp: AbstractRobustConnection,
+    exchange_name: str,
+    caplog: pytest.LogCaptureFixture,
+    kind: aio_pika.ExchangeType,
+    durable: bool,
+    said: str,
+) -> None:
+    """An exchange that exists as fanout, direct or transient is refused (exit 2, named), not used as it is."""
+    channel = await amqp.channel()
+    await channel.declare_exchange(exchange_name, kind, durable=durable)
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        code = await asyncio.wait_for(run_bridge(settings, asyncio.Event(), registry=CollectorRegistry()), 30)
+    assert code == 2
+    assert f"exchange {exchange_name} already exists as {said}" in caplog.text
+    assert "durable topic exchange" in caplog.text
 
 
 async def test_malformed_frames_are_quarantined_and_bridge_lives(amqp: AbstractRobustConnection, exchange_name: str) -> None:
