@@ -57,6 +57,7 @@ _UNSUBSCRIBE_GRACE = 2.0
 _MAX_QUEUE = 4
 # WebSocket close code of a message above max_size (RFC 6455 "message too big").
 _CLOSE_TOO_BIG = 1009
+_CLOSE_BAD_DATA = 1007  # websockets' answer to a text frame that is not UTF-8
 # error frames: at most one log line per this many seconds (every one is counted).
 _ERROR_LOG_EVERY = 1.0
 
@@ -250,7 +251,7 @@ class StreamClient:
         except _Closed as closed:
             return _Ended(closed.reason, str(closed), subscribed_at)
         except ConnectionClosed as exc:
-            self._count_oversize(exc)
+            self._count_refused_frame(exc)
             return _Ended(DisconnectReason.CLOSED, redact(_close_detail(exc), self._secrets), subscribed_at)
         except (OSError, InvalidHandshake, TimeoutError, StreamError) as exc:
             reason = DisconnectReason.ERROR if handshake_done else DisconnectReason.CONNECT_FAILED
@@ -336,7 +337,7 @@ class StreamClient:
                         self._unsubscribed.set()
         except ConnectionClosed as exc:
             closed = exc
-            self._count_oversize(exc)
+            self._count_refused_frame(exc)
         finally:
             if not keeper.done():
                 keeper.cancel()
@@ -443,21 +444,32 @@ class StreamClient:
             self._name, exc.reason, clip(redact(exc.detail, self._secrets), DETAIL_LIMIT),
         )  # fmt: skip
 
-    def _count_oversize(self, exc: ConnectionClosed) -> None:
-        """A frame above --max-frame-bytes: websockets refused to read it (close 1009); count it."""
-        if exc.sent is not None and exc.sent.code == _CLOSE_TOO_BIG:
+    def _count_refused_frame(self, exc: ConnectionClosed) -> None:
+        """A frame websockets refused to read, closing the link itself: count it and say why."""
+        code = exc.sent.code if exc.sent is not None else None
+        if code == _CLOSE_TOO_BIG:
             self._metrics.rejected("oversize")
             log.warning(
                 "stream frame above the limit of %d bytes (--max-frame-bytes) realm=%s: not read, "
                 "not kept; closing the connection (1009) and reconnecting",
                 self._settings.max_frame_bytes, self._name,
             )  # fmt: skip
+        elif code == _CLOSE_BAD_DATA:
+            self._metrics.rejected("invalid_utf8")
+            log.warning(
+                "stream text frame that is not valid UTF-8 realm=%s: the WebSocket protocol (RFC 6455) requires "
+                "closing the connection (1007), so the frame cannot be kept, and frames the server sent behind "
+                "it are lost upstream; reconnecting. The server is sending broken text",
+                self._name,
+            )  # fmt: skip
 
 
 def _close_detail(exc: ConnectionClosed | None) -> str:
     if exc is None:
         return "connection closed"
-    rcvd = exc.rcvd
+    rcvd, sent = exc.rcvd, exc.sent
+    if rcvd is None and sent is not None:  # websockets failed the link itself (1007, 1009, ...)
+        return f"the bridge closed the connection (code {sent.code}{', ' + sent.reason if sent.reason else ''})"
     if rcvd is None:
         return "connection lost without a close frame"
     return f"server closed the connection (code {rcvd.code}{', ' + rcvd.reason if rcvd.reason else ''})"

@@ -62,6 +62,7 @@ REJECT_REASONS: Final = (
     "too_deep",  # nested deeper than MAX_DEPTH
     "unencodable",  # parsed, but could not be turned into a message (the frame boundary's catch-all)
     "unknown_type",  # carries an event name under a type other than notification: kept, not guessed at
+    "invalid_utf8",  # a text frame that is not UTF-8: RFC 6455 fails the link (1007); nothing to keep
 )
 
 MAX_DEPTH: Final = 64

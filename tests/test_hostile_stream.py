@@ -39,6 +39,28 @@ async def test_oversize_frame_is_refused_by_the_client_counted_and_the_stream_go
     assert any("above the limit of 65536 bytes" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_text_frame_of_broken_utf8_is_counted_and_named_and_the_stream_goes_on(
+    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A text frame that is not UTF-8 fails the link (RFC 6455, 1007): counted as invalid_utf8, said, reconnected."""
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            before = await sim.send_event("a.before", "id-1")
+            await sim.send_raw(b'{"type":"notification","event":"a.bad","data":"\xff\xfe"}')
+            assert await wait_until(lambda: bridge.metric(REJECTED, {"reason": "invalid_utf8"}) == 1, timeout=20)
+            assert await wait_until(lambda: sim.subscribes >= 2, timeout=20), "the bridge did not resubscribe"
+            after = await sim.send_event("a.after", "id-2")
+            got = await collect(queue, 2, timeout=20, settle=0.5)
+            assert await bridge.finish() == 0
+    assert seqs(got) == [before.seq, after.seq]
+    said = caplog.text
+    assert "not valid UTF-8" in said and "(1007)" in said
+    assert "the bridge closed the connection (code 1007" in said  # not "lost without a close frame"
+
+
 async def test_service_error_answer_to_subscribe_is_retried(amqp: AbstractRobustConnection, exchange_name: str) -> None:
     """An error frame that does not name the key ("Service temporarily unavailable") is retried, not fatal."""
     async with simulator(paused=True) as sim:

@@ -492,8 +492,10 @@ class Simulator:
             raise RuntimeError(f"no connection is subscribed to realm {target.fp}")
         return pending.record(target.fp)
 
-    async def send_raw(self, frame: str) -> int:
+    async def send_raw(self, frame: str | bytes) -> int:
         """Send any text frame to every subscribed connection (each once).
+
+        ``bytes`` go out as a text frame as they are, unchecked: a server that sends broken UTF-8.
 
         Returns:
             How many connections got it.
@@ -653,11 +655,11 @@ class Simulator:
             if realm is not None:
                 realm.subscribers.pop(conn, None)
 
-    async def _send(self, conn: _Conn, frame: str) -> bool:
+    async def _send(self, conn: _Conn, frame: str | bytes) -> bool:
         if conn.quiet:
             return False
         try:
-            await conn.ws.send(frame)
+            await conn.ws.send(frame, text=True)
         except ConnectionClosed:
             self._forget(conn)
             return False
