@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterable
+from typing import Final
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 __all__ = [
@@ -140,31 +141,74 @@ def _widen(text: str, start: int, end: int) -> tuple[int, int]:
 
 
 def redact(text: str, secrets: Iterable[str | Secret]) -> str:
-    """Replace every occurrence of a realm key, raw or escaped, by its fingerprint.
+    """Replace every occurrence of a realm key, or of a 12-character piece of one, raw or escaped, by its fingerprint.
 
     The token around the key goes with it (``xKEYy`` becomes ``<realm-key fp-…>``),
-    so that no piece of a key and no mangled word are left. Redact before any
-    truncation: ``clip(redact(text, keys), limit)``.
+    so that no piece of a key and no mangled word are left. A piece counts too: an
+    upstream error that echoes a truncated key must not show its start. Redact
+    before any truncation: ``clip(redact(text, keys), limit)``.
     """
     for secret in secrets:
         value = _text_of(secret)
-        # Cheap test first: every escaped form of a key holds a backslash.
-        if not value or (value not in text and "\\" not in text):
+        if not value:
             continue
-        spans = [_widen(text, m.start(), m.end()) for m in _secret_pattern(value).finditer(text)]
-        if not spans:
+        pieces, escaped_pieces = _pieces(value)
+        # Cheap test first: every escaped form holds a backslash, every raw one a raw piece.
+        if "\\" not in text and value not in text and not any(p in text for p in pieces):
             continue
         mark = f"<realm-key {key_fingerprint(value)}>"
-        out: list[str] = []
-        last = 0
-        for start, end in spans:
-            start = max(start, last)
-            out.append(text[last:start])
-            out.append(mark)
-            last = max(end, last)
-        out.append(text[last:])
-        text = "".join(out)
+        text = _replace(text, [_widen(text, m.start(), m.end()) for m in _secret_pattern(value).finditer(text)], mark)
+        text = _replace(text, _piece_spans(text, pieces, escaped_pieces), mark)
     return text
+
+
+PIECE: Final = 12
+"""No run of this many characters of a secret is shown (SECURITY.md)."""
+# Escaped pieces are looked for in texts up to this size: log lines, error details, small frames.
+# A regex of every escaped piece costs about 1.4 s per MB; above this only raw pieces are (str.find).
+_ESCAPED_PIECES_MAX: Final = 16 * 1024
+
+
+@functools.lru_cache(maxsize=64)
+def _pieces(secret: str) -> tuple[tuple[str, ...], re.Pattern[str] | None]:
+    """Every distinct ``PIECE``-character piece of ``secret``, and one pattern for their escaped forms."""
+    pieces = tuple(dict.fromkeys(secret[i : i + PIECE] for i in range(len(secret) - PIECE + 1)))
+    if not pieces:
+        return (), None
+    return pieces, re.compile("|".join("".join(_char_pattern(ch) for ch in piece) for piece in pieces))
+
+
+def _piece_spans(text: str, pieces: tuple[str, ...], escaped: re.Pattern[str] | None) -> list[tuple[int, int]]:
+    """Where pieces of a secret stand in ``text`` (raw always; escaped in texts up to 16 KiB), widened to tokens."""
+    spans: list[tuple[int, int]] = []
+    if escaped is not None and "\\" in text and len(text) <= _ESCAPED_PIECES_MAX:
+        spans = [m.span() for m in escaped.finditer(text)]
+        # Non-overlapping matches can leave the tail of a longer raw run: the raw scan below finds it.
+    for piece in pieces:
+        at = text.find(piece)
+        while at != -1:
+            spans.append((at, at + len(piece)))
+            at = text.find(piece, at + 1)
+    return [_widen(text, start, end) for start, end in spans]
+
+
+def _replace(text: str, spans: list[tuple[int, int]], mark: str) -> str:
+    """Replace each run of overlapping or touching spans by one ``mark``."""
+    if not spans:
+        return text
+    out: list[str] = []
+    last = 0
+    run_start, run_end = -1, -1
+    for start, end in sorted(spans):
+        if start <= run_end:
+            run_end = max(run_end, end)
+            continue
+        if run_end >= 0:
+            out.extend((text[last:run_start], mark))
+            last = run_end
+        run_start, run_end = start, end
+    out.extend((text[last:run_start], mark, text[run_end:]))
+    return "".join(out)
 
 
 def clip(text: str, limit: int) -> str:

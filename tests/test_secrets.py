@@ -85,6 +85,28 @@ def test_redact_replaces_the_whole_token_not_a_piece() -> None:
     assert out == f"broker <realm-key {key_fingerprint(key)}> done"
 
 
+@pytest.mark.parametrize("start", [0, 7, len(KEY) - 16])
+def test_a_piece_of_the_key_is_redacted_too(start: int) -> None:
+    """A 16-character piece of a key (an upstream error echoing it truncated) goes, raw or JSON-escaped."""
+    piece = KEY[start : start + 16]
+    for form in (piece, json.dumps(piece)[1:-1], json.dumps(piece, ensure_ascii=True)[1:-1]):
+        out = redact(f"bad key {form}; retry later", (KEY,))
+        assert out.startswith("bad key <realm-key ") and out.endswith("; retry later"), out
+        assert key_fingerprint(KEY) in out and not _leaks(out, KEY), out
+
+
+def test_pieces_shorter_than_twelve_and_other_text_stay() -> None:
+    """Eleven characters of a key, and text with none of it, are left as they were."""
+    for text in (f"id {KEY[:11]} ok", f"code {KEY[5:16]}!", "nothing secret here \\/ at all"):
+        assert redact(text, (KEY,)) == text
+
+
+def test_the_log_scrubber_masks_a_piece_of_a_key_in_any_line() -> None:
+    """The last line of defence catches a piece of a key in a formatted log line."""
+    line = LogScrubber((KEY,), ())(f"stream error frame message=unknown realm {KEY[3:19]}")
+    assert not _leaks(line, KEY) and key_fingerprint(KEY) in line
+
+
 def test_redaction_happens_before_truncation() -> None:
     """An error frame and an event name that hold the key near the cut keep no piece of it."""
     frame = parse_frame(json.dumps({"type": "error", "message": "x" * 180 + KEY}))
