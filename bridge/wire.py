@@ -248,6 +248,8 @@ def _loads(raw: str | bytes) -> Any:
     except RecursionError:
         raise ProtocolError("too_deep", "frame is nested too deeply to parse") from None
     except (ValueError, UnicodeError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+        if str(exc).startswith("depth limit exceeded"):  # orjson stops at 1,024 levels, before our walk
+            raise ProtocolError("too_deep", "frame is nested too deeply to parse") from None
         raise ProtocolError("bad_json", f"frame is not valid JSON ({_short(str(exc))})") from None
 
 

@@ -71,8 +71,17 @@ def test_deeply_nested_extra_field_is_quarantined_not_raised(depth: int) -> None
     raw += b',"extra":' + b'{"a":' * (depth - 1) + b"1" + b"}" * (depth - 1) + b"}"
     result = _messages(raw)
     assert result.rejected is not None
-    assert result.rejected.reason in ("too_deep", "bad_json")
+    assert result.rejected.reason == "too_deep"
     assert result.messages[0].body == raw
+
+
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_nesting_past_the_parsers_own_limit_is_too_deep_not_bad_json(opener: bytes) -> None:
+    """2,000 levels stop orjson itself ("depth limit exceeded"): still reason too_deep, as the docs say."""
+    closer = b"]" if opener == b"[" else b"}"
+    raw = b'{"type":"notification","event":"a.b","data":' + opener * 2000 + b"1" + closer * 2000 + b"}"
+    result = _messages(raw)
+    assert result.rejected is not None and result.rejected.reason == "too_deep"
 
 
 def test_nesting_up_to_the_bound_is_published() -> None:
