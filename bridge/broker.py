@@ -405,5 +405,8 @@ def describe_error(exc: BaseException | None) -> str:
     """A short ``Type: text`` description of an exception, for logs and /readyz."""
     if exc is None:
         return "unknown error"
+    if isinstance(exc, asyncio.CancelledError):
+        # aiormq ends a connection whose heartbeats stopped by cancelling its reader.
+        return "the connection stopped answering (no heartbeat or data from the broker)"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]

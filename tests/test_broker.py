@@ -174,3 +174,11 @@ async def test_a_silent_broker_link_is_reported_down_and_comes_back(caplog: pyte
     finally:
         await broker.close()
         await proxy.close()
+
+
+def test_a_link_ended_by_cancellation_is_described_not_named() -> None:
+    """aiormq ends a silent link by cancelling its reader: /readyz says so, not 'CancelledError: CancelledError'."""
+    from bridge.broker import describe_error
+
+    assert "stopped answering" in describe_error(asyncio.CancelledError())
+    assert describe_error(ConnectionRefusedError(111, "refused")) == "ConnectionRefusedError: [Errno 111] refused"
