@@ -16,26 +16,33 @@ pytestmark = pytest.mark.broker
 REJECTED = "orangepill_bridge_events_rejected_total"
 
 
-async def test_oversize_frame_is_refused_by_the_client_counted_and_the_stream_goes_on(
-    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+async def _a_refused_frame_is_counted_and_the_stream_goes_on(
+    amqp: AbstractRobustConnection, exchange_name: str, bad: str | bytes, reason: str, **overrides: object
 ) -> None:
-    """An 80,025-byte frame with --max-frame-bytes 65536 is never read: counted as oversize, logged, reconnected."""
+    """The client refuses ``bad`` and fails the link: counted under ``reason``, redialled, the events around it kept."""
     async with simulator(paused=True) as sim:
-        settings = bridge_settings(sim.url, exchange_name, max_frame_bytes=65_536)
+        settings = bridge_settings(sim.url, exchange_name, **overrides)
         queue = await bind_queue(amqp, settings, "#")
         async with running_bridge(settings) as bridge:
             await sim.wait_subscribed(1)
             before = await sim.send_event("a.before", "id-1")
-            big = '{"type":"notification","event":"a.big","data":"' + "\u00e9" * 39_988 + '"}'
-            assert len(big.encode()) == 80_025
-            await sim.send_raw(big)
-            assert await wait_until(lambda: bridge.metric(REJECTED, {"reason": "oversize"}) == 1, timeout=20)
+            await sim.send_raw(bad)
+            assert await wait_until(lambda: bridge.metric(REJECTED, {"reason": reason}) == 1, timeout=20)
             assert await wait_until(lambda: sim.subscribes >= 2, timeout=20), "the bridge did not resubscribe"
             after = await sim.send_event("a.after", "id-2")
             got = await collect(queue, 2, timeout=20, settle=0.5)
             assert await bridge.finish() == 0
     assert seqs(got) == [before.seq, after.seq]
     assert [m.routing_key for m in got] == ["a.before", "a.after"]
+
+
+async def test_oversize_frame_is_refused_by_the_client_counted_and_the_stream_goes_on(
+    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An 80,025-byte frame with --max-frame-bytes 65536 is never read: counted as oversize, logged, reconnected."""
+    big = '{"type":"notification","event":"a.big","data":"' + "\u00e9" * 39_988 + '"}'
+    assert len(big.encode()) == 80_025
+    await _a_refused_frame_is_counted_and_the_stream_goes_on(amqp, exchange_name, big, "oversize", max_frame_bytes=65_536)
     assert any("above the limit of 65536 bytes" in r.getMessage() for r in caplog.records)
 
 
@@ -43,19 +50,8 @@ async def test_a_text_frame_of_broken_utf8_is_counted_and_named_and_the_stream_g
     amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A text frame that is not UTF-8 fails the link (RFC 6455, 1007): counted as invalid_utf8, said, reconnected."""
-    async with simulator(paused=True) as sim:
-        settings = bridge_settings(sim.url, exchange_name)
-        queue = await bind_queue(amqp, settings, "#")
-        async with running_bridge(settings) as bridge:
-            await sim.wait_subscribed(1)
-            before = await sim.send_event("a.before", "id-1")
-            await sim.send_raw(b'{"type":"notification","event":"a.bad","data":"\xff\xfe"}')
-            assert await wait_until(lambda: bridge.metric(REJECTED, {"reason": "invalid_utf8"}) == 1, timeout=20)
-            assert await wait_until(lambda: sim.subscribes >= 2, timeout=20), "the bridge did not resubscribe"
-            after = await sim.send_event("a.after", "id-2")
-            got = await collect(queue, 2, timeout=20, settle=0.5)
-            assert await bridge.finish() == 0
-    assert seqs(got) == [before.seq, after.seq]
+    bad = b'{"type":"notification","event":"a.bad","data":"\xff\xfe"}'
+    await _a_refused_frame_is_counted_and_the_stream_goes_on(amqp, exchange_name, bad, "invalid_utf8")
     said = caplog.text
     assert "not valid UTF-8" in said and "(1007)" in said
     assert "the bridge closed the connection (code 1007" in said  # not "lost without a close frame"

@@ -114,13 +114,18 @@ async def test_early_hand_out_confirmed_within_the_interval_is_never_written(db:
     await spool.close()
 
 
-async def test_a_group_wait_ends_once_everything_uncommitted_is_confirmed(db: str) -> None:
-    """Early hand-out, confirmed early: the commit wait ends at the ack, not by its timer an interval later."""
-    spool = await Spool.open(db, commit_interval=5.0)
+async def _one_handed_out_early(db: str, *, commit_interval: float) -> tuple[Spool, list[Spooled]]:
+    """A spool whose publisher waits, and one put: handed out before its commit (early hand-out)."""
+    spool = await Spool.open(db, commit_interval=commit_interval)
     waiter = asyncio.ensure_future(spool.get_batch(10))
     await asyncio.sleep(0)
     await spool.put(msg(0))
-    batch = await asyncio.wait_for(waiter, 1.0)
+    return spool, await asyncio.wait_for(waiter, 1.0)
+
+
+async def test_a_group_wait_ends_once_everything_uncommitted_is_confirmed(db: str) -> None:
+    """Early hand-out, confirmed early: the commit wait ends at the ack, not by its timer an interval later."""
+    spool, batch = await _one_handed_out_early(db, commit_interval=5.0)
     committer = spool._committer
     # waiting out the 5 s interval for the row handed out early
     assert await wait_until(lambda: committer._group_waiting, timeout=1.0, interval=0.01)
@@ -132,11 +137,7 @@ async def test_a_group_wait_ends_once_everything_uncommitted_is_confirmed(db: st
 
 async def test_a_confirm_read_as_the_group_wait_times_out_still_saves_the_write(db: str) -> None:
     """A confirm that reaches the spool a couple of loop passes after the commit timer fired keeps the row unwritten."""
-    spool = await Spool.open(db, commit_interval=0.05)
-    waiter = asyncio.ensure_future(spool.get_batch(10))
-    await asyncio.sleep(0)
-    await spool.put(msg(0))
-    batch = await asyncio.wait_for(waiter, 1.0)
+    spool, batch = await _one_handed_out_early(db, commit_interval=0.05)
     committer = spool._committer
     loop = asyncio.get_running_loop()
     acked = loop.create_future()
