@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aio_pika
 import pytest
@@ -23,6 +23,23 @@ def exchange_name() -> Iterator[str]:
     asyncio.run(_delete_topology(Topology(name)))
 
 
+@pytest.fixture
+def exchange_names() -> Iterator[Callable[[str], str]]:
+    """Unique exchange names with a readable part (``test.<part>.<hex>``); each one's topology is deleted afterwards.
+
+    The broker outlives the suite (CI and later sessions reuse it): nothing a test declares may pile up there.
+    """
+    names: list[str] = []
+
+    def make(part: str) -> str:
+        names.append(f"test.{part}.{uuid.uuid4().hex[:6]}")
+        return names[-1]
+
+    yield make
+    for name in names:
+        asyncio.run(_delete_topology(Topology(name)))
+
+
 async def _delete_topology(names: Topology) -> None:
     with contextlib.suppress(Exception):
         connection = await aio_pika.connect(AMQP_URL, timeout=5)
@@ -31,7 +48,7 @@ async def _delete_topology(names: Topology) -> None:
             for queue in names.own_queues:
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(queue)
-            for exchange in names.own_exchanges:
+            for exchange in (*names.own_exchanges, f"{names.exchange}.ha"):  # .ha: the HA announcements
                 with contextlib.suppress(Exception):
                     await channel.exchange_delete(exchange)
 

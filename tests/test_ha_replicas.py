@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aio_pika
@@ -47,9 +46,11 @@ def _report(what: str, collector: Collector, last: int, realm: str | None = None
     return duplicates
 
 
-async def test_sigkill_of_the_leader_loses_nothing(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+async def test_sigkill_of_the_leader_loses_nothing(
+    tmp_path: Path, session: aiohttp.ClientSession, exchange_names: Callable[[str], str]
+) -> None:
     """Two replicas: only the leader publishes; after SIGKILL of the leader the standby takes over and no seq is lost."""
-    exchange = f"test.ha.kill.{uuid.uuid4().hex[:6]}"
+    exchange = exchange_names("ha.kill")
     async with simulator(paused=True, rate=RATE) as sim:
         connection, collector = await _queue(exchange, sim.url)
         a, b = Replica("a", sim.url, exchange, tmp_path), Replica("b", sim.url, exchange, tmp_path)
@@ -94,9 +95,11 @@ async def test_sigkill_of_the_leader_loses_nothing(tmp_path: Path, session: aioh
             await connection.close()
 
 
-async def test_rolling_restart_loses_nothing(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+async def test_rolling_restart_loses_nothing(
+    tmp_path: Path, session: aiohttp.ClientSession, exchange_names: Callable[[str], str]
+) -> None:
     """SIGTERM the leader, start it again (standby), then the same with the other: every seq arrives."""
-    exchange = f"test.ha.roll.{uuid.uuid4().hex[:6]}"
+    exchange = exchange_names("ha.roll")
     async with simulator(paused=True, rate=RATE) as sim:
         connection, collector = await _queue(exchange, sim.url)
         a, b = Replica("a", sim.url, exchange, tmp_path), Replica("b", sim.url, exchange, tmp_path)
@@ -129,9 +132,11 @@ async def test_rolling_restart_loses_nothing(tmp_path: Path, session: aiohttp.Cl
             await connection.close()
 
 
-async def test_two_realms_two_replicas_one_leader_each(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+async def test_two_realms_two_replicas_one_leader_each(
+    tmp_path: Path, session: aiohttp.ClientSession, exchange_names: Callable[[str], str]
+) -> None:
     """With two realms and two replicas, each realm has exactly one leader in every sample, and nothing is lost."""
-    exchange = f"test.ha.two.{uuid.uuid4().hex[:6]}"
+    exchange = exchange_names("ha.two")
     extra = ("--realm-key", f"second={KEY2}")
     async with simulator(paused=True, rate=50.0, realm_keys=(KEY, KEY2)) as sim:
         connection, collector = await _queue(exchange, sim.url)
@@ -181,10 +186,10 @@ _SLOW_POLL = ("--standby-poll", "20", "--lock-heartbeat", "1", "--standby-window
 
 @pytest.mark.slow
 async def test_events_only_the_standby_received_are_published_after_the_window(
-    tmp_path: Path, session: aiohttp.ClientSession
+    tmp_path: Path, session: aiohttp.ClientSession, exchange_names: Callable[[str], str]
 ) -> None:
     """A leader that restarts and wins its lock back missed some events; the standby publishes them after the window."""
-    exchange = f"test.ha.gap.{uuid.uuid4().hex[:6]}"
+    exchange = exchange_names("ha.gap")
     async with simulator(paused=True, rate=RATE) as sim:
         connection, collector = await _queue(exchange, sim.url)
         a = Replica("a", sim.url, exchange, tmp_path, extra=_SLOW_POLL)

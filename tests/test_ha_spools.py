@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
@@ -88,7 +89,9 @@ def _legacy(n: int, realm: str) -> Outbound:
 
 
 @pytest.mark.broker
-async def test_legacy_spool_of_several_realms_is_published_first(tmp_path: Path) -> None:
+async def test_legacy_spool_of_several_realms_is_published_first(
+    tmp_path: Path, exchange_names: Callable[[str], str]
+) -> None:
     """A --spool file holding events of two realms (one shared spool) is published at start, then removed."""
     path = tmp_path / "spool.db"
     legacy = await Spool.open(str(path))
@@ -97,7 +100,7 @@ async def test_legacy_spool_of_several_realms_is_published_first(tmp_path: Path)
         await legacy.put(_legacy(n, "second"))
     await legacy.flush()
     assert (await legacy.close()).kept == 10
-    exchange = f"test.ha.legacy.{uuid.uuid4().hex[:6]}"
+    exchange = exchange_names("ha.legacy")
     async with simulator(paused=True, realm_keys=(KEY, KEY2)) as sim:
         settings = bridge_settings(
             sim.url,

@@ -100,7 +100,10 @@ async def _bound_queue(
     amqp: AbstractRobustConnection, exchange: str, arguments: dict[str, Any] | None = None
 ) -> aio_pika.abc.AbstractQueue:
     channel = await amqp.channel()
-    queue = await channel.declare_queue(f"{exchange}.q", durable=True, arguments=arguments)
+    # x-expires: the broker outlives the suite; an unused test queue goes by itself.
+    queue = await channel.declare_queue(
+        f"{exchange}.q", durable=True, arguments={"x-expires": 600_000, **(arguments or {})}
+    )
     await queue.bind(exchange, "#")
     return queue
 
