@@ -23,7 +23,7 @@ from bridge.app import _open_spools
 from bridge.contract import KIND_EVENT, KIND_QUARANTINE, Outbound
 from bridge.errors import SpoolError
 from bridge.metrics import Metrics
-from bridge.spool import MEMORY, Spool, Spooled, SpoolStats
+from bridge.spool import MEMORY, Limits, Spool, Spooled, SpoolStats
 from bridge.spool.store import runs
 from tests.helpers import bridge_settings, wait_until
 
@@ -185,7 +185,7 @@ asyncio.run(main())
 async def test_sigkill_after_early_hand_out_keeps_what_was_not_confirmed(tmp_path: Path) -> None:
     """Handed out before their commit, the unconfirmed messages are on disk one interval later; the rest never."""
     path = str(tmp_path / "spool.db")
-    count = 1000
+    count = 200  # below the bound of uncommitted messages (256): none is committed before the hand-out
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", EARLY_CRASH_SCRIPT, path, str(count), cwd=str(REPO)
     )
@@ -194,6 +194,36 @@ async def test_sigkill_after_early_hand_out_keeps_what_was_not_confirmed(tmp_pat
     items = await drain(spool)
     assert nums(items) == list(range(1, count, 2))
     await spool.close()
+
+
+BURST_CRASH_SCRIPT = """
+import asyncio, os, signal, sys
+from bridge.contract import Outbound
+from bridge.spool import Spool
+
+async def main():
+    spool = await Spool.open(sys.argv[1])
+    for n in range(int(sys.argv[2])):  # a burst: as fast as put lets it, nobody publishing
+        await spool.put(Outbound(0, "transaction.done", f"m{n}", f"{n:08d}".encode(), {}, float(n), "x"))
+    os.kill(os.getpid(), signal.SIGKILL)  # right after the last put returned, no flush
+
+asyncio.run(main())
+"""
+
+
+async def test_a_crash_in_a_burst_loses_at_most_the_uncommitted_bound(tmp_path: Path) -> None:
+    """SIGKILL right after 5,000 puts in a burst: all but at most 256 (the uncommitted bound) are on disk."""
+    path = str(tmp_path / "spool.db")
+    count = 5000
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BURST_CRASH_SCRIPT, path, str(count), cwd=str(REPO)
+    )
+    assert await proc.wait() == -signal.SIGKILL
+    spool = await Spool.open(path)
+    kept = nums(await drain(spool))
+    await spool.close()
+    assert kept == list(range(len(kept)))  # a prefix of the burst, in order
+    assert len(kept) >= count - 256 == count - Limits().pending_rows
 
 
 async def test_idle_spool_commits_at_once(db: str) -> None:

@@ -163,7 +163,7 @@ class Spool:
         max_bytes: int = 2 * 1024**3,
         on_stats: Callable[[SpoolStats], None] | None = None,
         commit_interval: float = 0.002,
-        commit_batch: int = 1000,
+        commit_batch: int = Limits().pending_rows,
         synchronous: str = "NORMAL",
         window: int = DEFAULT_WINDOW,
         limits: Limits | None = None,
