@@ -646,15 +646,25 @@ async def _set_aside_earlier_runs(settings: Settings) -> list[str]:
         if report.error:
             raise SpoolError(f"spool {path}: cannot set aside the events of an earlier run: {report.error}")
         carry = f"{path}.carry-{int(time.time() * 1000)}"
-        os.replace(path, carry)
-        for suffix in ("-wal", "-shm"):  # closed cleanly, so the WAL is checkpointed; drop leftovers
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path + suffix)
+        _move_spool_file(path, carry)
         log.info(
             "spool %s holds %d events from an earlier run; publishing them first (moved to %s)", path, depth, carry
         )
         found.append(carry)
     return sorted(set(found))
+
+
+def _move_spool_file(path: str, to: str) -> None:
+    """Rename a closed spool file together with its WAL; the shared-memory index is rebuilt on open.
+
+    A clean close checkpoints the WAL into the file, but a checkpoint that cannot write (a full
+    disk) leaves the committed rows in the WAL only: it must travel with the file, never be dropped.
+    """
+    os.replace(path, to)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path + "-wal", to + "-wal")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + "-shm")
 
 
 def _earlier_files(settings: Settings) -> tuple[list[str], list[str], set[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import resource
@@ -12,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bridge.spool import Spool
 from tests.helpers import PYTHON, ROOT, free_port, process_args, simulator, wait_until
 
 pytestmark = pytest.mark.slow
@@ -70,3 +72,53 @@ async def test_full_disk_at_shutdown_counts_the_lost_events_and_exits_1(tmp_path
     assert count > 0
     assert "stopped cleanly" not in text
     assert spool.stat().st_size <= _FSIZE
+
+
+_WAL_ONLY_SCRIPT = """
+import asyncio, os, signal, sys
+from bridge.contract import Outbound
+from bridge.spool import Spool
+
+async def main():
+    spool = await Spool.open(sys.argv[1])
+    for n in range(int(sys.argv[2])):
+        await spool.put(Outbound(0, "deposit.received", f"m{n}", b"x" * 1000, {}, float(n), "x"))
+    await spool.flush()  # committed: in the WAL, never checkpointed into the file
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+_SET_ASIDE_SCRIPT = """
+import asyncio, sys
+from bridge.app import _set_aside_earlier_runs
+from tests.helpers import bridge_settings
+
+print(asyncio.run(_set_aside_earlier_runs(bridge_settings("ws://127.0.0.1:1", "x", spool=sys.argv[1]))))
+"""
+
+
+async def test_an_earlier_runs_events_survive_a_start_on_a_full_disk(tmp_path: Path) -> None:
+    """Rows of an earlier run that sit only in the WAL (its checkpoint cannot write: disk full) move with the file."""
+    spool = str(tmp_path / "spool.db")
+    killed = subprocess.run([PYTHON, "-c", _WAL_ONLY_SCRIPT, spool, "300"], cwd=ROOT, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert Path(spool + "-wal").stat().st_size > 300_000 > Path(spool).stat().st_size
+    # The "disk": room for 128 KiB more, far less than the WAL holds, so the closing checkpoint fails.
+    limit = Path(spool).stat().st_size + 128 * 1024
+
+    def no_growth() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    moved = subprocess.run(
+        [PYTHON, "-c", _SET_ASIDE_SCRIPT, spool], cwd=ROOT, timeout=60, capture_output=True, text=True,
+        preexec_fn=no_growth,
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    (carry,) = ast.literal_eval(moved.stdout.strip().splitlines()[-1])  # the list of carry files it printed
+    earlier = await Spool.open(carry)  # the disk has room again
+    try:
+        assert earlier.depth == 300
+    finally:
+        await earlier.close()

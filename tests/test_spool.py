@@ -723,3 +723,15 @@ async def test_depth_gauges_follow_an_ack_of_a_row_never_written(db: str) -> Non
     assert gauges() == (0, 0)
     for s in spools.values():
         await s.close()
+
+
+def test_a_spool_that_cannot_open_on_a_full_disk_says_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says "disk I/O error" when a full disk stops its WAL recovery: the message adds the free space."""
+    from bridge import spool as spool_module
+
+    usage = spool_module.shutil.disk_usage(tmp_path)
+    assert spool_module._free_space_note(str(tmp_path / "s.db")) == ""  # this disk has room
+    monkeypatch.setattr(spool_module.shutil, "disk_usage", lambda _: usage._replace(free=4096))  # the disk: not under test
+    assert spool_module._free_space_note(str(tmp_path / "s.db")) == " (the disk holding it is full: 4096 bytes free)"

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -587,8 +588,23 @@ async def _open_file(path: str, sync: str, wal_limit: int,
             bad_path = _bad_path(path, exc)
             if bad_path is not None:
                 raise SpoolPathError(f"--spool {path}: {bad_path}") from exc
-            raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+            raise SpoolError(f"cannot open spool {path}: {exc}{_free_space_note(path)}") from exc
         raise
+
+
+def _free_space_note(path: str) -> str:
+    """``" (the disk holding it is full: N bytes free)"`` when that is the likely cause, else ``""``.
+
+    SQLite reports a full disk met while opening (recovering the WAL) as a plain "disk I/O error".
+    """
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return ""
+    return f" (the disk holding it is full: {free} bytes free)" if free < _FULL_DISK_BYTES else ""
+
+
+_FULL_DISK_BYTES: Final = 1024**2
 
 
 def _bad_path(path: str, exc: BaseException) -> str | None:
