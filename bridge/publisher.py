@@ -54,11 +54,14 @@ _REFUSED_FOR_GOOD: Final = (
     aiormq.exceptions.ConnectionUnexpectedFrame,
     aiormq.exceptions.ChannelPreconditionFailed,
 )
-# Nacks of one message, while others were confirmed, before it counts as poison; and
-# for at least this long, so that a queue that is full for a while (x-overflow
-# reject-publish) is waited out rather than quarantined.
-_POISON_NACKS: Final = 5
-_POISON_NACK_SPAN: Final = 60.0
+# A nack is never the message's own fault (a queue bound to it refuses it: full with x-overflow
+# reject-publish, or a quorum queue without a majority), so it is retried for as long as it takes,
+# each time later (per message: other messages' confirms do not shorten it). Retried at once, one
+# event refused by one full queue went out ~30 times a second, and every copy reached the queues
+# that did accept it.
+_NACK_RETRY_FIRST: Final = 0.25
+_NACK_RETRY_MAX: Final = 30.0
+_NACK_WARN_AFTER: Final = 60.0  # a WARNING once a message has been refused this long
 
 
 class _Unpublishable(Exception):
@@ -67,11 +70,11 @@ class _Unpublishable(Exception):
 
 @dataclass(slots=True)
 class _Strikes:
-    """Refusals of one spooled message, and how many confirms there had been at the first."""
+    """Refusals of one spooled message, and when the first one came."""
 
     count: int
-    confirmed_at: int
     since: float
+    warned: bool = False
 
 
 class MessageSource(Protocol):
@@ -241,8 +244,8 @@ class Publisher:
         self._flush_scheduled = False
         self._failure_pause = 0.0
         broker.reconnected_callbacks.append(self._on_reconnected)
-        self._confirmed = 0  # confirms so far: "others get confirmed" for the nack rule
         self._strikes: dict[int, _Strikes] = {}  # spool id -> refusals, while it is retried
+        self._held: dict[int, tuple[asyncio.TimerHandle, Spooled]] = {}  # nacked, waiting for their retry
         self._suspects: set[int] = set()  # in flight when the broker refused for good: resent alone
         self._condemned: dict[int, str] = {}  # poison, to quarantine when handed out again: why
         metrics.count_in_flight(self)
@@ -262,6 +265,7 @@ class Publisher:
         The caller also cancels ``run``; the next ``run`` publishes again.
         """
         self._halted = True
+        self._release_held()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish from the spool until ``stop`` is set (the caller then calls ``drain``).
@@ -424,17 +428,43 @@ class Publisher:
             return
         if isinstance(result, BaseException):
             self._metrics.publish_failed(PublishFailure.NACK)
-            poison = self._strike(item.id, "nacked", nack=True)
-            if poison is not None:
-                self._spawn(self._quarantine(item, poison))
-            else:
-                self._failed(item)
+            self._hold_nacked(item)
             return
         self._confirmed_one(item)
 
+    def _hold_nacked(self, item: Spooled) -> None:
+        """Give a nacked message back to the spool later, each time later (see ``_NACK_RETRY_FIRST``)."""
+        strikes = self._strikes.setdefault(item.id, _Strikes(0, time.monotonic()))
+        strikes.count += 1
+        refused_for = time.monotonic() - strikes.since
+        if refused_for >= _NACK_WARN_AFTER and not strikes.warned:
+            strikes.warned = True
+            log.warning(
+                "RabbitMQ has refused (nacked) the event %s (message_id=%s) %d times over %.0f s: a queue bound to "
+                "it refuses it (full with x-overflow=reject-publish, or a quorum queue without a majority). It stays "
+                "in the spool and is retried every %.0f s; each retry reaches again the queues that took it (same "
+                "message_id)",
+                item.msg.routing_key, item.msg.message_id, strikes.count, refused_for, _NACK_RETRY_MAX,
+            )  # fmt: skip
+        delay = min(_NACK_RETRY_MAX, _NACK_RETRY_FIRST * 2 ** min(strikes.count - 1, 16))
+        timer = asyncio.get_running_loop().call_later(delay, self._retry_held, item.id)
+        self._held[item.id] = (timer, item)
+
+    def _retry_held(self, spool_id: int) -> None:
+        entry = self._held.pop(spool_id, None)
+        if entry is not None:
+            self._source.release([entry[1]])
+
+    def _release_held(self) -> None:
+        """Every nacked message waiting for its retry goes back to the spool now (stop, demotion)."""
+        held, self._held = self._held, {}
+        for timer, _ in held.values():
+            timer.cancel()
+        if held:
+            self._source.release(item for _, item in held.values())
+
     def _confirmed_one(self, item: Spooled) -> None:
         self._failure_pause = 0.0
-        self._confirmed += 1
         if self._strikes:
             self._strikes.pop(item.id, None)
         if self._suspects:
@@ -512,7 +542,6 @@ class Publisher:
             self._source.release([item])
             raise
         self._failure_pause = 0.0
-        self._confirmed += 1
         self._source.ack([item.id])
         self._announce(item)
         self._metrics.quarantined(max(0.0, time.time() - item.msg.received_at))
@@ -533,21 +562,14 @@ class Publisher:
             raise
         self._confirmed_one(item)
 
-    def _strike(self, spool_id: int, what: str, *, nack: bool = False, alone: bool = False) -> str | None:
-        """Count one refusal of a message; returns why it is poison, or None to retry it.
+    def _strike(self, spool_id: int, what: str, *, alone: bool = False) -> str | None:
+        """Count one refusal for good of a message; returns why it is poison, or None to retry it.
 
         A refusal for good that happens again while the message is the only one in
-        flight is the message's own doing; a nack is, after ``_POISON_NACKS`` of them
-        over at least ``_POISON_NACK_SPAN`` seconds while other messages were confirmed.
+        flight is the message's own doing.
         """
-        strikes = self._strikes.setdefault(spool_id, _Strikes(0, self._confirmed, time.monotonic()))
+        strikes = self._strikes.setdefault(spool_id, _Strikes(0, time.monotonic()))
         strikes.count += 1
-        if nack:
-            lasted = time.monotonic() - strikes.since
-            others_confirmed = self._confirmed > strikes.confirmed_at
-            if strikes.count >= _POISON_NACKS and lasted >= _POISON_NACK_SPAN and others_confirmed:
-                return f"{what} {strikes.count} times in a row while other messages were confirmed"
-            return None
         if alone and strikes.count >= 2:
             return f"{what}, {strikes.count} times, the last time alone in flight"
         return None
@@ -628,6 +650,7 @@ class Publisher:
         while self._open and loop.time() < deadline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - loop.time()))
+        self._release_held()
         still = len(self._open)
         for slot in list(self._open):
             if self._close_slot(slot):

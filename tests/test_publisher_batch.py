@@ -165,6 +165,33 @@ async def test_nacked_publishes_stay_in_the_spool_and_go_out_once_the_queue_has_
     assert len(lane.source.acked) == 20
 
 
+async def test_an_event_one_full_queue_refuses_is_retried_later_each_time_not_at_once(
+    amqp: AbstractRobustConnection, exchange_name: str
+) -> None:
+    """One event nacked by a full queue while others flow: retried with a growing delay, so the queue that took it gets few copies."""
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name, publish_timeout=10.0)
+    async with _lane(settings, []) as lane:
+        everything = await _bound_queue(amqp, exchange_name)
+        channel = await amqp.channel()
+        refusing = await channel.declare_queue(
+            f"{exchange_name}.full", durable=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish", "x-expires": 600_000},
+        )  # fmt: skip
+        await refusing.bind(exchange_name, "zz.#")
+        await lane.source.spool.put(_event(0, "zz.refused"))
+        for i in range(1, 31):  # other events keep being confirmed meanwhile
+            await lane.source.spool.put(_event(i))
+            await asyncio.sleep(0.1)
+        assert lane.source.spool.depth == 1  # still in the spool, not quarantined, not acked
+    nacks = lane.publisher._metrics.publish_failures.labels(reason="nack")._value.get()
+    got = await collect(everything, 200, timeout=1.0)
+    copies = [m for m in got if m.routing_key == "zz.refused"]
+    # 3 s of retries: at 0, 0.25, 0.75, 1.75 s (then 3.75 s): 4 or 5 tries, where "at once" made ~90.
+    assert 3 <= nacks <= 6, nacks
+    assert len(copies) == nacks and len({m.message_id for m in copies}) == 1
+    assert sorted(_seqs([m for m in got if m.routing_key != "zz.refused"])) == list(range(1, 31))
+
+
 @pytest.mark.parametrize("mode", ["keep", "drop"])
 async def test_returned_event_on_an_exchange_without_alternate_exchange(
     amqp: AbstractRobustConnection, exchange_name: str, mode: str
