@@ -104,7 +104,8 @@ async def declare_topology(
             raise TopologyError(
                 f"exchange {names.exchange} already exists as {_describe_kind(wrong.group(1), wrong.group(2))}; the "
                 "bridge needs a durable topic exchange (routing key = event name, bound by patterns such as "
-                f"transaction.#). Delete it (rabbitmqctl delete_exchange {names.exchange}) or choose another --exchange"
+                f"transaction.#). Delete it (rabbitmqadmin delete exchange name={names.exchange}, or in the "
+                "management UI) or choose another --exchange"
             ) from None
         log.warning(
             "exchange %s already exists with different arguments; using it as it is. Unroutable "

@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.broker import declare_topology
 from bridge.config import Settings
+from bridge.errors import TopologyError
 from bridge.progress import Progress
 from bridge.secrets import LogScrubber
 from bridge.tls import amqp_connect_kwargs
@@ -61,7 +62,7 @@ async def tail(
         new_exchange_notice: say so when the exchange did not exist (a mistyped ``--exchange``).
 
     Returns:
-        The exit code: 0, or 1 when the broker cannot be reached.
+        The exit code: 0, 1 when the broker cannot be reached, 2 when the exchange is of another kind.
     """
     try:
         connection = await aio_pika.connect(settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings))
@@ -72,7 +73,11 @@ async def tail(
     # One connection for the whole tail, and its channel lives as long: nothing is opened per message.
     async with connection:
         existed = await _exchange_exists(connection, settings.exchange)
-        channel, exchange, _ = await declare_topology(connection, settings, confirms=False)
+        try:
+            channel, exchange, _ = await declare_topology(connection, settings, confirms=False)
+        except TopologyError as exc:  # an exchange of another kind: say so, as run and check do
+            print(f"tail: {exc}", file=sys.stderr)
+            return exc.exit_code
         if not existed and new_exchange_notice:
             print(
                 f"tail: the exchange {settings.exchange!r} did not exist; declared it. If the bridge already "

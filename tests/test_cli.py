@@ -206,3 +206,18 @@ async def test_tail_says_when_it_had_to_create_the_exchange(exchange_name: str, 
     first, _, second = capsys.readouterr().err.partition(f"tail: bound to {exchange_name}")
     assert f"the exchange {exchange_name!r} did not exist" in first
     assert "did not exist" not in second
+
+
+@pytest.mark.broker
+async def test_tail_on_an_exchange_of_another_kind_says_so_and_exits_2(
+    exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tail on a fanout exchange of that name prints why (as run and check do) and returns 2, no traceback."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.FANOUT, durable=True)
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name)
+    code = await asyncio.wait_for(tail(settings, ["#"], False, asyncio.Event()), 30)
+    assert code == 2
+    assert f"exchange {exchange_name} already exists as a fanout exchange" in capsys.readouterr().err
