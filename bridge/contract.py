@@ -78,7 +78,7 @@ class Topology:
 
     @property
     def ha(self) -> str:
-        """Reserved for high availability (replicas coordinating over RabbitMQ)."""
+        """The replicas' coordination exchange (fanout): the leader's announcements of confirmed ids."""
         return f"{self.exchange}.ha"
 
     def leader_queue(self, realm_fp: str) -> str:
@@ -91,9 +91,9 @@ class Topology:
         return (self.unrouted, self.quarantine)
 
     @property
-    def own_exchanges(self) -> tuple[str, str]:
-        """The exchanges the bridge declares itself (the topic exchange, the alternate one)."""
-        return (self.exchange, self.unrouted)
+    def own_exchanges(self) -> tuple[str, str, str]:
+        """The exchanges the bridge declares itself (the topic exchange, the alternate one, the replicas' one)."""
+        return (self.exchange, self.unrouted, self.ha)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from bridge.contract import Topology
 from bridge.errors import ProtocolError
 
 __all__ = [
@@ -101,8 +102,8 @@ def _realm_file(path: str, fp: str) -> str:
 
 
 def ha_exchange_name(exchange: str) -> str:
-    """The bridge's coordination exchange: ``<exchange>.ha`` (fanout)."""
-    return f"{exchange}.ha"
+    """The bridge's coordination exchange: ``<exchange>.ha`` (fanout), ``Topology.ha``."""
+    return Topology(exchange).ha
 
 
 def pack_ids(fingerprint: str, ids: Iterable[str]) -> bytes:

@@ -48,7 +48,7 @@ async def _delete_topology(names: Topology) -> None:
             for queue in names.own_queues:
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(queue)
-            for exchange in (*names.own_exchanges, f"{names.exchange}.ha"):  # .ha: the HA announcements
+            for exchange in names.own_exchanges:
                 with contextlib.suppress(Exception):
                     await channel.exchange_delete(exchange)
 

@@ -52,9 +52,9 @@ def test_leader_evidence_expires() -> None:
 
 
 @pytest.mark.broker
-async def test_announcer_sends_heartbeats_only_for_healthy_realms() -> None:
+async def test_announcer_sends_heartbeats_only_for_healthy_realms(exchange_names: Callable[[str], str]) -> None:
     """With no confirmed ids, the announcer still sends an empty announcement each second for the realms it leads."""
-    exchange = f"test.ha.hb.{uuid.uuid4().hex[:6]}"
+    exchange = exchange_names("ha.hb")
     connection = await aio_pika.connect_robust(AMQP_URL)
     heard: list[tuple[str, list[str]]] = []
     stop = asyncio.Event()

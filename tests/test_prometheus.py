@@ -402,6 +402,7 @@ async def delete_topology(exchange: str) -> list[str]:
             ("queue", names.quarantine),
             ("exchange", names.exchange),
             ("exchange", names.unrouted),  # the alternate exchange
+            ("exchange", names.ha),  # the replicas' announcements
         ]
         for kind, name in steps:
             channel = await connection.channel()  # a failed delete closes its channel
