@@ -43,9 +43,9 @@ _INLINE_PAUSE: Final = 5.0
 # a steady stream this halves the transactions (and the WAL they fill, hence the
 # checkpoints). A crash in between republishes those few messages: duplicates, never a loss.
 _DELETE_DELAY: Final = 0.2
+_DELETE_BATCH: Final = 256
 # Loop passes a group wait that ends by its timer leaves to confirms already read (see _group_wait).
 _SETTLE_PASSES: Final = 4
-_DELETE_BATCH: Final = 256
 
 
 class Committer:
