@@ -19,7 +19,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from bridge import __version__
 from bridge.catalog import metric_labels
+from bridge.contract import QUARANTINE_REASONS
 from bridge.wire import REJECT_REASONS
+
+# Reasons of messages that can reach the quarantine queue: an oversize frame or a text frame of
+# invalid UTF-8 is refused by the WebSocket client, so nothing of it is kept.
+_KEPT_REASONS = tuple(r for r in QUARANTINE_REASONS if r not in ("oversize", "invalid_utf8"))
 
 __all__ = ["PREFIX", "DisconnectReason", "InFlightSource", "Metrics", "PublishFailure", "SpoolGauges"]
 
@@ -113,6 +118,7 @@ class Metrics:
         self._received = _Children(self.events_received, kinds)
         self._published = _Children(self.events_published, kinds)
         self._rejected = _Children(self.events_rejected, REJECT_REASONS)
+        self._quarantined = _Children(self.events_quarantined, _KEPT_REASONS)
         self._failures = _Children(self.publish_failures, tuple(f.value for f in PublishFailure))
         self._disconnects = _Children(self.stream_disconnects, tuple(d.value for d in DisconnectReason))
         self._other = _Children(self.frames_other, ("text", "unknown_type"))
@@ -178,7 +184,9 @@ class Metrics:
         )
         self.events_quarantined = Counter(
             f"{p}_events_quarantined",
-            "Rejected frames confirmed into the quarantine queue.",
+            "Messages confirmed into the quarantine queue, by reason: a rejected frame's reason "
+            "(bad_json ...), or unpublishable for an event RabbitMQ refused for good.",
+            ["reason"],
             registry=r,
         )
         self.events_unroutable = Counter(
@@ -300,9 +308,9 @@ class Metrics:
         """Read-to-confirm seconds of one published event (counted by ``published``)."""
         self.publish_latency.observe(latency)
 
-    def quarantined(self, latency: float | None = None) -> None:
-        """RabbitMQ confirmed a frame into the quarantine queue."""
-        self.events_quarantined.inc()
+    def quarantined(self, reason: str, latency: float | None = None) -> None:
+        """RabbitMQ confirmed a message into the quarantine queue (``reason``: its ``reason`` header)."""
+        self._quarantined(reason if reason in QUARANTINE_REASONS else "other").inc()
         if latency is not None:
             self.publish_latency.observe(latency)
 

@@ -31,6 +31,7 @@ from bridge.broker import Broker
 from bridge.config import Settings
 from bridge.contract import (
     KIND_EVENT,
+    UNPUBLISHABLE,
     Outbound,
     amqp_properties,
     header_frame_bytes,
@@ -544,7 +545,7 @@ class Publisher:
         self._failure_pause = 0.0
         self._source.ack([item.id])
         self._announce(item)
-        self._metrics.quarantined(max(0.0, time.time() - item.msg.received_at))
+        self._metrics.quarantined(item.msg.routing_key, max(0.0, time.time() - item.msg.received_at))
 
     async def _move_unrouted(self, item: Spooled) -> None:
         """A returned event (exchange without the alternate exchange): keep it in the unrouted queue."""
@@ -592,7 +593,7 @@ class Publisher:
         self._condemned.pop(item.id, None)
         self._source.ack([item.id])
         self._announce(item)
-        self._metrics.quarantined(max(0.0, time.time() - msg.received_at))
+        self._metrics.quarantined(UNPUBLISHABLE, max(0.0, time.time() - msg.received_at))
         log.error(
             "RabbitMQ refuses an event for good: moved to the quarantine queue %s "
             "(routing key %s, message_id=%s, %d body bytes): %s",

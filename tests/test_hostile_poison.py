@@ -80,7 +80,7 @@ async def test_message_the_broker_refuses_for_good_goes_to_quarantine(
             got = await collect(queue, 10, timeout=60, settle=0.3)
             quarantine = await queue_of(amqp, Topology(exchange_name).quarantine)
             (poison,) = await collect(quarantine, 1, timeout=30)
-            assert bridge.metric("orangepill_bridge_events_quarantined_total") == 1
+            assert bridge.metric("orangepill_bridge_events_quarantined_total", {"reason": "unpublishable"}) == 1
             assert await bridge.finish() == 0
     assert [orjson.loads(m.body)["seq"] for m in got] == list(range(1, 11))
     headers = dict(poison.headers or {})

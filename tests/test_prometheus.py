@@ -225,6 +225,17 @@ SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]
         },
         [("4m", "OrangepillFramesQuarantined", [{"severity": "warning", "reason": "bad_json"}])],
     ),
+    (  # RabbitMQ refuses one event for good at 3m: it is moved to the quarantine
+        {
+            f'orangepill_bridge_events_quarantined_total{{{L}, reason="unpublishable"}}': "0x3 1x40",
+            f'orangepill_bridge_events_quarantined_total{{{L}, reason="bad_json"}}': "0+5x43",
+        },
+        [
+            ("2m", "OrangepillEventsRefusedByBroker", []),
+            ("4m", "OrangepillEventsRefusedByBroker", [{"severity": "critical"}]),
+            ("40m", "OrangepillEventsRefusedByBroker", []),
+        ],
+    ),
     (  # the alternate exchange fills the unrouted queue
         {
             f'orangepill_bridge_queue_messages{{{L}, queue="unrouted"}}': "0+10x10",
