@@ -5,9 +5,13 @@ Hardened for a port that may face an untrusted network:
 - a connection must deliver a complete request head within ``header_timeout``
   seconds (aiohttp's keep-alive timer, which runs from the first byte and is
   not extended by partial data), so slow partial requests are closed;
-- at most ``max_connections`` connections are open at once; more are answered
-  503 and closed at accept time, so file descriptors stay for the broker and
-  the stream;
+- at most ``max_connections`` connections are open at once. Beyond that a
+  reserve of ``PROBE_RESERVE`` more answers only ``/healthz``, ``/readyz`` and
+  ``/metrics``, one request each, and is closed after ``PROBE_LIFETIME`` seconds
+  whatever happens (so a flood of held connections does not fail the
+  supervisor's liveness probe, which would restart the bridge and drop the
+  stream); more still are answered 503 and closed at accept time, so file
+  descriptors stay for the broker and the stream;
 - malformed requests (a 9 KB URL, bad headers) get their 4xx from aiohttp but
   log at most one WARNING line per ``_BAD_REQUEST_LOG_EVERY`` seconds, never a
   traceback.
@@ -26,6 +30,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from bridge.catalog import CATALOG, KNOWN_CHANNELS
@@ -40,6 +45,9 @@ Readiness = Callable[[], dict[str, Any]]
 
 HEADER_TIMEOUT: Final = 10.0
 MAX_CONNECTIONS: Final = 256
+PROBE_RESERVE: Final = 8
+PROBE_LIFETIME: Final = 5.0
+_PROBE_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _BAD_REQUEST_LOG_EVERY: Final = 60.0
 _SSE_BATCH: Final = 0.1
 _SSE_STATUS_EVERY: Final = 1.0
@@ -103,12 +111,14 @@ class _ServerLogger(logging.Logger):
 
 
 class _CappedSite(web.TCPSite):
-    """A TCP site that refuses connections beyond a cap, at accept time."""
+    """A TCP site with a cap on connections, a small reserve for probes beyond it, and refusal beyond that."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int,
+                 reserve: set[asyncio.Protocol]) -> None:  # fmt: skip
         super().__init__(runner, host, port, reuse_address=True)
         self.max_connections = max_connections
         self.refused = 0
+        self.reserve = reserve  # connections accepted beyond the cap: probes only (see _probes_only)
         self._warn = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
 
     async def start(self) -> None:
@@ -116,13 +126,26 @@ class _CappedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         cap = self.max_connections
+        loop = asyncio.get_running_loop()
+
+        def expire(handler: Any) -> None:
+            self.reserve.discard(handler)
+            handler.force_close()
 
         def factory() -> asyncio.Protocol:
-            if len(server.connections) >= cap:
+            n = len(server.connections)
+            if n < cap:
+                return server()
+            if n >= cap + PROBE_RESERVE:
                 self.refused += 1
-                self._warn("http: %d connections open, the cap; refusing more", cap)
+                self._warn("http: %d connections open, the cap and its probe reserve; refusing more", n)
                 return _Refuse()
-            return server()
+            self._warn("http: %d connections open, the cap; answering only /healthz, /readyz and /metrics "
+                       "on up to %d more", cap, PROBE_RESERVE)  # fmt: skip
+            handler = server()
+            self.reserve.add(handler)
+            loop.call_later(PROBE_LIFETIME, expire, handler)
+            return handler
 
         self._server = await asyncio.get_running_loop().create_server(
             factory, self._host, self._port, reuse_address=True, backlog=self._backlog
@@ -137,6 +160,26 @@ class _Refuse(asyncio.Protocol):
         if callable(write):
             write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         transport.close()
+
+
+def _probes_only(reserve: set[asyncio.Protocol]) -> Middleware:
+    """Middleware: on a connection of the probe reserve, answer the probes once and nothing else."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.protocol not in reserve:
+            return await handler(request)
+        if request.path in _PROBE_PATHS:
+            response = await handler(request)
+        else:
+            response = web.Response(status=503, text="too many connections: only /healthz, /readyz and /metrics "
+                                    "are answered now\n")  # fmt: skip
+        response.force_close()
+        return response
+
+    return middleware
 
 
 def _static(name: str) -> bytes:
@@ -243,7 +286,9 @@ async def _sse(request: web.Request, hub: ExplorerHub) -> web.StreamResponse:
     return response
 
 
-def _app(registry: CollectorRegistry, readiness: Readiness, explorer: ExplorerHub | None) -> web.Application:
+def _app(
+    registry: CollectorRegistry, readiness: Readiness, explorer: ExplorerHub | None, reserve: set[asyncio.Protocol]
+) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -260,7 +305,7 @@ def _app(registry: CollectorRegistry, readiness: Readiness, explorer: ExplorerHu
         state = readiness()
         return web.json_response(state, status=200 if state.get("ready") else 503)
 
-    app = web.Application(middlewares=[_security_headers])
+    app = web.Application(middlewares=[_probes_only(reserve), _security_headers])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -289,13 +334,15 @@ async def start_http(
         explorer: serve the Explorer page at ``/`` from this hub (None: no page).
         header_timeout: seconds a connection may take to send a complete request
             head, and to stay idle between requests.
-        max_connections: open connections at once; more are refused with 503.
+        max_connections: open connections at once; ``PROBE_RESERVE`` more answer only the
+            probes (one request each, for at most ``PROBE_LIFETIME`` s); more still are refused with 503.
 
     Raises:
         OSError: the address cannot be bound (in use, not local).
     """
+    reserve: set[asyncio.Protocol] = set()
     runner = web.AppRunner(
-        _app(registry, readiness, explorer),
+        _app(registry, readiness, explorer, reserve),
         access_log=None,
         handle_signals=False,
         keepalive_timeout=header_timeout,
@@ -303,7 +350,7 @@ async def start_http(
         shutdown_timeout=1.0,
     )
     await runner.setup()
-    site = _CappedSite(runner, host, port, max_connections)
+    site = _CappedSite(runner, host, port, max_connections, reserve)
     try:
         await site.start()
     except OSError:

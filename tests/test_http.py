@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from bridge.http import start_http
+from bridge.explorer.hub import ExplorerHub
+from bridge.http import PROBE_RESERVE, start_http
 from tests.helpers import bridge_settings, free_port, running_bridge, simulator
 
 
@@ -72,8 +73,8 @@ async def test_partial_requests_are_closed_within_the_header_timeout() -> None:
         assert elapsed < 8.0
 
 
-async def test_connections_beyond_the_cap_are_refused() -> None:
-    """With the cap reached, one more connection gets a 503 and is closed, and the held ones still work."""
+async def test_connections_beyond_the_cap_and_its_reserve_are_refused() -> None:
+    """With the cap and the probe reserve full, one more connection gets a 503 and is closed; held ones still work."""
     await _refused_beyond_the_cap()
 
 
@@ -87,7 +88,7 @@ def test_connections_beyond_the_cap_are_refused_under_uvloop(caplog: pytest.LogC
 
 async def _refused_beyond_the_cap() -> None:
     async with serving(max_connections=10, header_timeout=30) as port:
-        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10 + PROBE_RESERVE)]
         await asyncio.sleep(0.2)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         answer = await asyncio.wait_for(reader.read(), timeout=5)
@@ -97,6 +98,43 @@ async def _refused_beyond_the_cap() -> None:
         w0.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         reply = await asyncio.wait_for(r0.read(), timeout=5)
         assert reply.startswith(b"HTTP/1.1 200")
+        for _, w in held:
+            w.close()
+
+
+async def _get_raw(port: int, path: str, *, keep_alive: bool = True) -> tuple[bytes, bool]:
+    """One request on a new connection: the answer head and whether the server closed the connection after it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    closed = await _closed_within(reader, 2.0)
+    writer.close()
+    return head, closed
+
+
+async def test_with_the_cap_full_the_probes_are_still_answered_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections held up to the cap do not fail the liveness probe: beyond the cap, a reserve answers
+    /healthz, /readyz and /metrics once per connection and closes it; other paths get 503; a reserve
+    connection that sends nothing is closed after PROBE_LIFETIME."""
+    monkeypatch.setattr("bridge.http.PROBE_LIFETIME", 1.0)
+    async with serving(max_connections=10, header_timeout=30, explorer=ExplorerHub()) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+        await asyncio.sleep(0.2)
+        for path in ("/healthz", "/readyz", "/metrics"):
+            head, closed = await _get_raw(port, path)
+            assert head.startswith(b"HTTP/1.1 200"), (path, head)
+            assert closed, f"{path}: a reserve connection serves one request"
+        head, closed = await _get_raw(port, "/")
+        assert head.startswith(b"HTTP/1.1 503") and closed, head
+        # Below the cap the same page is served on a kept-alive connection.
+        r0, w0 = held[0]
+        w0.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(r0.readuntil(b"\r\n\r\n"), timeout=5)).startswith(b"HTTP/1.1 200")
+        silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
+        start = time.monotonic()
+        assert await _closed_within(silent_reader, 5.0), "a silent reserve connection stays open"
+        assert time.monotonic() - start < 3.0
+        silent_writer.close()
         for _, w in held:
             w.close()
 
