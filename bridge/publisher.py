@@ -435,8 +435,7 @@ class Publisher:
 
     def _hold_nacked(self, item: Spooled) -> None:
         """Give a nacked message back to the spool later, each time later (see ``_NACK_RETRY_FIRST``)."""
-        strikes = self._strikes.setdefault(item.id, _Strikes(0, time.monotonic()))
-        strikes.count += 1
+        strikes = self._count_refusal(item.id)
         refused_for = time.monotonic() - strikes.since
         if refused_for >= _NACK_WARN_AFTER and not strikes.warned:
             strikes.warned = True
@@ -563,14 +562,18 @@ class Publisher:
             raise
         self._confirmed_one(item)
 
+    def _count_refusal(self, spool_id: int) -> _Strikes:
+        strikes = self._strikes.setdefault(spool_id, _Strikes(0, time.monotonic()))
+        strikes.count += 1
+        return strikes
+
     def _strike(self, spool_id: int, what: str, *, alone: bool = False) -> str | None:
         """Count one refusal for good of a message; returns why it is poison, or None to retry it.
 
         A refusal for good that happens again while the message is the only one in
         flight is the message's own doing.
         """
-        strikes = self._strikes.setdefault(spool_id, _Strikes(0, time.monotonic()))
-        strikes.count += 1
+        strikes = self._count_refusal(spool_id)
         if alone and strikes.count >= 2:
             return f"{what}, {strikes.count} times, the last time alone in flight"
         return None

@@ -245,10 +245,9 @@ def _loads(raw: str | bytes) -> Any:
             return orjson.loads(raw)
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         return _DECODER.decode(text)
-    except RecursionError:
-        raise ProtocolError("too_deep", "frame is nested too deeply to parse") from None
-    except (ValueError, UnicodeError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
-        if str(exc).startswith("depth limit exceeded"):  # orjson stops at 1,024 levels, before our walk
+    except (RecursionError, ValueError, UnicodeError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+        # The stdlib decoder recurses; orjson stops at 1,024 levels, before our own depth walk.
+        if isinstance(exc, RecursionError) or str(exc).startswith("depth limit exceeded"):
             raise ProtocolError("too_deep", "frame is nested too deeply to parse") from None
         raise ProtocolError("bad_json", f"frame is not valid JSON ({_short(str(exc))})") from None
 
