@@ -19,6 +19,7 @@ from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from bridge import __version__
 from bridge.backoff import Backoff
@@ -347,7 +348,11 @@ class StreamClient:
             return DisconnectReason.SHUTDOWN, "shutdown"
         if not keeper.cancelled() and (outcome := keeper.result()) is not None:
             return outcome
-        return DisconnectReason.CLOSED, _close_detail(closed)
+        if closed is None and ws.protocol.state is State.CLOSED:
+            # A normal close (1000, 1001 "going away") ends the loop without an exception: the
+            # code and reason are on the connection, and they tell a server restart apart.
+            closed = ws.protocol.close_exc
+        return DisconnectReason.CLOSED, redact(_close_detail(closed), self._secrets)
 
     async def _keepalive(
         self, ws: ClientConnection, stop: asyncio.Event

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -149,3 +150,33 @@ async def test_type_case_and_an_event_under_another_type(amqp: AbstractRobustCon
     assert [json.loads(m.body)["seq"] for m in msgs] == [1, 2]
     assert json.loads(msgs[0].body)["type"] == "notification"
     assert [(m.body.decode(), (m.headers or {}).get("reason")) for m in quarantined] == [(odd, "unknown_type")]
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1011])
+async def test_a_close_names_its_code_and_reason_in_the_log(
+    amqp: AbstractRobustConnection, exchange_name: str, code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that closes after its events (1001: going away, as on a restart) is logged with the code and
+    reason it sent, normal closes included; the events before the close are published."""
+    caplog.set_level(logging.INFO, logger="bridge.stream")
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        await ws.send(json.dumps({"type": "info", "realm": realm, "timestamp": 1671547687}))
+        await ws.send(notification(1))
+        await ws.close(code, "server restart")
+
+    async with documented_server(on_subscribe) as url:
+        settings = bridge_settings(url, exchange_name)
+        queue = await bind_queue(amqp, settings, "deposit.#")
+        async with running_bridge(settings) as bridge:
+            (msg,) = await collect(queue, 1, timeout=15)
+            lines = [r.getMessage() for r in caplog.records if "stream disconnected" in r.getMessage()]
+            for _ in range(50):
+                if lines:
+                    break
+                await asyncio.sleep(0.1)
+                lines = [r.getMessage() for r in caplog.records if "stream disconnected" in r.getMessage()]
+            assert await bridge.finish() == 0
+    assert json.loads(msg.body)["seq"] == 1
+    assert lines, "no disconnect line"
+    assert f"server closed the connection (code {code}, server restart)" in lines[0], lines[0]
