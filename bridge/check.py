@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import aio_pika
 import aiormq
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bridge.bindings import declare_bindings
@@ -19,6 +19,7 @@ from bridge.config import Realm, Settings
 from bridge.contract import DETAIL_LIMIT
 from bridge.errors import BridgeError, ProtocolError
 from bridge.secrets import LogScrubber, clip, redact, redact_url
+from bridge.stream import StreamDial
 from bridge.tls import amqp_connect_kwargs, stream_ssl_context
 from bridge.wire import Handshake, SubscribeOutcome, parse_frames, subscribe_frame, unsubscribe_frame
 
@@ -31,6 +32,7 @@ class KeyCheck(enum.Enum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     UNREACHABLE = "unreachable"  # the stream could not be asked
+    NO_ANSWER = "no_answer"  # connected and subscribed, but the server said nothing in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,7 @@ async def check_realm(settings: Settings, realm: Realm) -> RealmCheck:
     """Subscribe once and unsubscribe, driving the same handshake machine as the bridge."""
     handshake = Handshake(now=time.monotonic(), timeout=settings.subscribe_timeout)
     try:
-        async with connect(
+        async with StreamDial(
             settings.stream_url,
             open_timeout=settings.subscribe_timeout,
             ping_interval=None,
@@ -70,7 +72,7 @@ async def check_realm(settings: Settings, realm: Realm) -> RealmCheck:
     if outcome is SubscribeOutcome.KEY_REJECTED:
         return RealmCheck(KeyCheck.REJECTED, clip(redact(handshake.detail, settings.secrets), DETAIL_LIMIT))
     if outcome is SubscribeOutcome.NO_ANSWER:
-        return RealmCheck(KeyCheck.UNREACHABLE, f"no answer to subscribe within {settings.subscribe_timeout:g}s")
+        return RealmCheck(KeyCheck.NO_ANSWER, f"no answer to subscribe within {settings.subscribe_timeout:g}s")
     return RealmCheck(KeyCheck.UNREACHABLE, handshake.detail)
 
 
@@ -97,6 +99,10 @@ async def _check_stream(settings: Settings) -> int:
         check = await check_realm(settings, realm)
         if check.result is KeyCheck.UNREACHABLE:
             _say(False, f"stream {url} realm {realm.label}: unreachable ({check.detail})")
+            code = max(code, 1)
+        elif check.result is KeyCheck.NO_ANSWER:
+            _say(False, f"stream {url} realm {realm.label}: connected, but {check.detail} "
+                        "(the server neither accepted nor rejected the key)")  # fmt: skip
             code = max(code, 1)
         elif check.result is KeyCheck.ACCEPTED:
             _say(True, f"stream {url} realm {realm.label}: key accepted")

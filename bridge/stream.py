@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, SecurityError
 from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from bridge import __version__
 from bridge.backoff import Backoff
@@ -46,7 +47,7 @@ from bridge.wire import (
     unsubscribe_frame,
 )
 
-__all__ = ["EventSink", "FrameResult", "StreamClient", "StreamHealth", "StreamState", "frame_messages"]
+__all__ = ["EventSink", "FrameResult", "StreamClient", "StreamDial", "StreamHealth", "StreamState", "frame_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ class StreamClient:
             raise StreamError(f"invalid stream URL: {exc}") from None
 
     def _dial(self) -> connect:
-        return connect(
+        return StreamDial(
             self._settings.stream_url,
             open_timeout=self._settings.subscribe_timeout,
             ping_interval=None,  # keepalive is ours: text PING plus our own pings
@@ -467,6 +468,29 @@ class StreamClient:
                 "it are lost upstream; reconnecting. The server is sending broken text",
                 self._name,
             )  # fmt: skip
+
+
+class StreamDial(connect):
+    """websockets' ``connect``, following a redirect of the handshake only within the configured origin.
+
+    The realm key is sent right after the handshake, so it would go to wherever a redirect points.
+    websockets follows cross-origin redirects (it only strips HTTP credentials); the bridge refuses
+    them, and follows a redirect to another path of the same scheme, host and port with a WARNING.
+    """
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        target = super().process_redirect(exc)
+        if not isinstance(target, str):
+            return target
+        old, new = self.ws_uri, parse_uri(target)
+        if (old.secure, old.host, old.port) != (new.secure, new.host, new.port):
+            return SecurityError(
+                f"the stream server redirected the handshake to another origin ({redact_url(target)}); "
+                "the realm key is only sent to the host of --stream-url: set --stream-url to that URL if you trust it"
+            )
+        log.warning("stream: the server redirected the handshake to %s; following it (same host and port), "
+                    "set --stream-url to it to skip the redirect", redact_url(target))  # fmt: skip
+        return target
 
 
 def _close_detail(exc: ConnectionClosed | None) -> str:

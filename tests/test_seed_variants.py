@@ -7,12 +7,15 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
 
-from tests.helpers import bind_queue, bridge_settings, collect, queue_of, running_bridge
+from bridge.check import KeyCheck, check_realm
+from tests.helpers import bind_queue, bridge_settings, collect, queue_of, running_bridge, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -180,3 +183,70 @@ async def test_a_close_names_its_code_and_reason_in_the_log(
     assert json.loads(msg.body)["seq"] == 1
     assert lines, "no disconnect line"
     assert f"server closed the connection (code {code}, server restart)" in lines[0], lines[0]
+
+
+@contextlib.asynccontextmanager
+async def redirecting_server(location: Callable[[int], str]) -> AsyncIterator[str]:
+    """A server that answers every handshake on /old with 301 to ``location(its own port)``."""
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path != "/old":
+            return None
+        port = connection.local_address[1]
+        response = connection.respond(HTTPStatus.MOVED_PERMANENTLY, "moved\n")
+        response.headers["Location"] = location(port)
+        return response
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in ws:
+                frame = json.loads(raw) if raw != "PING" else {}
+                if frame.get("type") == "subscribe":
+                    await ws.send(json.dumps({"type": "info", "realm": frame["realm"], "timestamp": 1}))
+                    await ws.send(notification(1))
+
+    async with serve(handler, "127.0.0.1", 0, process_request=process_request) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/old"
+
+
+async def test_a_redirect_to_another_origin_is_refused_and_the_key_stays_home(
+    exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 301 to another host or port is not followed (the key is sent right after the handshake):
+    the target never sees a subscribe, the bridge says why and keeps redialling the configured URL;
+    `check` reports it too."""
+    caplog.set_level(logging.WARNING, logger="bridge.stream")
+    subscribes: list[str] = []
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        subscribes.append(realm)
+        await ws.send(json.dumps({"type": "info", "realm": realm, "timestamp": 1}))
+
+    async with documented_server(on_subscribe) as target, redirecting_server(lambda _: target + "/") as url:
+        settings = bridge_settings(url, exchange_name, reconnect_min=0.2, reconnect_max=0.5)
+        async with running_bridge(settings) as bridge:
+            refused = {"reason": "connect_failed"}
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_stream_disconnects_total", refused) >= 2)
+            assert bridge.metric("orangepill_bridge_subscribed", {"realm": "test"}) == 0
+            assert await bridge.finish() == 0
+        check = await check_realm(settings, settings.realms[0])
+    assert subscribes == []
+    assert check.result is KeyCheck.UNREACHABLE and "another origin" in check.detail, check
+    lines = [r.getMessage() for r in caplog.records if "stream disconnected" in r.getMessage()]
+    assert lines and "redirected the handshake to another origin" in lines[0], lines[:1]
+
+
+async def test_a_redirect_to_another_path_of_the_same_origin_is_followed_with_a_warning(
+    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 301 to another path on the same host and port is followed (events flow), with a WARNING naming it."""
+    caplog.set_level(logging.WARNING, logger="bridge.stream")
+    async with redirecting_server(lambda port: "/new") as url:
+        settings = bridge_settings(url, exchange_name)
+        queue = await bind_queue(amqp, settings, "deposit.#")
+        async with running_bridge(settings) as bridge:
+            (msg,) = await collect(queue, 1, timeout=15)
+            assert await bridge.finish() == 0
+    assert json.loads(msg.body)["seq"] == 1
+    assert any("redirected the handshake to" in r.getMessage() and "/new" in r.getMessage() for r in caplog.records)
