@@ -150,15 +150,16 @@ class Notification:
     def entity_id(self) -> str | None:
         """The affected entity's id, when ``data`` carries one."""
         data = self.data
-        if isinstance(data, str):
-            return data
-        if isinstance(data, (int, float)) and not isinstance(data, bool):
-            return str(data)
-        if isinstance(data, dict):
-            ident = data.get("id")
-            if isinstance(ident, (str, int)) and not isinstance(ident, bool):
-                return str(ident)
-        return None
+        return _scalar_id(data.get("id")) if isinstance(data, dict) else _scalar_id(data)
+
+
+def _scalar_id(value: Any) -> str | None:
+    """A string as it is, a number as its text (``data`` or ``data.id``); anything else is no id."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,3 +382,18 @@ def test_lenient_parser_never_raises_anything_but_protocol_error(raw: str) -> No
     """The tolerant parser, fed brace soup, returns frames or raises ProtocolError only."""
     reason = _reject_reason(parse_frames, raw)
     assert reason is None or reason in REJECT_REASONS
+
+
+@pytest.mark.parametrize(
+    ("data", "entity"),
+    [
+        ('"abc"', "abc"), ("7", "7"), ("1.5", "1.5"), ('{"id":"abc"}', "abc"), ('{"id":7}', "7"),
+        ('{"id":1.5}', "1.5"), ("true", None), ('{"id":true}', None), ('{"id":null}', None), ('{"id":[1]}', None),
+        ("[1]", None), ("null", None), ('{"ref":"abc"}', None),
+    ],
+)  # fmt: skip
+def test_entity_id_is_data_or_data_id_when_a_string_or_number(data: str, entity: str | None) -> None:
+    """entity_id: data itself, or data.id when data is an object, as long as it is a string or a number (as README)."""
+    note = parse_frame(f'{{"type":"notification","event":"a.b","data":{data},"timestamp":1}}')
+    assert isinstance(note, Notification)
+    assert note.entity_id == entity
