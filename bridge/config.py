@@ -232,7 +232,7 @@ def _exchange(text: str) -> str:
     if not _EXCHANGE.match(name):
         raise ValueError("must be 1-200 characters of letters, digits, '.', '-', '_' or ':'")
     if name.startswith("amq."):
-        raise ValueError("names starting with 'amq.' are reserved by RabbitMQ")
+        raise ValueError("must not start with 'amq.' (RabbitMQ reserves those names)")
     return name
 
 
@@ -249,7 +249,9 @@ def _addr(text: str) -> str:
         return "off"
     match = _HOST_PORT.match(value)
     if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError("must be HOST:PORT (such as 0.0.0.0:9180 or 127.0.0.1:9180) or 'off'")
+        raise ValueError(
+            "must be HOST:PORT with a port from 1 to 65535 (such as 0.0.0.0:9180 or 127.0.0.1:9180) or 'off'"
+        )
     return value
 
 
@@ -559,12 +561,16 @@ def _convert(s: Setting, raw: Any, where: str, *, skip_empty: bool = False) -> A
 # number, a size, a word). Anything else may be a key or password put under the wrong
 # setting; a URL is shown as host:port only.
 _PLAIN = re.compile(r"^[A-Za-z0-9.:+-]{0,11}$")
+_KNOWN_SCHEMES = frozenset({"ws", "wss", "amqp", "amqps"})
 _PLAIN_NAME = re.compile(r"[A-Za-z][A-Za-z_-]{0,15}")  # a TOML name shown although unknown (fullmatch)
 
 
 def _shown(raw: Any) -> str:
     text = str(raw).strip()
     if "://" in text:
+        scheme = text.partition("://")[0]
+        if scheme.lower() not in _KNOWN_SCHEMES:  # host_port would guess a port for it
+            return f" (got a URL of scheme {scheme!r})" if _PLAIN.match(scheme) else " (got a URL of another scheme)"
         return f" (got a URL to {host_port(text)})"
     if _PLAIN.match(text):
         return f" (got {text!r})"

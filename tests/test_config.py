@@ -144,3 +144,21 @@ def test_settings_is_frozen() -> None:
     s = Settings()
     with pytest.raises(AttributeError):
         s.exchange = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (("--stream-url", "htp://x"), "got a URL of scheme 'htp'"),
+        (("--stream-url", "https://stream.orangepill.cloud"), "got a URL of scheme 'https'"),
+        (("--stream-url", "ws:///path"), "got a URL to ?:80"),
+        (("--metrics-addr", "127.0.0.1:99999"), "a port from 1 to 65535"),
+        (("--exchange", "amq.topic"), "must not start with 'amq.'"),
+    ],
+)
+def test_refusals_say_what_is_wrong(argv: tuple[str, ...], says: str) -> None:
+    """The refusal names the actual problem: the scheme (not a guessed port), the port range, the reserved prefix."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(_args("--realm-key", KEY, *argv), {})
+    assert says in str(info.value), str(info.value)
+    assert argv[0] in str(info.value)
