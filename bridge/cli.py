@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_arguments(tail, only=_BROKER_ONLY)
 
+    reroute = sub.add_parser(
+        "reroute", help="publish the events kept in <exchange>.unrouted to the exchange again, once bound"
+    )
+    reroute.add_argument("--dry-run", action="store_true", help="count them by routing key, move nothing")
+    reroute.add_argument(
+        "--limit", type=_count, default=0, metavar="N", help="handle at most N events [0 = all there at the start]"
+    )
+    add_arguments(reroute, only=_BROKER_ONLY)
+
     events = sub.add_parser("events", help="list the documented events and example binding patterns")
     events.add_argument("--infobip", action="store_true", help="only events that need the Infobip extension")
 
@@ -108,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
 
         return _run_until_signal(lambda stop: tail(settings, args.patterns, args.json, stop, count=args.count))
+    if command == "reroute":
+        from bridge.reroute import reroute
+
+        return _run_until_signal(lambda stop: reroute(settings, stop, dry_run=args.dry_run, limit=args.limit))
     if command == "check":
         from bridge.check import preflight
 

@@ -64,7 +64,7 @@ def test_module_and_help() -> None:
     """python -m bridge --help lists the commands of the design card."""
     result = _run("--help")
     assert result.returncode == 0
-    for command in ("run", "simulate", "demo", "tail", "events", "check"):
+    for command in ("run", "simulate", "demo", "tail", "events", "check", "reroute"):
         assert command in result.stdout
 
 

@@ -1,0 +1,199 @@
+"""`orangepill-bridge reroute`: the events kept in <exchange>.unrouted go to the exchange again once bound."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import CollectorRegistry
+
+from bridge.broker import declare_topology
+from bridge.contract import Topology
+from bridge.reroute import reroute
+from tests.helpers import bind_queue, bridge_settings, collect, queue_of, running_bridge, simulator, wait_until
+
+pytestmark = pytest.mark.broker
+
+
+async def _depth(amqp: AbstractRobustConnection, name: str) -> int:
+    queue = await queue_of(amqp, name)
+    return queue.declaration_result.message_count or 0
+
+
+async def _peek(amqp: AbstractRobustConnection, name: str) -> list[AbstractIncomingMessage]:
+    """Every message of a queue, left in place (received unacknowledged, requeued when the channel closes)."""
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(name, passive=True)
+    got: list[AbstractIncomingMessage] = []
+    while (message := await queue.get(no_ack=False, fail=False)) is not None:
+        got.append(message)
+    await channel.close()
+    await asyncio.sleep(0.2)
+    return got
+
+
+async def _cli(*argv: str) -> int:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bridge", *argv)
+    return await asyncio.wait_for(proc.wait(), timeout=60)
+
+
+def _published(registry: CollectorRegistry) -> float:
+    return sum(s.value for m in registry.collect() if m.name == "orangepill_bridge_events_published"
+               for s in m.samples if s.name.endswith("_total"))  # fmt: skip
+
+
+def _as_published(message: AbstractIncomingMessage) -> dict[str, Any]:
+    return {
+        "body": message.body, "headers": dict(message.headers or {}), "message_id": message.message_id,
+        "timestamp": message.timestamp, "type": message.type, "app_id": message.app_id,
+        "content_type": message.content_type, "delivery_mode": message.delivery_mode,
+    }  # fmt: skip
+
+
+async def _unrouted_events(amqp: AbstractRobustConnection, exchange_name: str, count: int) -> None:
+    """Run the bridge over ``count`` simulated events with no queue bound: all of them land in .unrouted."""
+    async with simulator(rate=0, count=count) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        async with running_bridge(settings) as bridge:
+            await sim.wait_sent(count)
+            assert await wait_until(lambda: _published(bridge.registry) == count, 20)
+            assert await bridge.finish() == 0
+    assert await _depth(amqp, Topology(exchange_name).unrouted) == count
+
+
+async def test_reroute_moves_what_is_now_bound_unchanged_and_leaves_the_rest(
+    amqp: AbstractRobustConnection, exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once a queue is bound for deposit.#, reroute publishes the unrouted deposit events to it with the same
+    body, message_id, properties and headers; the others come back to .unrouted, and are not moved twice."""
+    await _unrouted_events(amqp, exchange_name, 80)
+    unrouted = Topology(exchange_name).unrouted
+    before = {m.message_id: _as_published(m) for m in await _peek(amqp, unrouted)}
+    deposits = {i: p for i, p in before.items() if (p["type"] or "").startswith("deposit.")}
+    assert len(before) == 80 and 0 < len(deposits) < 80
+
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    queue = await bind_queue(amqp, settings, "deposit.#")
+    assert await reroute(settings, asyncio.Event()) == 0
+
+    got = await collect(queue, len(deposits), timeout=15, settle=0.3)
+    assert {m.message_id: _as_published(m) for m in got} == deposits
+    rest = await _peek(amqp, unrouted)
+    assert sorted(m.message_id or "" for m in rest) == sorted(i for i in before if i not in deposits)
+    out = capsys.readouterr().out
+    assert "published 80 of the 80 events" in out, out  # all confirmed; the AE took back what no binding wants
+    assert f"held 80 at the start and holds {80 - len(deposits)} now" in out, out
+
+
+async def test_dry_run_counts_by_routing_key_and_moves_nothing(
+    amqp: AbstractRobustConnection, exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run names the routing keys waiting in .unrouted with their counts and leaves every message there."""
+    await _unrouted_events(amqp, exchange_name, 40)
+    unrouted = Topology(exchange_name).unrouted
+    keys: dict[str, int] = {}
+    for message in await _peek(amqp, unrouted):
+        keys[message.routing_key or ""] = keys.get(message.routing_key or "", 0) + 1
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    queue = await bind_queue(amqp, settings, "#")
+    assert await reroute(settings, asyncio.Event(), dry_run=True) == 0
+    await asyncio.sleep(0.3)
+    assert await _depth(amqp, unrouted) == 40
+    assert await collect(queue, 1, timeout=0.5) == []
+    out = capsys.readouterr().out
+    assert "holds 40 events" in out and "nothing was moved" in out, out
+    top = max(keys, key=lambda k: keys[k])
+    assert f"{top} {keys[top]:,}" in out, out
+
+
+async def test_an_exchange_without_the_alternate_exchange_uses_the_header_and_keeps_the_returned(
+    amqp: AbstractRobustConnection, exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Events the bridge moved itself (header original_routing_key, exchange declared without the alternate
+    exchange) go back under their own routing key; one no binding takes is returned and stays, counted."""
+    channel = await amqp.channel()
+    await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)  # no AE
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    _, _, with_ae = await declare_topology(amqp, settings, confirms=False)
+    assert not with_ae
+    unrouted = Topology(exchange_name).unrouted
+    for n, key in enumerate(["deposit.received", "user.created", "deposit.failed"]):
+        message = aio_pika.Message(f'{{"n":{n}}}'.encode(), message_id=f"id-{n}", type=key,
+                                   headers={"original_routing_key": key, "realm": "test"})  # fmt: skip
+        await channel.default_exchange.publish(message, routing_key=unrouted)
+    queue = await bind_queue(amqp, settings, "deposit.#")
+    assert await reroute(settings, asyncio.Event()) == 0
+    got = await collect(queue, 2, timeout=10, settle=0.3)
+    assert sorted((m.routing_key, m.message_id) for m in got) == [("deposit.failed", "id-2"), ("deposit.received", "id-0")]
+    assert all("original_routing_key" not in (m.headers or {}) for m in got)
+    (left,) = await _peek(amqp, unrouted)
+    assert left.message_id == "id-1"
+    assert "1 were returned" in capsys.readouterr().out
+
+
+async def test_limit_and_the_command_line(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """`reroute --limit N` moves N events and exits 0; an empty queue is nothing to do, exit 0 as well."""
+    await _unrouted_events(amqp, exchange_name, 30)
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    queue = await bind_queue(amqp, settings, "#")
+    argv = ["reroute", "--amqp-url", settings.amqp_url, "--exchange", exchange_name, "--log-level", "warning"]
+    assert await _cli(*argv, "--limit", "10") == 0
+    assert len(await collect(queue, 30, timeout=3, settle=0.3)) == 10
+    assert await _depth(amqp, Topology(exchange_name).unrouted) == 20
+    assert await _cli(*argv) == 0
+    assert len(await collect(queue, 20, timeout=10, settle=0.3)) == 20
+    assert await _depth(amqp, Topology(exchange_name).unrouted) == 0
+    assert await _cli(*argv) == 0
+
+
+async def test_events_the_broker_refuses_stay_in_unrouted_and_the_exit_code_says_so(
+    amqp: AbstractRobustConnection, exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event is taken off .unrouted only once RabbitMQ confirmed it: with the bound queue full
+    (x-overflow=reject-publish) the nacked ones stay there, and reroute exits 1 saying how many."""
+    await _unrouted_events(amqp, exchange_name, 12)
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    _, exchange, _ = await declare_topology(amqp, settings, confirms=False)
+    channel = await amqp.channel()
+    full = await channel.declare_queue(
+        f"{exchange_name}.full", arguments={"x-max-length": 5, "x-overflow": "reject-publish", "x-expires": 600_000}
+    )
+    await full.bind(exchange, routing_key="#")
+    assert await reroute(settings, asyncio.Event()) == 1
+    assert await _depth(amqp, full.name) == 5
+    assert await _depth(amqp, Topology(exchange_name).unrouted) == 7
+    captured = capsys.readouterr()
+    assert "published 5 of the 12 events" in captured.out, captured.out
+    assert "7 could not be published now" in captured.err, captured.err
+
+
+async def test_a_reroute_killed_in_the_middle_loses_nothing(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """SIGKILL of reroute half-way: every event is in the bound queue or still in .unrouted (at least once)."""
+    count = 3000
+    await _unrouted_events(amqp, exchange_name, count)
+    unrouted = Topology(exchange_name).unrouted
+    expected = {m.message_id for m in await _peek(amqp, unrouted)}
+    assert len(expected) == count
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    queue = await bind_queue(amqp, settings, "#")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "reroute", "--amqp-url", settings.amqp_url, "--exchange", exchange_name,
+        "--log-level", "warning", stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(400):
+            if await _depth(amqp, queue.name) >= 300:
+                break
+            await asyncio.sleep(0.01)
+        proc.kill()
+    finally:
+        await proc.wait()
+    await asyncio.sleep(0.5)
+    moved = await collect(queue, count, timeout=5, settle=0.5)
+    left = await _peek(amqp, unrouted)
+    assert 300 <= len(moved) < count, "the kill came too late to test anything"
+    assert {m.message_id for m in moved} | {m.message_id for m in left} == expected
