@@ -13,12 +13,14 @@ import contextlib
 import enum
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
@@ -37,9 +39,10 @@ from bridge.contract import APP_ID, Topology
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics
 from bridge.nodes import NoNodeAvailable, connect_robust_nodes, node_in_use, node_of, with_default_heartbeat
+from bridge.secrets import LogScrubber
 from bridge.tls import amqp_connect_kwargs
 
-__all__ = ["Broker", "BrokerHealth", "LinkState", "declare_topology", "describe_error"]
+__all__ = ["Broker", "BrokerHealth", "LinkState", "connect_for_command", "declare_topology", "describe_error"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,19 @@ class BrokerHealth:
     connected: bool
     error: str
     node: str | None = None  # host:port of the node in use
+
+
+async def connect_for_command(settings: Settings, verb: str) -> AbstractConnection | None:
+    """A plain connection for a one-shot command (``tail``, ``reroute``); None, having said why, if unreachable."""
+    try:
+        connection: AbstractConnection = await aio_pika.connect(
+            settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings)
+        )
+    except Exception as exc:
+        scrub = LogScrubber(settings.realm_keys, settings.passwords)
+        print(f"{verb}: cannot reach the broker: {scrub(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        return None
+    return connection
 
 
 async def declare_topology(

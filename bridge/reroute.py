@@ -26,13 +26,11 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-from bridge.broker import declare_topology
+from bridge.broker import connect_for_command, declare_topology
 from bridge.config import Settings
 from bridge.contract import Topology
 from bridge.errors import TopologyError
 from bridge.progress import Progress
-from bridge.secrets import LogScrubber
-from bridge.tls import amqp_connect_kwargs
 
 __all__ = ["ORIGINAL_ROUTING_KEY", "RerouteResult", "reroute", "routing_key_of"]
 
@@ -110,11 +108,8 @@ async def reroute(
         of another kind.
     """
     names = Topology(settings.exchange)
-    try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings))
-    except Exception as exc:
-        scrub = LogScrubber(settings.realm_keys, settings.passwords)
-        print(f"reroute: cannot reach the broker: {scrub(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+    connection = await connect_for_command(settings, "reroute")
+    if connection is None:
         return 1
     async with connection:
         try:

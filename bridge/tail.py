@@ -13,12 +13,10 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from bridge.broker import declare_topology
+from bridge.broker import connect_for_command, declare_topology
 from bridge.config import Settings
 from bridge.errors import TopologyError
 from bridge.progress import Progress
-from bridge.secrets import LogScrubber
-from bridge.tls import amqp_connect_kwargs
 
 __all__ = ["format_line", "tail"]
 
@@ -64,11 +62,8 @@ async def tail(
     Returns:
         The exit code: 0, 1 when the broker cannot be reached, 2 when the exchange is of another kind.
     """
-    try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings))
-    except Exception as exc:
-        scrub = LogScrubber(settings.realm_keys, settings.passwords)
-        print(f"tail: cannot reach the broker: {scrub(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+    connection = await connect_for_command(settings, "tail")
+    if connection is None:
         return 1
     # One connection for the whole tail, and its channel lives as long: nothing is opened per message.
     async with connection:

@@ -14,7 +14,16 @@ from prometheus_client import CollectorRegistry
 from bridge.broker import declare_topology
 from bridge.contract import Topology
 from bridge.reroute import reroute
-from tests.helpers import bind_queue, bridge_settings, collect, queue_of, running_bridge, simulator, wait_until
+from tests.helpers import (
+    bind_queue,
+    bridge_settings,
+    collect,
+    free_port,
+    queue_of,
+    running_bridge,
+    simulator,
+    wait_until,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -197,3 +206,15 @@ async def test_a_reroute_killed_in_the_middle_loses_nothing(amqp: AbstractRobust
     left = await _peek(amqp, unrouted)
     assert 300 <= len(moved) < count, "the kill came too late to test anything"
     assert {m.message_id for m in moved} | {m.message_id for m in left} == expected
+
+
+async def test_a_broker_that_cannot_be_reached_is_said_without_the_password(
+    exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """reroute (and tail, through the same helper) exits 1 naming the failure, never the password."""
+    port = free_port()
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name, amqp_url=f"amqp://guest:s3cret-pw@127.0.0.1:{port}/")
+    assert await reroute(settings, asyncio.Event()) == 1
+    err = capsys.readouterr().err
+    assert "reroute: cannot reach the broker" in err, err
+    assert "s3cret-pw" not in err
