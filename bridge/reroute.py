@@ -38,6 +38,8 @@ ORIGINAL_ROUTING_KEY: Final = "original_routing_key"
 WINDOW: Final = 256
 """Messages taken off the unrouted queue and not yet confirmed on the exchange, at most."""
 _SHOWN_KEYS: Final = 12
+_SETTLE_TIMEOUT: Final = 5.0
+"""Seconds an acknowledgement (or a cancel) may take before the link is taken for dead."""
 
 
 def routing_key_of(message: AbstractIncomingMessage) -> str:
@@ -137,8 +139,8 @@ async def reroute(
             await _take(queue, total, ends, result, progress, target, settings.publish_timeout)
         finally:
             progress.close()
-            with contextlib.suppress(Exception):
-                await source.close()  # anything delivered and not acknowledged goes back to the queue
+            with contextlib.suppress(Exception):  # anything delivered and not acknowledged goes back to the queue
+                await asyncio.wait_for(source.close(), _SETTLE_TIMEOUT)
         if dry_run:
             print(
                 f"reroute --dry-run: {names.unrouted} holds {at_start:,} events"
@@ -187,16 +189,17 @@ async def _take(
         except Exception:  # nack, timeout, channel closed: the event stays where it was
             result.failed += 1
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await asyncio.wait_for(message.nack(requeue=True), _SETTLE_TIMEOUT)
             one_done()
             return
         if isinstance(confirmation, aiormq.abc.DeliveredMessage):  # returned: routes nowhere yet
             result.unroutable[key] += 1
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await asyncio.wait_for(message.nack(requeue=True), _SETTLE_TIMEOUT)
         else:
             try:
-                await message.ack()
+                # Bounded: on a connection that has just died the acknowledgement can wait for ever.
+                await asyncio.wait_for(message.ack(), _SETTLE_TIMEOUT)
             except Exception:  # the channel went: published, yet back in the queue (a duplicate if moved again)
                 result.failed += 1
             else:
@@ -224,9 +227,12 @@ async def _take(
         for w in waits:
             w.cancel()
         with contextlib.suppress(Exception):
-            await queue.cancel(tag)
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait_for(queue.cancel(tag), _SETTLE_TIMEOUT)
+        if pending:  # each is bounded by the confirm timeout; what a dead link leaves hanging is given up
+            _, hanging = await asyncio.wait(pending, timeout=confirm_timeout + _SETTLE_TIMEOUT)
+            for task in hanging:
+                task.cancel()
+            await asyncio.gather(*hanging, return_exceptions=True)
     if target is not None:
         result.failed += taken - finished  # taken, never confirmed: back in the queue
 
@@ -254,11 +260,14 @@ async def _report(connection: aio_pika.abc.AbstractConnection, names: Topology, 
 
 
 async def _depth(connection: aio_pika.abc.AbstractConnection, queue: str) -> int | None:
-    with contextlib.suppress(Exception):
+    async def read() -> int | None:
         channel = await connection.channel()
         try:
             declared = await channel.declare_queue(queue, passive=True)
             return declared.declaration_result.message_count
         finally:
             await channel.close()
+
+    with contextlib.suppress(Exception):
+        return await asyncio.wait_for(read(), _SETTLE_TIMEOUT)
     return None

@@ -15,6 +15,7 @@ from bridge.broker import declare_topology
 from bridge.contract import Topology
 from bridge.reroute import reroute
 from tests.helpers import (
+    AMQP_URL,
     bind_queue,
     bridge_settings,
     collect,
@@ -24,6 +25,7 @@ from tests.helpers import (
     simulator,
     wait_until,
 )
+from tests.test_faults import broker_lock, broker_stopped, fresh_collect
 
 pytestmark = pytest.mark.broker
 
@@ -218,3 +220,41 @@ async def test_a_broker_that_cannot_be_reached_is_said_without_the_password(
     err = capsys.readouterr().err
     assert "reroute: cannot reach the broker" in err, err
     assert "s3cret-pw" not in err
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_a_broker_stopped_in_the_middle_ends_reroute_with_exit_1_and_loses_nothing(
+    amqp: AbstractRobustConnection, exchange_name: str
+) -> None:
+    """RabbitMQ's app stopped while reroute runs: it ends (no hang on acknowledgements of the dead link)
+    with exit 1, and after the restart every event is in the bound queue or still in .unrouted."""
+    count = 4000
+    await _unrouted_events(amqp, exchange_name, count)
+    unrouted = Topology(exchange_name).unrouted
+    expected = {m.message_id for m in await _peek(amqp, unrouted)}
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    queue_name = (await bind_queue(amqp, settings, "#")).name
+    async with broker_lock():
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "reroute", "--amqp-url", settings.amqp_url, "--exchange", exchange_name,
+            "--log-level", "error", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(400):
+                if await _depth(amqp, queue_name) >= 300:
+                    break
+                await asyncio.sleep(0.01)
+            async with broker_stopped():
+                code = await asyncio.wait_for(proc.wait(), timeout=60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert code == 1
+    moved = await fresh_collect(queue_name, count, timeout=10)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        left = await _peek(connection, unrouted)  # type: ignore[arg-type]
+    assert 0 < len(moved) < count, "the stop came too late to test anything"
+    assert {m.message_id for m in moved} | {m.message_id for m in left} == expected
