@@ -27,6 +27,7 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
     ExchangeType,
 )
@@ -84,6 +85,30 @@ async def connect_for_command(settings: Settings, verb: str) -> AbstractConnecti
     return connection
 
 
+async def _own_queue(connection: AbstractConnection, channel: AbstractChannel, name: str) -> AbstractQueue:
+    """Declare one of the bridge's own durable queues; one that exists with other arguments is used as it is.
+
+    Someone may have declared it first as a quorum queue, or with a length limit: that is theirs to
+    choose, and refusing it would stop the bridge. The attempt runs on a channel of its own, because
+    RabbitMQ closes the channel of a declaration it refuses.
+    """
+    side = await connection.channel()
+    try:
+        await side.declare_queue(name, durable=True)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        log.warning("queue %s already exists with other arguments (%s); using it as it is", name, _reply_text(exc))
+    finally:
+        if not side.is_closed:
+            await side.close()
+    return await channel.declare_queue(name, passive=True)
+
+
+def _reply_text(exc: BaseException) -> str:
+    """The broker's words in a channel or connection error (``PRECONDITION_FAILED - …``), shortened."""
+    text = str(exc.args[1] if len(exc.args) > 1 else exc)
+    return text[:300]
+
+
 async def declare_topology(
     connection: AbstractConnection, settings: Settings, *, confirms: bool
 ) -> tuple[AbstractChannel, AbstractExchange, bool]:
@@ -100,11 +125,11 @@ async def declare_topology(
     names = Topology(settings.exchange)
     keep = settings.unroutable == "keep"
     channel = await connection.channel(publisher_confirms=confirms, on_return_raises=False)
-    await channel.declare_queue(names.quarantine, durable=True)
+    await _own_queue(connection, channel, names.quarantine)
     arguments: dict[str, Any] = {}
     if keep:
         unrouted_x = await channel.declare_exchange(names.unrouted, ExchangeType.FANOUT, durable=True)
-        unrouted_q = await channel.declare_queue(names.unrouted, durable=True)
+        unrouted_q = await _own_queue(connection, channel, names.unrouted)
         await unrouted_q.bind(unrouted_x)
         arguments["alternate-exchange"] = names.unrouted
     try:

@@ -108,12 +108,12 @@ class Progress:
             return f"{self.what}: {self.done}/{self.total} ({pct:.0f}%), {rate:.0f}/s, ETA {eta}"
         return f"{self.what}: {self.done} done, {rate:.0f}/s"
 
-    def close(self) -> None:
-        """Stop the bar and log the final line."""
+    def close(self, outcome: str = "finished") -> None:
+        """Stop the bar and log the final line (``outcome``: ``finished``, or ``stopped`` for work cut short)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self._log.info("%s (finished in %s)", self.line(), format_eta(self._clock() - self._start))
+        self._log.info("%s (%s in %s)", self.line(), outcome, format_eta(self._clock() - self._start))
 
     def __enter__(self) -> Self:
         return self

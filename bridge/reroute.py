@@ -8,9 +8,12 @@ de-duplicate stay correct), and taken off the unrouted queue only once RabbitMQ 
 A crash or a broker failure in the middle leaves an event in the unrouted queue, never nowhere:
 at worst it is delivered twice, with the same ``message_id``.
 
-Only the messages in the queue at the start are handled (events that still match no binding come
-straight back, and are not moved again). ``--dry-run`` counts the events by routing key and moves
-nothing, to see which bindings are missing.
+Only the messages in the queue at the start are handled, in queue order. One that still matches no
+binding goes back to the end of the queue: through the alternate exchange, or (an exchange without
+one returns it) as a copy the command puts there itself before it lets go of the original; so does
+one RabbitMQ refuses (a nack). Nothing is put back at the head, where it would be taken again in
+place of the events behind it. Nothing is declared: a mistyped ``--exchange`` is said, not created.
+``--dry-run`` counts the events by routing key and moves nothing, to see which bindings are missing.
 """
 
 from __future__ import annotations
@@ -18,28 +21,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import sys
 from collections.abc import Awaitable
 from typing import Any, Final
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractIncomingMessage
 
-from bridge.broker import connect_for_command, declare_topology
+from bridge.broker import connect_for_command
 from bridge.config import Settings
 from bridge.contract import Topology
-from bridge.errors import TopologyError
 from bridge.progress import Progress
 
-__all__ = ["ORIGINAL_ROUTING_KEY", "RerouteResult", "reroute", "routing_key_of"]
+__all__ = ["ORIGINAL_ROUTING_KEY", "Outcome", "RerouteResult", "reroute", "routing_key_of"]
 
 ORIGINAL_ROUTING_KEY: Final = "original_routing_key"
 WINDOW: Final = 256
-"""Messages taken off the unrouted queue and not yet confirmed on the exchange, at most."""
+"""Messages taken off the unrouted queue and not yet settled, at most."""
 _SHOWN_KEYS: Final = 12
 _SETTLE_TIMEOUT: Final = 5.0
-"""Seconds an acknowledgement (or a cancel) may take before the link is taken for dead."""
+"""Seconds an acknowledgement (or a cancel, or a close) may take before the link is taken for dead."""
 
 
 def routing_key_of(message: AbstractIncomingMessage) -> str:
@@ -50,9 +53,8 @@ def routing_key_of(message: AbstractIncomingMessage) -> str:
     return original if isinstance(original, str) and original else message.routing_key or ""
 
 
-def _republished(message: AbstractIncomingMessage) -> aio_pika.Message:
-    """The same event as it was first published: body, properties and headers (less the bridge's own note)."""
-    headers = {k: v for k, v in (message.headers or {}).items() if k != ORIGINAL_ROUTING_KEY}
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """The message with its body and every property, and ``headers``."""
     return aio_pika.Message(
         message.body,
         headers=headers,
@@ -71,20 +73,38 @@ def _republished(message: AbstractIncomingMessage) -> aio_pika.Message:
     )
 
 
-class RerouteResult:
-    """What one reroute did, by routing key."""
+class Outcome(enum.Enum):
+    """How one event taken off the unrouted queue ended."""
 
-    def __init__(self, at_start: int) -> None:
+    PUBLISHED = "published"  # confirmed on the exchange (a binding took it, or the AE brought it back)
+    RETURNED = "returned"  # the exchange has no AE and no binding took it: put back at the end
+    REFUSED = "refused"  # RabbitMQ nacked it or did not confirm it: put back at the end
+    LEFT = "left"  # could not be settled (the link went): back in the queue with the channel
+
+
+class RerouteResult:
+    """What one reroute did."""
+
+    def __init__(self, at_start: int, total: int) -> None:
         self.at_start = at_start
-        self.moved: collections.Counter[str] = collections.Counter()
-        self.unroutable: collections.Counter[str] = collections.Counter()  # returned: the exchange has no AE
-        self.failed = 0
-        self.seen: collections.Counter[str] = collections.Counter()
+        self.total = total
+        self.taken = 0
+        self.by: dict[Outcome, collections.Counter[str]] = {o: collections.Counter() for o in Outcome}
+        self.seen: collections.Counter[str] = collections.Counter()  # --dry-run
+        self.lost_link = ""
+        self.stopped = False
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(self.by[outcome].values())
+
+    @property
+    def settled(self) -> int:
+        return sum(self.count(o) for o in Outcome)
 
     @staticmethod
-    def keys(counts: collections.Counter[str]) -> str:
-        shown = ", ".join(f"{key} {n:,}" for key, n in counts.most_common(_SHOWN_KEYS))
-        rest = len(counts) - _SHOWN_KEYS
+    def keys(counts: collections.Counter[str], most: int | None = _SHOWN_KEYS) -> str:
+        shown = ", ".join(f"{key} {n:,}" for key, n in counts.most_common(most))
+        rest = len(counts) - most if most is not None else 0
         return shown + (f" and {rest} more routing keys" if rest > 0 else "")
 
 
@@ -106,8 +126,8 @@ async def reroute(
         progress: reports the events handled (default: a :class:`Progress` on standard error).
 
     Returns:
-        The exit code: 0 done, 1 broker unreachable or events that could not be moved, 2 an exchange
-        of another kind.
+        The exit code: 0 every event taken was published, or nothing to do; 1 the broker is unreachable,
+        the link was lost, the command was stopped, or RabbitMQ refused some; 2 no such exchange.
     """
     names = Topology(settings.exchange)
     connection = await connect_for_command(settings, "reroute")
@@ -115,151 +135,223 @@ async def reroute(
         return 1
     async with connection:
         try:
-            publisher, exchange, _ = await declare_topology(connection, settings, confirms=True)
-        except TopologyError as exc:
-            print(f"reroute: {exc}", file=sys.stderr)
+            source, exchange, at_start = await _open(connection, names)
+        except _Missing as exc:
+            print(f"reroute: {exc}", file=sys.stderr if exc.exit_code else sys.stdout)
             return exc.exit_code
-        source = await connection.channel()
-        try:
-            queue = await source.declare_queue(names.unrouted, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            print(f"reroute: there is no queue {names.unrouted} (--unroutable drop keeps none): nothing to move")
-            return 0
-        at_start = queue.declaration_result.message_count or 0
         total = min(at_start, limit) if limit else at_start
         if total == 0:
             print(f"reroute: {names.unrouted} is empty: nothing to move")
             return 0
-        result = RerouteResult(at_start)
-        if progress is None:
-            progress = Progress("reroute --dry-run" if dry_run else "reroute", total)
+        publisher = await connection.channel(publisher_confirms=True, on_return_raises=False)
+        result = RerouteResult(at_start, total)
+        progress = progress or Progress("reroute --dry-run" if dry_run else "reroute", total)
         try:
-            target = None if dry_run else exchange
-            ends = (stop.wait(), source.closed(), publisher.closed())  # stopped, or a broker or channel failure
-            await _take(queue, total, ends, result, progress, target, settings.publish_timeout)
+            mover = None if dry_run else _Mover(publisher, exchange, names, settings.publish_timeout, result)
+            await _take(source, publisher, names.unrouted, stop, result, progress, mover)
         finally:
-            progress.close()
-            with contextlib.suppress(Exception):  # anything delivered and not acknowledged goes back to the queue
+            progress.close("stopped" if result.stopped or result.lost_link else "finished")
+            with contextlib.suppress(Exception):  # anything delivered and not settled goes back to the queue
                 await asyncio.wait_for(source.close(), _SETTLE_TIMEOUT)
         if dry_run:
             print(
                 f"reroute --dry-run: {names.unrouted} holds {at_start:,} events"
-                f"{f' (the first {total:,} counted)' if total < at_start else ''}: {result.keys(result.seen)}. "
-                "Bind a queue for the ones you need (--bind QUEUE=PATTERN on the bridge, or your own binding), "
-                "then run reroute without --dry-run; nothing was moved"
+                f"{f' (the first {total:,} counted)' if total < at_start else ''}; by routing key:\n"
+                + "".join(f"  {key:<32} {n:>9,}\n" for key, n in result.seen.most_common())
+                + "Bind a queue for the ones you need (--bind QUEUE=PATTERN on the bridge, or your own binding), "
+                "then run reroute without --dry-run. Nothing was moved"
             )
             return 0
         return await _report(connection, names, settings.exchange, result)
 
 
+class _Missing(LookupError):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+async def _open(connection: AbstractConnection, names: Topology) -> tuple[AbstractChannel, AbstractExchange, int]:
+    """The exchange and the unrouted queue, passively (nothing is declared); how many messages wait.
+
+    Raises:
+        _Missing: the exchange (exit 2: a mistyped name) or the queue (exit 0: nothing kept) does not exist.
+    """
+    channel = await connection.channel()
+    try:
+        exchange = await channel.get_exchange(names.exchange, ensure=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise _Missing(
+            f"there is no exchange {names.exchange}: check --exchange (or BRIDGE_EXCHANGE); nothing was declared", 2
+        ) from None
+    try:
+        queue = await channel.declare_queue(names.unrouted, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        why = f"there is no queue {names.unrouted} (--unroutable drop keeps none): nothing to move"
+        raise _Missing(why, 0) from None
+    return channel, exchange, queue.declaration_result.message_count or 0
+
+
+class _Mover:
+    """Publishes one taken event to the exchange, or back to the end of the unrouted queue, and settles it."""
+
+    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange, names: Topology, confirm_timeout: float,
+                 result: RerouteResult) -> None:  # fmt: skip
+        self._channel = channel
+        self._exchange = exchange
+        self._unrouted = names.unrouted
+        self.confirm_timeout = confirm_timeout
+        self._result = result
+
+    async def move(self, message: AbstractIncomingMessage) -> None:
+        key = routing_key_of(message)
+        headers = dict(message.headers or {})
+        headers.pop(ORIGINAL_ROUTING_KEY, None)
+        try:
+            confirmation: Any = await self._exchange.publish(
+                _copy(message, headers), routing_key=key, mandatory=True, timeout=self.confirm_timeout
+            )
+        except Exception:  # nacked, no confirm in time, or the channel went
+            outcome = Outcome.REFUSED
+        else:
+            returned = isinstance(confirmation, aiormq.abc.DeliveredMessage)
+            outcome = Outcome.RETURNED if returned else Outcome.PUBLISHED
+        if outcome is not Outcome.PUBLISHED and not await self._put_back(message, key, headers):
+            outcome = Outcome.LEFT
+        if outcome is not Outcome.LEFT and not await _settle(message.ack()):
+            outcome = Outcome.LEFT  # done, but still in the queue too: taken again by a later run (same id)
+        self._result.by[outcome][key] += 1
+
+    async def _put_back(self, message: AbstractIncomingMessage, key: str, headers: dict[str, Any]) -> bool:
+        """A copy at the end of the unrouted queue (as the bridge keeps a returned event), confirmed."""
+        try:
+            await self._channel.default_exchange.publish(
+                _copy(message, {**headers, ORIGINAL_ROUTING_KEY: key}), routing_key=self._unrouted, mandatory=True,
+                timeout=self.confirm_timeout,
+            )  # fmt: skip
+        except Exception:
+            return False
+        return True
+
+
+async def _settle(ack: Awaitable[Any]) -> bool:
+    """Acknowledge, bounded: on a connection that has just died an acknowledgement can wait for ever."""
+    try:
+        await asyncio.wait_for(ack, _SETTLE_TIMEOUT)
+    except Exception:
+        return False
+    return True
+
+
 async def _take(
-    queue: AbstractQueue,
-    total: int,
-    ends: tuple[Awaitable[Any], ...],
+    source: AbstractChannel,
+    publisher: AbstractChannel,
+    queue_name: str,
+    stop: asyncio.Event,
     result: RerouteResult,
     progress: Progress,
-    target: AbstractExchange | None,
-    confirm_timeout: float,
+    mover: _Mover | None,
 ) -> None:
-    """Consume ``total`` deliveries; publish each to ``target`` and acknowledge it once confirmed.
+    """Consume ``result.total`` deliveries and move (or, without a mover, count) each.
 
-    Ends early when one of ``ends`` completes (stop, or a channel closed): what was taken and not
-    confirmed counts as failed (it goes back to the queue with the channel).
+    Ends early on ``stop`` or when a channel closes (a broker or link failure); what was taken
+    and not settled goes back to the queue with the channel.
     """
-    # Without acknowledgements a dry run sees every message once; a move keeps WINDOW in flight.
-    await queue.channel.set_qos(prefetch_count=0 if target is None else WINDOW)
-    taken = 0
+    # Without acknowledgements a dry run sees every message once; a move keeps WINDOW unsettled.
+    await source.set_qos(prefetch_count=0 if mover is None else WINDOW)
+    queue = await source.declare_queue(queue_name, passive=True)
     done = asyncio.Event()
     pending: set[asyncio.Task[None]] = set()
     finished = 0
 
-    def one_done() -> None:
+    def one_done(_: object = None) -> None:
         nonlocal finished
         finished += 1
         progress.update()
-        if finished >= total:
+        if finished >= result.total:
             done.set()
 
-    async def move(message: AbstractIncomingMessage, exchange: AbstractExchange) -> None:
-        key = routing_key_of(message)
-        try:
-            confirmation: Any = await exchange.publish(
-                _republished(message), routing_key=key, mandatory=True, timeout=confirm_timeout
-            )
-        except Exception:  # nack, timeout, channel closed: the event stays where it was
-            result.failed += 1
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(message.nack(requeue=True), _SETTLE_TIMEOUT)
-            one_done()
-            return
-        if isinstance(confirmation, aiormq.abc.DeliveredMessage):  # returned: routes nowhere yet
-            result.unroutable[key] += 1
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(message.nack(requeue=True), _SETTLE_TIMEOUT)
-        else:
-            try:
-                # Bounded: on a connection that has just died the acknowledgement can wait for ever.
-                await asyncio.wait_for(message.ack(), _SETTLE_TIMEOUT)
-            except Exception:  # the channel went: published, yet back in the queue (a duplicate if moved again)
-                result.failed += 1
-            else:
-                result.moved[key] += 1
-        one_done()
-
     async def on_message(message: AbstractIncomingMessage) -> None:
-        nonlocal taken
-        if taken >= total:
-            return  # past the count: left unacknowledged, back in the queue when the channel closes
-        taken += 1
-        if target is None:
+        if result.taken >= result.total:
+            return  # past the count (new arrivals): left unacknowledged, back in the queue at the close
+        result.taken += 1
+        if mover is None:
             result.seen[routing_key_of(message)] += 1
             one_done()
             return
-        task = asyncio.create_task(move(message, target))
+        task = asyncio.create_task(mover.move(message))
         pending.add(task)
         task.add_done_callback(pending.discard)
+        task.add_done_callback(one_done)
 
     tag = await queue.consume(on_message)
-    waits = [asyncio.ensure_future(done.wait()), *(asyncio.ensure_future(end) for end in ends)]
+    ends = {
+        asyncio.ensure_future(done.wait()): "",
+        asyncio.ensure_future(stop.wait()): "stopped",
+        asyncio.ensure_future(source.closed()): "lost",
+        asyncio.ensure_future(publisher.closed()): "lost",
+    }
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        first, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        why = {ends[f] for f in first}
+        result.stopped = "stopped" in why and not done.is_set()
+        if "lost" in why and not done.is_set():
+            result.lost_link = "the connection to RabbitMQ was lost"
     finally:
-        for w in waits:
-            w.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(queue.cancel(tag), _SETTLE_TIMEOUT)
-        if pending:  # each is bounded by the confirm timeout; what a dead link leaves hanging is given up
-            _, hanging = await asyncio.wait(pending, timeout=confirm_timeout + _SETTLE_TIMEOUT)
+        for waiter in ends:
+            waiter.cancel()
+        if not source.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(queue.cancel(tag), _SETTLE_TIMEOUT)
+        if pending:  # a live link gets the confirm timeout; a dead one nothing more
+            grace = 0.0 if result.lost_link else (mover.confirm_timeout if mover else 0.0) + _SETTLE_TIMEOUT
+            _, hanging = await asyncio.wait(pending, timeout=grace) if grace else (set(), set(pending))
             for task in hanging:
                 task.cancel()
             await asyncio.gather(*hanging, return_exceptions=True)
-    if target is not None:
-        result.failed += taken - finished  # taken, never confirmed: back in the queue
 
 
-async def _report(connection: aio_pika.abc.AbstractConnection, names: Topology, exchange: str,
-                  result: RerouteResult) -> int:  # fmt: skip
-    moved = sum(result.moved.values())
-    now = await _depth(connection, names.unrouted)
-    print(
-        f"reroute: published {moved:,} of the {result.at_start:,} events of {names.unrouted} to {exchange} again"
-        f"{' (by routing key: ' + result.keys(result.moved) + ')' if moved else ''}. Those that still match no "
-        f"binding came back to {names.unrouted}, which held {result.at_start:,} at the start and holds "
-        f"{f'{now:,}' if now is not None else '?'} now (with any the bridge sent there meanwhile)"
-    )
-    if result.unroutable:
-        print(
-            f"reroute: {sum(result.unroutable.values()):,} were returned (the exchange has no alternate exchange and "
-            f"no binding takes them) and stay in {names.unrouted}: {result.keys(result.unroutable)}"
-        )
-    if result.failed:
-        print(f"reroute: {result.failed:,} could not be published now (refused or no confirm) and stay in "
-              f"{names.unrouted}; run reroute again", file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+async def _report(connection: AbstractConnection, names: Topology, exchange: str, result: RerouteResult) -> int:
+    published = result.count(Outcome.PUBLISHED)
+    put_back = result.count(Outcome.RETURNED) + result.count(Outcome.REFUSED)
+    left = result.count(Outcome.LEFT) + (result.taken - result.settled)  # cancelled ones count as left
+    untried = result.total - result.taken
+    now = None if result.lost_link else await _depth(connection, names.unrouted)
+    lines = [f"reroute: took {result.taken:,} of the {result.at_start:,} events of {names.unrouted}"]
+    if published:
+        keys = result.keys(result.by[Outcome.PUBLISHED])
+        line = f"  {published:,} published to {exchange} again and confirmed ({keys})"
+        if now is not None:
+            # What came back through the alternate exchange (no binding yet) is in the queue now, beside
+            # the events not taken, those put back, and any the bridge sent meanwhile: a bound, not a count.
+            back = max(0, min(published, now - (result.at_start - result.taken) - put_back - left))
+            line += (f"; at least {published - back:,} reached a bound queue, at most {back:,} matched no binding "
+                     f"and came back to {names.unrouted}")  # fmt: skip
+        lines.append(line)
+    if result.count(Outcome.RETURNED):
+        lines.append(f"  {result.count(Outcome.RETURNED):,} still match no binding (returned: the exchange has no "
+                     f"alternate exchange) and were put back at the end of {names.unrouted}: "
+                     f"{result.keys(result.by[Outcome.RETURNED])}")  # fmt: skip
+    if result.count(Outcome.REFUSED):
+        lines.append(f"  {result.count(Outcome.REFUSED):,} were refused by RabbitMQ (nacked, or no confirm within "
+                     f"--publish-timeout) and were put back at the end of {names.unrouted}: "
+                     f"{result.keys(result.by[Outcome.REFUSED])}")  # fmt: skip
+    if left:
+        lines.append(f"  {left:,} could not be settled and stay in {names.unrouted} (some may have been published "
+                     "too: same message_id)")  # fmt: skip
+    if untried:
+        why = result.lost_link or ("stopped" if result.stopped else "not reached")
+        lines.append(f"  {untried:,} were not tried ({why}) and stay in {names.unrouted}")
+    lines.append(f"  {names.unrouted} holds {f'{now:,}' if now is not None else '?'} now")
+    trouble = bool(result.lost_link or result.stopped or left or result.count(Outcome.REFUSED))
+    if trouble:
+        lines.append("reroute: not every event was moved; run reroute again" + (
+            f" once RabbitMQ is back ({result.lost_link})" if result.lost_link else ""))  # fmt: skip
+    print("\n".join(lines), file=sys.stderr if trouble else sys.stdout)
+    return 1 if trouble else 0
 
 
-async def _depth(connection: aio_pika.abc.AbstractConnection, queue: str) -> int | None:
+async def _depth(connection: AbstractConnection, queue: str) -> int | None:
     async def read() -> int | None:
         channel = await connection.channel()
         try:

@@ -11,9 +11,19 @@ from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
 from bridge.broker import Broker, LinkState
+from bridge.contract import Topology
 from bridge.metrics import Metrics
 from bridge.nodes import with_default_heartbeat
-from tests.helpers import FreezableProxy, bridge_settings, free_port, wait_until
+from tests.helpers import (
+    FreezableProxy,
+    bridge_settings,
+    collect,
+    free_port,
+    queue_of,
+    running_bridge,
+    simulator,
+    wait_until,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -182,3 +192,28 @@ def test_a_link_ended_by_cancellation_is_described_not_named() -> None:
 
     assert "stopped answering" in describe_error(asyncio.CancelledError())
     assert describe_error(ConnectionRefusedError(111, "refused")) == "ConnectionRefusedError: [Errno 111] refused"
+
+
+async def test_own_queues_declared_first_as_quorum_queues_are_used_as_they_are(
+    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """<exchange>.unrouted and .quarantine declared beforehand as quorum queues (a cluster's choice): the bridge
+    warns once per queue and uses them; an unroutable event lands in the quorum .unrouted."""
+    topology = Topology(exchange_name)
+    channel = await amqp.channel()
+    for name in topology.own_queues:
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    caplog.set_level(logging.WARNING, logger="bridge.broker")
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        async with running_bridge(settings) as bridge:
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_subscribed", {"realm": "test"}) == 1)
+            for n in range(3):
+                await sim.send_event("deposit.received", f"entity-{n}")
+            unrouted = await queue_of(amqp, topology.unrouted)
+            got = await collect(unrouted, 3, timeout=15)
+            assert await bridge.finish() == 0
+    assert len(got) == 3
+    warned = [r.getMessage() for r in caplog.records if "already exists with other arguments" in r.getMessage()]
+    assert any(topology.unrouted in w and "x-queue-type" in w for w in warned), warned
+    assert any(topology.quarantine in w for w in warned), warned

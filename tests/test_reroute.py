@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
@@ -96,8 +98,10 @@ async def test_reroute_moves_what_is_now_bound_unchanged_and_leaves_the_rest(
     rest = await _peek(amqp, unrouted)
     assert sorted(m.message_id or "" for m in rest) == sorted(i for i in before if i not in deposits)
     out = capsys.readouterr().out
-    assert "published 80 of the 80 events" in out, out  # all confirmed; the AE took back what no binding wants
-    assert f"held 80 at the start and holds {80 - len(deposits)} now" in out, out
+    assert "took 80 of the 80 events" in out, out
+    assert "80 published to" in out, out  # all confirmed; the alternate exchange took back what no binding wants
+    assert f"at least {len(deposits)} reached a bound queue, at most {80 - len(deposits)} matched no binding" in out, out
+    assert f"holds {80 - len(deposits)} now" in out, out
 
 
 async def test_dry_run_counts_by_routing_key_and_moves_nothing(
@@ -116,9 +120,9 @@ async def test_dry_run_counts_by_routing_key_and_moves_nothing(
     assert await _depth(amqp, unrouted) == 40
     assert await collect(queue, 1, timeout=0.5) == []
     out = capsys.readouterr().out
-    assert "holds 40 events" in out and "nothing was moved" in out, out
-    top = max(keys, key=lambda k: keys[k])
-    assert f"{top} {keys[top]:,}" in out, out
+    assert "holds 40 events" in out and "Nothing was moved" in out, out
+    listed = dict(re.findall(r"^  (\S+) +(\d+)$", out, re.MULTILINE))
+    assert {k: int(v) for k, v in listed.items()} == keys, out
 
 
 async def test_an_exchange_without_the_alternate_exchange_uses_the_header_and_keeps_the_returned(
@@ -142,8 +146,8 @@ async def test_an_exchange_without_the_alternate_exchange_uses_the_header_and_ke
     assert sorted((m.routing_key, m.message_id) for m in got) == [("deposit.failed", "id-2"), ("deposit.received", "id-0")]
     assert all("original_routing_key" not in (m.headers or {}) for m in got)
     (left,) = await _peek(amqp, unrouted)
-    assert left.message_id == "id-1"
-    assert "1 were returned" in capsys.readouterr().out
+    assert (left.message_id, (left.headers or {}).get("original_routing_key")) == ("id-1", "user.created")
+    assert "1 still match no binding (returned" in capsys.readouterr().out
 
 
 async def test_limit_and_the_command_line(amqp: AbstractRobustConnection, exchange_name: str) -> None:
@@ -177,9 +181,9 @@ async def test_events_the_broker_refuses_stay_in_unrouted_and_the_exit_code_says
     assert await reroute(settings, asyncio.Event()) == 1
     assert await _depth(amqp, full.name) == 5
     assert await _depth(amqp, Topology(exchange_name).unrouted) == 7
-    captured = capsys.readouterr()
-    assert "published 5 of the 12 events" in captured.out, captured.out
-    assert "7 could not be published now" in captured.err, captured.err
+    err = capsys.readouterr().err
+    assert "5 published to" in err and "7 were refused by RabbitMQ" in err, err
+    assert "run reroute again" in err, err
 
 
 async def test_a_reroute_killed_in_the_middle_loses_nothing(amqp: AbstractRobustConnection, exchange_name: str) -> None:
@@ -258,3 +262,39 @@ async def test_a_broker_stopped_in_the_middle_ends_reroute_with_exit_1_and_loses
         left = await _peek(connection, unrouted)  # type: ignore[arg-type]
     assert 0 < len(moved) < count, "the stop came too late to test anything"
     assert {m.message_id for m in moved} | {m.message_id for m in left} == expected
+
+
+async def test_without_the_alternate_exchange_every_event_is_tried_once(
+    amqp: AbstractRobustConnection, exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no alternate exchange, the returned ones are put back at the end, not at the head: every bound
+    event behind them is moved in the same run (a requeue at the head used them up again and again)."""
+    channel = await amqp.channel()
+    await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)  # no AE
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    await declare_topology(amqp, settings, confirms=False)
+    unrouted = Topology(exchange_name).unrouted
+    for n in range(400):
+        key = "deposit.received" if n % 2 else "user.created"
+        message = aio_pika.Message(b"{}", message_id=f"id-{n}", headers={"original_routing_key": key})
+        await channel.default_exchange.publish(message, routing_key=unrouted)
+    queue = await bind_queue(amqp, settings, "deposit.#")
+    assert await reroute(settings, asyncio.Event()) == 0
+    got = await collect(queue, 200, timeout=10, settle=0.3)
+    assert sorted(m.message_id or "" for m in got) == sorted(f"id-{n}" for n in range(1, 400, 2))
+    left = await _peek(amqp, unrouted)
+    assert sorted(m.message_id or "" for m in left) == sorted(f"id-{n}" for n in range(0, 400, 2))
+    out = capsys.readouterr().out
+    assert "200 published to" in out and "200 still match no binding" in out, out
+
+
+async def test_a_mistyped_exchange_is_said_and_nothing_is_declared(
+    amqp: AbstractRobustConnection, exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """reroute --exchange with a name that does not exist exits 2 saying so, and declares nothing."""
+    settings = bridge_settings("ws://127.0.0.1:9", exchange_name)
+    assert await reroute(settings, asyncio.Event()) == 2
+    assert f"there is no exchange {exchange_name}" in capsys.readouterr().err
+    channel = await amqp.channel()
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await channel.get_exchange(exchange_name, ensure=True)

@@ -58,7 +58,7 @@ SIM_SETTINGS: Final[tuple[Setting, ...]] = (
             "file of accepted realm keys, one KEY or LABEL=KEY per line, '#' comment lines",
             shown_default="none", convert=_key_file),
     Setting("rate", "--rate", "SIM_RATE", number(0), "events per second per realm, 0 = as fast as possible"),
-    Setting("count", "--count", "SIM_COUNT", whole_number(0), "stop after N events per realm, 0 = never"),
+    Setting("count", "--count", "SIM_COUNT", whole_number(0), "stop sending after N events per realm (the server stays up for the bridge to drain; Ctrl-C ends it), 0 = never"),
     Setting("shape", "--shape", "SIM_SHAPE", choice(*SHAPES), "notification envelope: " + ", ".join(SHAPES)),
     Setting("ack", "--ack", "SIM_ACK", choice(*ACKS), "answer to a subscribe: " + ", ".join(ACKS)),
     Setting("pong", "--pong", "SIM_PONG", boolean, "answer the text PING with PONG", switch=True),
