@@ -157,7 +157,7 @@ async def test_limit_and_the_command_line(amqp: AbstractRobustConnection, exchan
     queue = await bind_queue(amqp, settings, "#")
     argv = ["reroute", "--amqp-url", settings.amqp_url, "--exchange", exchange_name, "--log-level", "warning"]
     assert await _cli(*argv, "--limit", "10") == 0
-    assert len(await collect(queue, 30, timeout=3, settle=0.3)) == 10
+    assert len(await collect(queue, 10, timeout=10, settle=0.5)) == 10  # and no more within the settle
     assert await _depth(amqp, Topology(exchange_name).unrouted) == 20
     assert await _cli(*argv) == 0
     assert len(await collect(queue, 20, timeout=10, settle=0.3)) == 20
@@ -208,7 +208,7 @@ async def test_a_reroute_killed_in_the_middle_loses_nothing(amqp: AbstractRobust
     finally:
         await proc.wait()
     await asyncio.sleep(0.5)
-    moved = await collect(queue, count, timeout=5, settle=0.5)
+    moved = await collect(queue, await _depth(amqp, queue.name), timeout=10, settle=0.3)
     left = await _peek(amqp, unrouted)
     assert 300 <= len(moved) < count, "the kill came too late to test anything"
     assert {m.message_id for m in moved} | {m.message_id for m in left} == expected
@@ -256,7 +256,7 @@ async def test_a_broker_stopped_in_the_middle_ends_reroute_with_exit_1_and_loses
                 proc.kill()
                 await proc.wait()
     assert code == 1
-    moved = await fresh_collect(queue_name, count, timeout=10)
+    moved = await fresh_collect(queue_name, await _depth(amqp, queue_name), timeout=10)
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         left = await _peek(connection, unrouted)  # type: ignore[arg-type]
