@@ -23,12 +23,19 @@ import collections
 import contextlib
 import enum
 import sys
-from collections.abc import Awaitable
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 from bridge.broker import connect_for_command
 from bridge.config import Settings
@@ -41,6 +48,8 @@ ORIGINAL_ROUTING_KEY: Final = "original_routing_key"
 WINDOW: Final = 256
 """Messages taken off the unrouted queue and not yet settled, at most."""
 _SHOWN_KEYS: Final = 12
+_TRACK_MAX: Final = 500_000
+"""Message ids remembered to count what comes back through the alternate exchange (about 150 B each)."""
 _SETTLE_TIMEOUT: Final = 5.0
 """Seconds an acknowledgement (or a cancel, or a close) may take before the link is taken for dead."""
 
@@ -91,6 +100,8 @@ class RerouteResult:
         self.taken = 0
         self.by: dict[Outcome, collections.Counter[str]] = {o: collections.Counter() for o in Outcome}
         self.seen: collections.Counter[str] = collections.Counter()  # --dry-run
+        self.came_back: collections.Counter[str] = collections.Counter()  # published, then back through the AE
+        self.exact = False  # came_back was counted copy by copy (a tap on the alternate exchange)
         self.lost_link = ""
         self.stopped = False
 
@@ -148,7 +159,10 @@ async def reroute(
         progress = progress or Progress("reroute --dry-run" if dry_run else "reroute", total)
         try:
             mover = None if dry_run else _Mover(publisher, exchange, names, settings.publish_timeout, result)
+            tap = None if mover is None else await _tap(connection, names.unrouted, mover.came_back)
             await _take(source, publisher, names.unrouted, stop, result, progress, mover)
+            if tap is not None and mover is not None and not result.lost_link:
+                result.exact = mover.track and await _drained(*tap)
         finally:
             progress.close("stopped" if result.stopped or result.lost_link else "finished")
             with contextlib.suppress(Exception):  # anything delivered and not settled goes back to the queue
@@ -202,11 +216,23 @@ class _Mover:
         self._unrouted = names.unrouted
         self.confirm_timeout = confirm_timeout
         self._result = result
+        self.tracked: collections.Counter[str] = collections.Counter()  # message ids published, not yet seen back
+        self.track = True
+
+    def came_back(self, message: AbstractIncomingMessage) -> None:
+        """A copy the alternate exchange took (seen on the tap): count it if it is one of ours."""
+        mid = message.message_id
+        if mid is not None and self.tracked[mid] > 0:
+            self.tracked[mid] -= 1
+            self._result.came_back[routing_key_of(message)] += 1
 
     async def move(self, message: AbstractIncomingMessage) -> None:
         key = routing_key_of(message)
         headers = dict(message.headers or {})
         headers.pop(ORIGINAL_ROUTING_KEY, None)
+        if self.track and message.message_id is not None:
+            self.tracked[message.message_id] += 1  # before the publish: its copy may reach the tap first
+            self.track = len(self.tracked) < _TRACK_MAX  # beyond, only bounds are reported (memory)
         try:
             confirmation: Any = await self._exchange.publish(
                 _copy(message, headers), routing_key=key, mandatory=True, timeout=self.confirm_timeout
@@ -232,6 +258,46 @@ class _Mover:
         except Exception:
             return False
         return True
+
+
+async def _tap(
+    connection: AbstractConnection, unrouted: str, on_copy: Callable[[AbstractIncomingMessage], None]
+) -> tuple[AbstractChannel, AbstractQueue] | None:
+    """A private queue on the alternate exchange ``unrouted``: a copy of every event it takes, for counting.
+
+    None when there is no such exchange (the events exchange then returns what no binding takes).
+    """
+    channel = await connection.channel()
+    try:
+        source = await channel.get_exchange(unrouted, ensure=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    queue = await channel.declare_queue(f"{unrouted}.reroute.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True)
+    await queue.bind(source)
+
+    async def copy(message: AbstractIncomingMessage) -> None:
+        on_copy(message)
+
+    await queue.consume(copy, no_ack=True)
+    return channel, queue
+
+
+async def _drained(channel: AbstractChannel, queue: AbstractQueue) -> bool:
+    """Wait until the tap has handed over every copy (a confirmed publish is already routed); True if so."""
+    deadline = asyncio.get_running_loop().time() + _SETTLE_TIMEOUT
+    try:
+        while asyncio.get_running_loop().time() < deadline:
+            declared = await asyncio.wait_for(channel.declare_queue(queue.name, passive=True), _SETTLE_TIMEOUT)
+            if not declared.declaration_result.message_count:
+                await asyncio.sleep(0.2)  # deliveries already on the wire
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), _SETTLE_TIMEOUT)
 
 
 async def _settle(ack: Awaitable[Any]) -> bool:
@@ -318,15 +384,30 @@ async def _report(connection: AbstractConnection, names: Topology, exchange: str
     untried = result.total - result.taken
     now = None if result.lost_link else await _depth(connection, names.unrouted)
     lines = [f"reroute: took {result.taken:,} of the {result.at_start:,} events of {names.unrouted}"]
-    if published:
-        keys = result.keys(result.by[Outcome.PUBLISHED])
-        line = f"  {published:,} published to {exchange} again and confirmed ({keys})"
+    if published and result.exact:
+        back_n = sum(result.came_back.values())
+        reached = result.by[Outcome.PUBLISHED] - result.came_back
+        lines.append(f"  {published:,} published to {exchange} again and confirmed:")
+        lines.append(
+            f"    {published - back_n:,} reached a bound queue" + (f": {result.keys(reached)}" if reached else "")
+        )
+        if back_n:
+            lines.append(f"    {back_n:,} still match no binding and came back to {names.unrouted}: "
+                         f"{result.keys(result.came_back)}")  # fmt: skip
+    elif published:
+        line = (
+            f"  {published:,} published to {exchange} again and confirmed ({result.keys(result.by[Outcome.PUBLISHED])})"
+        )
         if now is not None:
             # What came back through the alternate exchange (no binding yet) is in the queue now, beside
             # the events not taken, those put back, and any the bridge sent meanwhile: a bound, not a count.
             back = max(0, min(published, now - (result.at_start - result.taken) - put_back - left))
-            line += (f"; at least {published - back:,} reached a bound queue, at most {back:,} matched no binding "
-                     f"and came back to {names.unrouted}")  # fmt: skip
+            if back < published:
+                line += (f"; at least {published - back:,} reached a bound queue, at most {back:,} matched no "
+                         f"binding and came back to {names.unrouted}")  # fmt: skip
+            else:  # as many events arrived meanwhile as were published: the depth tells nothing
+                line += (f"; how many a binding took cannot be told from the depth of {names.unrouted} (events "
+                         "arrived there meanwhile): `reroute --dry-run` shows what waits there now")  # fmt: skip
         lines.append(line)
     if result.count(Outcome.RETURNED):
         lines.append(f"  {result.count(Outcome.RETURNED):,} still match no binding (returned: the exchange has no "
