@@ -146,7 +146,7 @@ async def reroute(
         return 1
     async with connection:
         try:
-            source, exchange, at_start = await _open(connection, names)
+            source, at_start = await _open(connection, names)
         except _Missing as exc:
             print(f"reroute: {exc}", file=sys.stderr if exc.exit_code else sys.stdout)
             return exc.exit_code
@@ -155,6 +155,7 @@ async def reroute(
             print(f"reroute: {names.unrouted} is empty: nothing to move")
             return 0
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=False)
+        exchange = await publisher.get_exchange(names.exchange, ensure=False)  # checked to exist by _open
         result = RerouteResult(at_start, total)
         progress = progress or Progress("reroute --dry-run" if dry_run else "reroute", total)
         try:
@@ -185,15 +186,16 @@ class _Missing(LookupError):
         self.exit_code = exit_code
 
 
-async def _open(connection: AbstractConnection, names: Topology) -> tuple[AbstractChannel, AbstractExchange, int]:
-    """The exchange and the unrouted queue, passively (nothing is declared); how many messages wait.
+async def _open(connection: AbstractConnection, names: Topology) -> tuple[AbstractChannel, int]:
+    """A channel to consume the unrouted queue, and how many messages wait there; the exchange and the
+    queue are checked passively (nothing is declared).
 
     Raises:
         _Missing: the exchange (exit 2: a mistyped name) or the queue (exit 0: nothing kept) does not exist.
     """
-    channel = await connection.channel()
+    channel = await connection.channel(publisher_confirms=False)  # only consumes
     try:
-        exchange = await channel.get_exchange(names.exchange, ensure=True)
+        await channel.get_exchange(names.exchange, ensure=True)
     except aiormq.exceptions.ChannelNotFoundEntity:
         raise _Missing(
             f"there is no exchange {names.exchange}: check --exchange (or BRIDGE_EXCHANGE); nothing was declared", 2
@@ -203,7 +205,7 @@ async def _open(connection: AbstractConnection, names: Topology) -> tuple[Abstra
     except aiormq.exceptions.ChannelNotFoundEntity:
         why = f"there is no queue {names.unrouted} (--unroutable drop keeps none): nothing to move"
         raise _Missing(why, 0) from None
-    return channel, exchange, queue.declaration_result.message_count or 0
+    return channel, queue.declaration_result.message_count or 0
 
 
 class _Mover:
