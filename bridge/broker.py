@@ -72,12 +72,15 @@ class BrokerHealth:
     node: str | None = None  # host:port of the node in use
 
 
-async def connect_for_command(settings: Settings, verb: str) -> AbstractConnection | None:
-    """A plain connection for a one-shot command (``tail``, ``reroute``); None, having said why, if unreachable."""
+async def connect_for_command(settings: Settings, verb: str, *, robust: bool = False) -> AbstractConnection | None:
+    """A connection for a command (``tail``, ``reroute``); None, having said why, if unreachable.
+
+    ``robust``: aio-pika reconnects it after a loss and restores its channels, queues, bindings and
+    consumers (``tail``); a plain one ends with the loss (``reroute`` must stop, not carry on).
+    """
+    connect = aio_pika.connect_robust if robust else aio_pika.connect
     try:
-        connection: AbstractConnection = await aio_pika.connect(
-            settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings)
-        )
+        connection: AbstractConnection = await connect(settings.amqp_url, timeout=10, **amqp_connect_kwargs(settings))
     except Exception as exc:
         scrub = LogScrubber(settings.realm_keys, settings.passwords)
         print(f"{verb}: cannot reach the broker: {scrub(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)

@@ -62,9 +62,10 @@ async def tail(
     Returns:
         The exit code: 0, 1 when the broker cannot be reached, 2 when the exchange is of another kind.
     """
-    connection = await connect_for_command(settings, "tail")
+    connection = await connect_for_command(settings, "tail", robust=True)
     if connection is None:
         return 1
+    _say_link_changes(connection)
     # One connection for the whole tail, and its channel lives as long: nothing is opened per message.
     async with connection:
         existed = await _exchange_exists(connection, settings.exchange)
@@ -110,6 +111,23 @@ async def tail(
             if progress is not None:
                 progress.close()
     return 0
+
+
+def _say_link_changes(connection: aio_pika.abc.AbstractConnection) -> None:
+    """A broker restart does not end the tail: say when the link goes and comes back (events in between are missed)."""
+    if not isinstance(connection, aio_pika.abc.AbstractRobustConnection):
+        return
+
+    def lost(_sender: object, exc: BaseException | None = None) -> None:
+        if isinstance(exc, Exception):  # our own close at the end passes a CancelledError (a BaseException)
+            print(f"tail: lost the connection to RabbitMQ ({type(exc).__name__}); reconnecting; events published "
+                  "until it is back are not shown", file=sys.stderr)  # fmt: skip
+
+    def back(_sender: object) -> None:
+        print("tail: reconnected to RabbitMQ; tailing again", file=sys.stderr)
+
+    connection.close_callbacks.add(lost)
+    connection.reconnect_callbacks.add(back)
 
 
 async def _exchange_exists(connection: aio_pika.abc.AbstractConnection, name: str) -> bool:

@@ -221,3 +221,31 @@ async def test_tail_on_an_exchange_of_another_kind_says_so_and_exits_2(
     code = await asyncio.wait_for(tail(settings, ["#"], False, asyncio.Event()), 30)
     assert code == 2
     assert f"exchange {exchange_name} already exists as a fanout exchange" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+@pytest.mark.fault
+async def test_tail_carries_on_after_the_broker_drops_its_connection(
+    exchange_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broker that closes every connection does not end (or silently stall) a tail: it says so, reconnects,
+    re-binds its queue and prints the events published after that."""
+    from tests.test_faults import _ctl, broker_lock
+
+    bound, stop = asyncio.Event(), asyncio.Event()
+    settings = bridge_settings("ws://127.0.0.1:1", exchange_name, amqp_url=AMQP_URL + "?reconnect_interval=0.5")
+    task = asyncio.create_task(tail(settings, ["deposit.#"], False, stop, bound, count=1))
+    await asyncio.wait_for(bound.wait(), 30)
+    async with broker_lock():
+        await asyncio.to_thread(_ctl, "close_all_connections", "tail test")
+    err = ""
+    for _ in range(100):
+        err += capsys.readouterr().err
+        if "reconnected" in err:
+            break
+        await asyncio.sleep(0.1)
+    assert "tail: lost the connection to RabbitMQ" in err and "tail: reconnected" in err, err
+    await asyncio.sleep(0.5)  # the consumer is restored right after the reconnect callbacks
+    await _publish(exchange_name, ["deposit.received"])
+    assert await asyncio.wait_for(task, 30) == 0
+    assert "deposit.received" in capsys.readouterr().out
