@@ -100,10 +100,12 @@ async def _own_queue(connection: AbstractConnection, channel: AbstractChannel, n
         await side.declare_queue(name, durable=True)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         log.warning("queue %s already exists with other arguments (%s); using it as it is", name, _reply_text(exc))
+        return await channel.declare_queue(name, passive=True)
     finally:
         if not side.is_closed:
             await side.close()
-    return await channel.declare_queue(name, passive=True)
+    # Declared on the (robust) channel as well, as before: a reconnect re-declares it, and recreates it if gone.
+    return await channel.declare_queue(name, durable=True)
 
 
 def _reply_text(exc: BaseException) -> str:
