@@ -26,6 +26,7 @@ __all__ = [
     "KIND_EVENT",
     "KIND_QUARANTINE",
     "MAX_ENTITY_ID_BYTES",
+    "ORIGINAL_ROUTING_KEY",
     "QUARANTINE_REASONS",
     "UNPUBLISHABLE",
     "Outbound",
@@ -51,6 +52,10 @@ UNPUBLISHABLE: Final = "unpublishable"
 
 QUARANTINE_REASONS: Final = (*REJECT_REASONS, UNPUBLISHABLE)
 """The routing keys (and ``reason`` header) of quarantined messages."""
+
+ORIGINAL_ROUTING_KEY: Final = "original_routing_key"
+"""The header naming an event's routing key where the message carries another one: a copy the bridge keeps
+in ``<exchange>.unrouted`` itself (the exchange returned it), or a poison event in the quarantine."""
 
 MAX_ENTITY_ID_BYTES: Final = 128
 """The ``entity_id`` header is set only for ids up to this many UTF-8 bytes: headers stay small."""
@@ -219,7 +224,7 @@ def unpublishable_message(msg: Outbound, detail: str) -> Outbound:
         "realm": realm,
         "reason": UNPUBLISHABLE,
         "detail": detail[:500],
-        "original_routing_key": msg.routing_key,
+        ORIGINAL_ROUTING_KEY: msg.routing_key,
         "received_at": int(msg.received_at * 1000),
     }
     return Outbound(

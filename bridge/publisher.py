@@ -31,6 +31,7 @@ from bridge.broker import Broker
 from bridge.config import Settings
 from bridge.contract import (
     KIND_EVENT,
+    ORIGINAL_ROUTING_KEY,
     UNPUBLISHABLE,
     Outbound,
     amqp_properties,
@@ -636,7 +637,7 @@ class Publisher:
             msg.body,
             exchange="",
             routing_key=self._broker.topology.unrouted,
-            properties=amqp_properties(msg, {"original_routing_key": msg.routing_key}),
+            properties=amqp_properties(msg, {ORIGINAL_ROUTING_KEY: msg.routing_key}),
             mandatory=True,
             timeout=self._settings.publish_timeout,
         )

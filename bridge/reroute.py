@@ -39,12 +39,11 @@ from aio_pika.abc import (
 
 from bridge.broker import connect_for_command
 from bridge.config import Settings
-from bridge.contract import Topology
+from bridge.contract import ORIGINAL_ROUTING_KEY, Topology
 from bridge.progress import Progress
 
-__all__ = ["ORIGINAL_ROUTING_KEY", "Outcome", "RerouteResult", "reroute", "routing_key_of"]
+__all__ = ["Outcome", "RerouteResult", "reroute", "routing_key_of"]
 
-ORIGINAL_ROUTING_KEY: Final = "original_routing_key"
 WINDOW: Final = 256
 """Messages taken off the unrouted queue and not yet settled, at most."""
 _SHOWN_KEYS: Final = 12
@@ -146,10 +145,11 @@ async def reroute(
         return 1
     async with connection:
         try:
-            source, at_start = await _open(connection, names)
+            queue = await _open(connection, names)
         except _Missing as exc:
             print(f"reroute: {exc}", file=sys.stderr if exc.exit_code else sys.stdout)
             return exc.exit_code
+        source, at_start = queue.channel, queue.declaration_result.message_count or 0
         total = min(at_start, limit) if limit else at_start
         if total == 0:
             print(f"reroute: {names.unrouted} is empty: nothing to move")
@@ -161,7 +161,7 @@ async def reroute(
         try:
             mover = None if dry_run else _Mover(publisher, exchange, names, settings.publish_timeout, result)
             tap = None if mover is None else await _tap(connection, names.unrouted, mover.came_back)
-            await _take(source, publisher, names.unrouted, stop, result, progress, mover)
+            await _take(queue, publisher, stop, result, progress, mover)
             if tap is not None and mover is not None and not result.lost_link:
                 result.exact = mover.track and await _drained(*tap)
         finally:
@@ -186,9 +186,9 @@ class _Missing(LookupError):
         self.exit_code = exit_code
 
 
-async def _open(connection: AbstractConnection, names: Topology) -> tuple[AbstractChannel, int]:
-    """A channel to consume the unrouted queue, and how many messages wait there; the exchange and the
-    queue are checked passively (nothing is declared).
+async def _open(connection: AbstractConnection, names: Topology) -> AbstractQueue:
+    """The unrouted queue, on a channel of its own to consume it, with how many messages wait there; the
+    exchange and the queue are checked passively (nothing is declared).
 
     Raises:
         _Missing: the exchange (exit 2: a mistyped name) or the queue (exit 0: nothing kept) does not exist.
@@ -205,7 +205,7 @@ async def _open(connection: AbstractConnection, names: Topology) -> tuple[Abstra
     except aiormq.exceptions.ChannelNotFoundEntity:
         why = f"there is no queue {names.unrouted} (--unroutable drop keeps none): nothing to move"
         raise _Missing(why, 0) from None
-    return channel, queue.declaration_result.message_count or 0
+    return queue
 
 
 class _Mover:
@@ -312,9 +312,8 @@ async def _settle(ack: Awaitable[Any]) -> bool:
 
 
 async def _take(
-    source: AbstractChannel,
+    queue: AbstractQueue,
     publisher: AbstractChannel,
-    queue_name: str,
     stop: asyncio.Event,
     result: RerouteResult,
     progress: Progress,
@@ -326,8 +325,8 @@ async def _take(
     and not settled goes back to the queue with the channel.
     """
     # Without acknowledgements a dry run sees every message once; a move keeps WINDOW unsettled.
+    source = queue.channel
     await source.set_qos(prefetch_count=0 if mover is None else WINDOW)
-    queue = await source.declare_queue(queue_name, passive=True)
     done = asyncio.Event()
     pending: set[asyncio.Task[None]] = set()
     finished = 0
