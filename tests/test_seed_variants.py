@@ -172,7 +172,8 @@ async def test_a_close_names_its_code_and_reason_in_the_log(
         settings = bridge_settings(url, exchange_name)
         queue = await bind_queue(amqp, settings, "deposit.#")
         async with running_bridge(settings) as bridge:
-            (msg,) = await collect(queue, 1, timeout=15)
+            # The bridge redials after the close and the server sends the same event again: a duplicate.
+            msg = (await collect(queue, 1, timeout=15))[0]
             lines = [r.getMessage() for r in caplog.records if "stream disconnected" in r.getMessage()]
             for _ in range(50):
                 if lines:
