@@ -64,6 +64,12 @@ _REFUSED_FOR_GOOD: Final = (
 _NACK_RETRY_FIRST: Final = 0.25
 _NACK_RETRY_MAX: Final = 30.0
 _NACK_WARN_AFTER: Final = 60.0  # a WARNING once a message has been refused this long
+# An event refused for good whose quarantine copy is refused too (its body is above the broker's
+# max_message_size, say) can go nowhere on this broker: it stays in the spool and is tried again,
+# alone, each time later. Tried at once it closed the channel every 3 s, and every publish in flight
+# on it was refused with it, so the events behind it never went out.
+_PARK_FIRST: Final = 30.0
+_PARK_MAX: Final = 600.0
 
 
 class _Unpublishable(Exception):
@@ -77,6 +83,9 @@ class _Strikes:
     count: int
     since: float
     warned: bool = False
+    parked: int = 0  # times its quarantine copy was refused for good too
+    move_warned: bool = False  # a WARNING said its move to the quarantine failed (link down, channel reopening)
+    logged: float = 0.0  # monotonic time of the last ERROR about it
 
 
 class MessageSource(Protocol):
@@ -451,9 +460,11 @@ class Publisher:
         timer = asyncio.get_running_loop().call_later(delay, self._retry_held, item.id)
         self._held[item.id] = (timer, item)
 
-    def _retry_held(self, spool_id: int) -> None:
+    def _retry_held(self, spool_id: int, alone: bool = False) -> None:
         entry = self._held.pop(spool_id, None)
         if entry is not None:
+            if alone:  # sent on its own: a refusal then closes the channel over nothing else
+                self._suspects.add(spool_id)
             self._source.release([entry[1]])
 
     def _release_held(self) -> None:
@@ -514,7 +525,8 @@ class Publisher:
         slots = [slot for slot in self._open if slot.batch.raw is raw]
         if raw is self._raw:
             self._raw = None
-        alone = len(slots) <= 1
+        # A quarantine move in flight (not a slot) may be what the broker refused: then none is alone.
+        alone = len(slots) <= 1 and not self._side
         for slot in slots:
             if not self._close_slot(slot):
                 continue
@@ -523,6 +535,11 @@ class Publisher:
             if isinstance(exc, _REFUSED_FOR_GOOD):
                 self._suspects.add(item.id)
                 poison = self._strike(item.id, f"refused ({type(exc).__name__}: {exc})", alone=alone)
+                if poison is not None and self._strikes[item.id].parked:
+                    # Its quarantine copy was refused before: it waits again, as an event (a channel opened
+                    # before the broker's limit was raised refuses it once more; the next one takes it).
+                    self._park(item, poison, exc)
+                    continue
                 if poison is not None:
                     # The refusal closed the connection or channel: quarantine it once reconnected.
                     self._condemned[item.id] = poison
@@ -583,14 +600,25 @@ class Publisher:
         """Move a poison message to the quarantine queue (bounded headers, body as it was)."""
         msg = item.msg
         copy = unpublishable_message(msg, why)
+        raw: RawChannel | None = self._raw
         try:
-            await self._send(self._raw, copy)
-        except (_Unpublishable, aiormq.exceptions.AMQPError, TimeoutError, ConnectionError, OSError, RuntimeError):
-            log.warning(
-                "could not move a poison message to quarantine yet (message_id=%s)", msg.message_id, exc_info=True
-            )
+            if raw is None or raw.is_closed:  # the refusal closed the channel a moment ago: take the new one
+                raw = await self._broker.raw_channel()
+            await self._send(raw, copy)
+        except (_Unpublishable, *_REFUSED_FOR_GOOD) as exc:
+            self._park(item, why, exc)
+            return
+        except (aiormq.exceptions.AMQPError, TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
+            strikes = self._strikes.setdefault(item.id, _Strikes(0, time.monotonic()))
+            if not strikes.move_warned:  # once per event: a channel reopening after each refusal says it again
+                strikes.move_warned = True
+                log.warning(
+                    "could not move a poison message to quarantine yet (message_id=%s): %s; trying again",
+                    msg.message_id, str(exc) or type(exc).__name__,
+                )  # fmt: skip
             self._condemned[item.id] = why
-            self._source.release([item])
+            timer = asyncio.get_running_loop().call_later(_NACK_RETRY_FIRST, self._retry_held, item.id)
+            self._held[item.id] = (timer, item)  # not at once: the link is down or the channel reopening
             return
         self._strikes.pop(item.id, None)
         self._suspects.discard(item.id)
@@ -603,6 +631,30 @@ class Publisher:
             "(routing key %s, message_id=%s, %d body bytes): %s",
             self._broker.topology.quarantine, msg.routing_key, msg.message_id, len(msg.body), why,
         )  # fmt: skip
+
+    def _park(self, item: Spooled, why: str, exc: BaseException) -> None:
+        """The quarantine refuses the poison event too: it stays in the spool, tried again alone later."""
+        msg = item.msg
+        self._metrics.publish_failed(PublishFailure.REFUSED)
+        self._failure_pause = 0.0  # the cause is found and set aside: the events behind it go now
+        self._suspects.discard(item.id)
+        self._condemned.pop(item.id, None)
+        strikes = self._strikes.setdefault(item.id, _Strikes(0, time.monotonic()))
+        strikes.parked += 1
+        delay = min(_PARK_MAX, _PARK_FIRST * 2 ** min(strikes.parked - 1, 16))
+        now = time.monotonic()
+        if strikes.parked == 1 or now - strikes.logged >= _PARK_MAX:
+            strikes.logged = now
+            log.error(
+                "RabbitMQ refuses the event %s (message_id=%s, %d body bytes) for good, and its copy for the "
+                "quarantine queue too: %s; %s. It stays in the spool (not lost) and is sent again, alone, in %.0f s, "
+                "then each time twice as late, up to every %.0f s; the events behind it are published meanwhile. "
+                "Fix the cause on the broker (a max_message_size below the event's size, say) and it goes out on the "
+                "next try",
+                msg.routing_key, msg.message_id, len(msg.body), why, str(exc) or type(exc).__name__, delay, _PARK_MAX,
+            )  # fmt: skip
+        timer = asyncio.get_running_loop().call_later(delay, self._retry_held, item.id, True)
+        self._held[item.id] = (timer, item)
 
     async def _send(self, raw: RawChannel | None, msg: Outbound) -> None:
         """Publish and wait for the confirm; raises when it was not confirmed.

@@ -236,6 +236,17 @@ SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]
             ("40m", "OrangepillEventsRefusedByBroker", []),
         ],
     ),
+    (  # the quarantine refuses it too (a body above max_message_size): it waits in the spool, retried alone
+        {
+            f'orangepill_bridge_publish_failures_total{{{L}, reason="refused"}}': "0x3 1 1 2x40",
+            f'orangepill_bridge_events_quarantined_total{{{L}, reason="unpublishable"}}': "0x45",
+        },
+        [
+            ("2m", "OrangepillEventsRefusedByBroker", []),
+            ("4m", "OrangepillEventsRefusedByBroker", [{"severity": "critical"}]),
+            ("40m", "OrangepillEventsRefusedByBroker", []),
+        ],
+    ),
     (  # the alternate exchange fills the unrouted queue
         {
             f'orangepill_bridge_queue_messages{{{L}, queue="unrouted"}}': "0+10x10",
