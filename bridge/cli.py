@@ -48,9 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="serve a fake Orangepill stream on ws://127.0.0.1:8765")
     add_simulate_arguments(simulate)
 
-    demo = sub.add_parser(
-        "demo", help="simulator + bridge + live tail in one process, against the AMQP URL given"
-    )
+    demo = sub.add_parser("demo", help="simulator + bridge + live tail in one process, against the AMQP URL given")
     add_arguments(demo, only=(*_BROKER_ONLY, "metrics_addr", "spool"))
     demo.add_argument("--rate", type=float, default=5.0, help="simulated events per second [5]")
     demo.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds (0 = Ctrl-C)")
@@ -67,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "reroute", help="publish the events kept in <exchange>.unrouted to the exchange again, once bound"
     )
     reroute.add_argument("--dry-run", action="store_true", help="count them by routing key, move nothing")
+    reroute.add_argument(
+        "--refused",
+        action="store_true",
+        help="instead, the events RabbitMQ refused for good (reason=unpublishable in <exchange>.quarantine), "
+        "once the cause is fixed; quarantined frames stay",
+    )
     reroute.add_argument(
         "--limit", type=_count, default=0, metavar="N", help="handle at most N events [0 = all there at the start]"
     )
@@ -120,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "reroute":
         from bridge.reroute import reroute
 
-        return _run_until_signal(lambda stop: reroute(settings, stop, dry_run=args.dry_run, limit=args.limit))
+        return _run_until_signal(
+            lambda stop: reroute(settings, stop, dry_run=args.dry_run, limit=args.limit, refused=args.refused)
+        )
     if command == "check":
         from bridge.check import preflight
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -19,7 +20,7 @@ from pamqp.encode import field_table, short_string, table_integer
 from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
 from bridge.secrets import clip, redact
-from bridge.wire import REJECT_REASONS, Notification, Timestamp, dumps_exact
+from bridge.wire import REJECT_REASONS, Notification, Timestamp, dumps_exact, parse_frame, validate_routing_key
 
 __all__ = [
     "APP_ID",
@@ -38,6 +39,7 @@ __all__ = [
     "properties_bytes",
     "publish_frames",
     "quarantine_message",
+    "refused_event",
     "unpublishable_message",
 ]
 
@@ -132,9 +134,7 @@ def _norm_ts(value: Timestamp) -> str | None:
     return str(value).strip()
 
 
-def message_id(
-    realm_fp: str, event: str, data: Any, timestamp: Timestamp, extra: dict[str, Any] | None = None
-) -> str:
+def message_id(realm_fp: str, event: str, data: Any, timestamp: Timestamp, extra: dict[str, Any] | None = None) -> str:
     """Deterministic id of an event: the same event always gets the same id.
 
     The timestamp counts by value, so ``"1671547687"`` and ``1671547687`` agree.
@@ -175,6 +175,7 @@ def event_message(note: Notification, *, realm: str, realm_fp: str, received_at:
 
 DETAIL_LIMIT: Final = 200
 """Characters of a reason kept in headers and log lines (cut after redaction)."""
+
 
 def quarantine_message(
     raw: str | bytes,
@@ -236,6 +237,51 @@ def unpublishable_message(msg: Outbound, detail: str) -> Outbound:
         received_at=msg.received_at,
         metric_kind=UNPUBLISHABLE,
     )
+
+
+def refused_event(body: bytes, headers: Mapping[str, Any], message_id: str) -> Outbound:
+    """An event kept in the quarantine as ``unpublishable``, rebuilt as the contract publishes it.
+
+    The quarantine copy keeps the body, the ``message_id``, the ``realm``, ``received_at`` and the
+    ``original_routing_key``; the ``entity_id`` header is read from the body again (the copy left it out
+    with every other header, bounded or not), so the event goes out exactly as a new one would.
+
+    Raises:
+        ValueError: the message is not such an event (another reason, no routing key, no message id).
+    """
+    reason, key = _text(headers.get("reason")), _text(headers.get(ORIGINAL_ROUTING_KEY))
+    if reason != UNPUBLISHABLE or not key or not message_id:
+        raise ValueError(f"not an event RabbitMQ refused (reason {reason or 'none'})")
+    try:
+        validate_routing_key(key)
+    except ProtocolError as exc:
+        raise ValueError(f"its {ORIGINAL_ROUTING_KEY} is not a routing key: {exc.detail}") from None
+    received = headers.get("received_at")
+    received_ms = received if isinstance(received, int) and not isinstance(received, bool) else 0
+    rebuilt: dict[str, str | int] = {"realm": _text(headers.get("realm")), "received_at": received_ms}
+    try:
+        note = parse_frame(body, max_bytes=len(body) + 1)
+    except ProtocolError:
+        note = None
+    entity = note.entity_id if isinstance(note, Notification) else None
+    if entity is not None and len(entity.encode("utf-8", "surrogatepass")) <= MAX_ENTITY_ID_BYTES:
+        rebuilt["entity_id"] = entity
+    return Outbound(
+        kind=KIND_EVENT,
+        routing_key=key,
+        message_id=message_id,
+        body=body,
+        headers=rebuilt,
+        received_at=received_ms / 1000,
+        metric_kind=metric_label(key),
+    )
+
+
+def _text(value: Any) -> str:
+    """A header value as text (AMQP long strings may arrive as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
 
 
 def header_frame_bytes(properties: Basic.Properties) -> int:

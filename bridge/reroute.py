@@ -14,6 +14,13 @@ one returns it) as a copy the command puts there itself before it lets go of the
 one RabbitMQ refuses (a nack). Nothing is put back at the head, where it would be taken again in
 place of the events behind it. Nothing is declared: a mistyped ``--exchange`` is said, not created.
 ``--dry-run`` counts the events by routing key and moves nothing, to see which bindings are missing.
+
+``--refused`` does the same for the events RabbitMQ refused for good, kept in ``<exchange>.quarantine``
+with ``reason=unpublishable`` (a poison message: say a body above the broker's ``max_message_size``),
+once the cause is fixed: each is rebuilt as the contract publishes it (``contract.refused_event``: the
+body, ``message_id``, ``realm`` and ``received_at`` it was kept with, ``entity_id`` read from the body
+again) and published to its original routing key. The frames quarantined because they were not valid
+notifications are not events: they go back to the end of the quarantine unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from aio_pika.abc import (
 
 from bridge.broker import connect_for_command
 from bridge.config import Settings
-from bridge.contract import ORIGINAL_ROUTING_KEY, Topology
+from bridge.contract import ORIGINAL_ROUTING_KEY, Outbound, Topology, amqp_properties, refused_event
 from bridge.progress import Progress
 
 __all__ = ["Outcome", "RerouteResult", "reroute", "routing_key_of"]
@@ -59,6 +66,30 @@ def routing_key_of(message: AbstractIncomingMessage) -> str:
     if isinstance(original, bytes):
         original = original.decode("utf-8", "replace")
     return original if isinstance(original, str) and original else message.routing_key or ""
+
+
+def _reason(message: AbstractIncomingMessage) -> str:
+    """The ``reason`` header of a quarantined message."""
+    reason = (message.headers or {}).get("reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    return reason if isinstance(reason, str) and reason else "no reason"
+
+
+def _contract(event: Outbound) -> aio_pika.Message:
+    """``event`` with the properties and headers of the contract (``contract.amqp_properties``)."""
+    props = amqp_properties(event)
+    return aio_pika.Message(
+        event.body,
+        headers=props.headers,
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        type=props.message_type,
+        app_id=props.app_id,
+    )
 
 
 def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
@@ -88,6 +119,7 @@ class Outcome(enum.Enum):
     RETURNED = "returned"  # the exchange has no AE and no binding took it: put back at the end
     REFUSED = "refused"  # RabbitMQ nacked it or did not confirm it: put back at the end
     LEFT = "left"  # could not be settled (the link went): back in the queue with the channel
+    KEPT = "kept"  # --refused: a quarantined frame, not an event: put back at the end unchanged
 
 
 class RerouteResult:
@@ -99,6 +131,7 @@ class RerouteResult:
         self.taken = 0
         self.by: dict[Outcome, collections.Counter[str]] = {o: collections.Counter() for o in Outcome}
         self.seen: collections.Counter[str] = collections.Counter()  # --dry-run
+        self.frames: collections.Counter[str] = collections.Counter()  # --dry-run --refused: not events, by reason
         self.came_back: collections.Counter[str] = collections.Counter()  # published, then back through the AE
         self.exact = False  # came_back was counted copy by copy (a tap on the alternate exchange)
         self.lost_link = ""
@@ -125,6 +158,7 @@ async def reroute(
     dry_run: bool = False,
     limit: int = 0,
     progress: Progress | None = None,
+    refused: bool = False,
 ) -> int:
     """Move the events of ``<exchange>.unrouted`` back to the exchange (or only count them, ``dry_run``).
 
@@ -134,34 +168,37 @@ async def reroute(
         dry_run: count the events by routing key, move nothing.
         limit: handle at most this many events (0: every one in the queue at the start).
         progress: reports the events handled (default: a :class:`Progress` on standard error).
+        refused: move the events RabbitMQ refused for good, from ``<exchange>.quarantine``, instead.
 
     Returns:
         The exit code: 0 every event taken was published, or nothing to do; 1 the broker is unreachable,
         the link was lost, the command was stopped, or RabbitMQ refused some; 2 no such exchange.
     """
     names = Topology(settings.exchange)
+    kept = names.quarantine if refused else names.unrouted
     connection = await connect_for_command(settings, "reroute")
     if connection is None:
         return 1
     async with connection:
         try:
-            queue = await _open(connection, names)
+            queue = await _open(connection, names, kept)
         except _Missing as exc:
             print(f"reroute: {exc}", file=sys.stderr if exc.exit_code else sys.stdout)
             return exc.exit_code
         source, at_start = queue.channel, queue.declaration_result.message_count or 0
         total = min(at_start, limit) if limit else at_start
         if total == 0:
-            print(f"reroute: {names.unrouted} is empty: nothing to move")
+            print(f"reroute: {kept} is empty: nothing to move")
             return 0
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=False)
         exchange = await publisher.get_exchange(names.exchange, ensure=False)  # checked to exist by _open
         result = RerouteResult(at_start, total)
-        progress = progress or Progress("reroute --dry-run" if dry_run else "reroute", total)
+        verb = "reroute --refused" if refused else "reroute"
+        progress = progress or Progress(f"{verb} --dry-run" if dry_run else verb, total)
         try:
-            mover = None if dry_run else _Mover(publisher, exchange, names, settings.publish_timeout, result)
+            mover = None if dry_run else _Mover(publisher, exchange, kept, settings.publish_timeout, result, refused)
             tap = None if mover is None else await _tap(connection, names.unrouted, mover.came_back)
-            await _take(queue, publisher, stop, result, progress, mover)
+            await _take(queue, publisher, stop, result, progress, mover, refused)
             if tap is not None and mover is not None and not result.lost_link:
                 result.exact = mover.track and await _drained(*tap)
         finally:
@@ -169,15 +206,35 @@ async def reroute(
             with contextlib.suppress(Exception):  # anything delivered and not settled goes back to the queue
                 await asyncio.wait_for(source.close(), _SETTLE_TIMEOUT)
         if dry_run:
-            print(
-                f"reroute --dry-run: {names.unrouted} holds {at_start:,} events"
-                f"{f' (the first {total:,} counted)' if total < at_start else ''}; by routing key:\n"
-                + "".join(f"  {key:<32} {n:>9,}\n" for key, n in result.seen.most_common())
-                + "Bind a queue for the ones you need (--bind QUEUE=PATTERN on the bridge, or your own binding), "
-                "then run reroute without --dry-run. Nothing was moved"
-            )
+            print(_dry_run_report(kept, result, refused))
             return 0
-        return await _report(connection, names, settings.exchange, result)
+        return await _report(connection, names, kept, result, refused)
+
+
+def _dry_run_report(kept: str, result: RerouteResult, refused: bool) -> str:
+    def rows(counts: collections.Counter[str]) -> str:
+        return "".join(f"  {key:<32} {n:>9,}\n" for key, n in counts.most_common())
+
+    counted = f" (the first {result.total:,} counted)" if result.total < result.at_start else ""
+    if not refused:
+        return (
+            f"reroute --dry-run: {kept} holds {result.at_start:,} events{counted}; by routing key:\n"
+            + rows(result.seen)
+            + "Bind a queue for the ones you need (--bind QUEUE=PATTERN on the bridge, or your own binding), "
+            "then run reroute without --dry-run. Nothing was moved"
+        )
+    events, frames = sum(result.seen.values()), sum(result.frames.values())
+    text = f"reroute --refused --dry-run: {kept} holds {result.at_start:,} messages{counted}"
+    text += f"; {events:,} events RabbitMQ refused, by routing key:\n" + rows(result.seen) if events else (
+        "; no event RabbitMQ refused\n")  # fmt: skip
+    if frames:
+        text += f"and {frames:,} quarantined frames, not events (reroute leaves them), by reason:\n" + rows(
+            result.frames
+        )
+    return text + (
+        "Fix what made RabbitMQ refuse them (the detail header says), then run reroute --refused without "
+        "--dry-run. Nothing was moved"
+    )
 
 
 class _Missing(LookupError):
@@ -186,9 +243,9 @@ class _Missing(LookupError):
         self.exit_code = exit_code
 
 
-async def _open(connection: AbstractConnection, names: Topology) -> AbstractQueue:
-    """The unrouted queue, on a channel of its own to consume it, with how many messages wait there; the
-    exchange and the queue are checked passively (nothing is declared).
+async def _open(connection: AbstractConnection, names: Topology, kept: str) -> AbstractQueue:
+    """The queue ``kept`` (unrouted or quarantine), on a channel of its own to consume it, with how many
+    messages wait there; the exchange and the queue are checked passively (nothing is declared).
 
     Raises:
         _Missing: the exchange (exit 2: a mistyped name) or the queue (exit 0: nothing kept) does not exist.
@@ -201,23 +258,34 @@ async def _open(connection: AbstractConnection, names: Topology) -> AbstractQueu
             f"there is no exchange {names.exchange}: check --exchange (or BRIDGE_EXCHANGE); nothing was declared", 2
         ) from None
     try:
-        queue = await channel.declare_queue(names.unrouted, passive=True)
+        queue = await channel.declare_queue(kept, passive=True)
     except aiormq.exceptions.ChannelNotFoundEntity:
-        why = f"there is no queue {names.unrouted} (--unroutable drop keeps none): nothing to move"
-        raise _Missing(why, 0) from None
+        why = f"there is no queue {kept}" + (" (--unroutable drop keeps none)" if kept == names.unrouted else "")
+        raise _Missing(f"{why}: nothing to move", 0) from None
     return queue
 
 
-class _Mover:
-    """Publishes one taken event to the exchange, or back to the end of the unrouted queue, and settles it."""
+def _event_key(message: AbstractIncomingMessage, refused: bool) -> str | None:
+    """The routing key ``message`` is published to again; None for a quarantined frame that is not an event."""
+    if not refused:
+        return routing_key_of(message)
+    try:
+        return refused_event(message.body, message.headers or {}, message.message_id or "").routing_key
+    except ValueError:
+        return None
 
-    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange, names: Topology, confirm_timeout: float,
-                 result: RerouteResult) -> None:  # fmt: skip
+
+class _Mover:
+    """Publishes one taken event to the exchange, or back to the end of its queue, and settles it."""
+
+    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange, kept: str, confirm_timeout: float,
+                 result: RerouteResult, refused: bool) -> None:  # fmt: skip
         self._channel = channel
         self._exchange = exchange
-        self._unrouted = names.unrouted
+        self._kept = kept
         self.confirm_timeout = confirm_timeout
         self._result = result
+        self._refused = refused
         self.tracked: collections.Counter[str] = collections.Counter()  # message ids published, not yet seen back
         self.track = True
 
@@ -228,35 +296,53 @@ class _Mover:
             self.tracked[mid] -= 1
             self._result.came_back[routing_key_of(message)] += 1
 
-    async def move(self, message: AbstractIncomingMessage) -> None:
-        key = routing_key_of(message)
-        headers = dict(message.headers or {})
-        headers.pop(ORIGINAL_ROUTING_KEY, None)
-        if self.track and message.message_id is not None:
-            self.tracked[message.message_id] += 1  # before the publish: its copy may reach the tap first
-            self.track = len(self.tracked) < _TRACK_MAX  # beyond, only bounds are reported (memory)
+    def _outgoing(self, message: AbstractIncomingMessage) -> tuple[str, aio_pika.Message] | None:
+        """The routing key and the message to publish, or None for a quarantined frame (not an event)."""
+        if not self._refused:
+            headers = dict(message.headers or {})
+            headers.pop(ORIGINAL_ROUTING_KEY, None)
+            return routing_key_of(message), _copy(message, headers)
         try:
-            confirmation: Any = await self._exchange.publish(
-                _copy(message, headers), routing_key=key, mandatory=True, timeout=self.confirm_timeout
-            )
-        except Exception:  # nacked, no confirm in time, or the channel went
-            outcome = Outcome.REFUSED
+            event = refused_event(message.body, message.headers or {}, message.message_id or "")
+        except ValueError:
+            return None
+        return event.routing_key, _contract(event)
+
+    async def move(self, message: AbstractIncomingMessage) -> None:
+        outgoing = self._outgoing(message)
+        if outgoing is None:  # a frame the bridge quarantined: it stays, behind the rest
+            key = _reason(message)
+            outcome = Outcome.KEPT if await self._put_back(message, key) else Outcome.LEFT
         else:
-            returned = isinstance(confirmation, aiormq.abc.DeliveredMessage)
-            outcome = Outcome.RETURNED if returned else Outcome.PUBLISHED
-        if outcome is not Outcome.PUBLISHED and not await self._put_back(message, key, headers):
-            outcome = Outcome.LEFT
+            key, copy = outgoing
+            if self.track and message.message_id is not None:
+                self.tracked[message.message_id] += 1  # before the publish: its copy may reach the tap first
+                self.track = len(self.tracked) < _TRACK_MAX  # beyond, only bounds are reported (memory)
+            try:
+                confirmation: Any = await self._exchange.publish(
+                    copy, routing_key=key, mandatory=True, timeout=self.confirm_timeout
+                )
+            except Exception:  # nacked, no confirm in time, or the channel went
+                outcome = Outcome.REFUSED
+            else:
+                returned = isinstance(confirmation, aiormq.abc.DeliveredMessage)
+                outcome = Outcome.RETURNED if returned else Outcome.PUBLISHED
+            if outcome is not Outcome.PUBLISHED and not await self._put_back(message, key):
+                outcome = Outcome.LEFT
         if outcome is not Outcome.LEFT and not await _settle(message.ack()):
             outcome = Outcome.LEFT  # done, but still in the queue too: taken again by a later run (same id)
         self._result.by[outcome][key] += 1
 
-    async def _put_back(self, message: AbstractIncomingMessage, key: str, headers: dict[str, Any]) -> bool:
-        """A copy at the end of the unrouted queue (as the bridge keeps a returned event), confirmed."""
+    async def _put_back(self, message: AbstractIncomingMessage, key: str) -> bool:
+        """A confirmed copy at the end of its queue: an unrouted event as the bridge keeps a returned one
+        (``original_routing_key``), a quarantined message unchanged."""
+        headers = dict(message.headers or {})
+        if not self._refused:
+            headers[ORIGINAL_ROUTING_KEY] = key
         try:
             await self._channel.default_exchange.publish(
-                _copy(message, {**headers, ORIGINAL_ROUTING_KEY: key}), routing_key=self._unrouted, mandatory=True,
-                timeout=self.confirm_timeout,
-            )  # fmt: skip
+                _copy(message, headers), routing_key=self._kept, mandatory=True, timeout=self.confirm_timeout
+            )
         except Exception:
             return False
         return True
@@ -318,6 +404,7 @@ async def _take(
     result: RerouteResult,
     progress: Progress,
     mover: _Mover | None,
+    refused: bool = False,
 ) -> None:
     """Consume ``result.total`` deliveries and move (or, without a mover, count) each.
 
@@ -343,7 +430,11 @@ async def _take(
             return  # past the count (new arrivals): left unacknowledged, back in the queue at the close
         result.taken += 1
         if mover is None:
-            result.seen[routing_key_of(message)] += 1
+            key = _event_key(message, refused)
+            if key is None:
+                result.frames[_reason(message)] += 1
+            else:
+                result.seen[key] += 1
             one_done()
             return
         task = asyncio.create_task(mover.move(message))
@@ -378,13 +469,17 @@ async def _take(
             await asyncio.gather(*hanging, return_exceptions=True)
 
 
-async def _report(connection: AbstractConnection, names: Topology, exchange: str, result: RerouteResult) -> int:
+async def _report(
+    connection: AbstractConnection, names: Topology, kept: str, result: RerouteResult, refused: bool
+) -> int:
+    exchange = names.exchange
     published = result.count(Outcome.PUBLISHED)
-    put_back = result.count(Outcome.RETURNED) + result.count(Outcome.REFUSED)
+    put_back = result.count(Outcome.RETURNED) + result.count(Outcome.REFUSED) + result.count(Outcome.KEPT)
     left = result.count(Outcome.LEFT) + (result.taken - result.settled)  # cancelled ones count as left
     untried = result.total - result.taken
-    now = None if result.lost_link else await _depth(connection, names.unrouted)
-    lines = [f"reroute: took {result.taken:,} of the {result.at_start:,} events of {names.unrouted}"]
+    now = None if result.lost_link else await _depth(connection, kept)
+    what = "messages" if refused else "events"
+    lines = [f"reroute: took {result.taken:,} of the {result.at_start:,} {what} of {kept}"]
     if published and result.exact:
         back_n = sum(result.came_back.values())
         reached = result.by[Outcome.PUBLISHED] - result.came_back
@@ -393,13 +488,14 @@ async def _report(connection: AbstractConnection, names: Topology, exchange: str
             f"    {published - back_n:,} reached a bound queue" + (f": {result.keys(reached)}" if reached else "")
         )
         if back_n:
-            lines.append(f"    {back_n:,} still match no binding and came back to {names.unrouted}: "
+            went = f"went to {names.unrouted}" if refused else f"came back to {names.unrouted}"
+            lines.append(f"    {back_n:,} {'' if refused else 'still '}match no binding and {went}: "
                          f"{result.keys(result.came_back)}")  # fmt: skip
     elif published:
         line = (
             f"  {published:,} published to {exchange} again and confirmed ({result.keys(result.by[Outcome.PUBLISHED])})"
         )
-        if now is not None:
+        if now is not None and not refused:
             # What came back through the alternate exchange (no binding yet) is in the queue now, beside
             # the events not taken, those put back, and any the bridge sent meanwhile: a bound, not a count.
             back = max(0, min(published, now - (result.at_start - result.taken) - put_back - left))
@@ -411,20 +507,23 @@ async def _report(connection: AbstractConnection, names: Topology, exchange: str
                          "arrived there meanwhile): `reroute --dry-run` shows what waits there now")  # fmt: skip
         lines.append(line)
     if result.count(Outcome.RETURNED):
-        lines.append(f"  {result.count(Outcome.RETURNED):,} still match no binding (returned: the exchange has no "
-                     f"alternate exchange) and were put back at the end of {names.unrouted}: "
+        lines.append(f"  {result.count(Outcome.RETURNED):,} {'' if refused else 'still '}match no binding (returned: "
+                     f"the exchange has no alternate exchange) and were put back at the end of {kept}: "
                      f"{result.keys(result.by[Outcome.RETURNED])}")  # fmt: skip
     if result.count(Outcome.REFUSED):
         lines.append(f"  {result.count(Outcome.REFUSED):,} were refused by RabbitMQ (nacked, or no confirm within "
-                     f"--publish-timeout) and were put back at the end of {names.unrouted}: "
+                     f"--publish-timeout) and were put back at the end of {kept}: "
                      f"{result.keys(result.by[Outcome.REFUSED])}")  # fmt: skip
+    if result.count(Outcome.KEPT):
+        lines.append(f"  {result.count(Outcome.KEPT):,} quarantined frames, not events, were put back unchanged at "
+                     f"the end of {kept}: {result.keys(result.by[Outcome.KEPT])}")  # fmt: skip
     if left:
-        lines.append(f"  {left:,} could not be settled and stay in {names.unrouted} (some may have been published "
+        lines.append(f"  {left:,} could not be settled and stay in {kept} (some may have been published "
                      "too: same message_id)")  # fmt: skip
     if untried:
         why = result.lost_link or ("stopped" if result.stopped else "not reached")
-        lines.append(f"  {untried:,} were not tried ({why}) and stay in {names.unrouted}")
-    lines.append(f"  {names.unrouted} holds {f'{now:,}' if now is not None else '?'} now")
+        lines.append(f"  {untried:,} were not tried ({why}) and stay in {kept}")
+    lines.append(f"  {kept} holds {f'{now:,}' if now is not None else '?'} now")
     trouble = bool(result.lost_link or result.stopped or left or result.count(Outcome.REFUSED))
     if trouble:
         lines.append("reroute: not every event was moved; run reroute again" + (

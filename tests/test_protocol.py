@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import orjson
@@ -397,3 +398,28 @@ def test_entity_id_is_data_or_data_id_when_a_string_or_number(data: str, entity:
     note = parse_frame(f'{{"type":"notification","event":"a.b","data":{data},"timestamp":1}}')
     assert isinstance(note, Notification)
     assert note.entity_id == entity
+
+
+def test_a_refused_event_is_rebuilt_as_the_contract_published_it() -> None:
+    """The quarantine copy of a poison event (bounded headers) gives back the event the contract promises:
+    same body, message_id, realm and received_at to the millisecond, entity_id read from the body again."""
+    from bridge.contract import refused_event, unpublishable_message
+    from bridge.wire import parse_frame
+
+    frame = '{"type":"notification","event":"deposit.received","data":{"id":77,"n":"x"},"timestamp":"162553625262"}'
+    note = parse_frame(frame)
+    assert isinstance(note, Notification)
+    original = event_message(note, realm="eu", realm_fp="fp-0123456789ab", received_at=1764150000.987)
+    poisoned = dataclasses.replace(original, headers={**original.headers, "huge": "h" * 10})
+    kept = unpublishable_message(poisoned, "FRAME_ERROR")
+    assert "entity_id" not in kept.headers and "huge" not in kept.headers
+
+    # As a consumer reads the copy back: long strings may come as bytes.
+    read_back = {k: v.encode() if isinstance(v, str) else v for k, v in kept.headers.items()}
+    rebuilt = refused_event(kept.body, read_back, kept.message_id)
+    assert rebuilt == original
+
+    with pytest.raises(ValueError, match="not an event RabbitMQ refused"):
+        refused_event(b"{", {"reason": "bad_json"}, "some-id")
+    with pytest.raises(ValueError, match="not a routing key"):
+        refused_event(kept.body, {**read_back, "original_routing_key": "deposit.#"}, kept.message_id)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiormq
+import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
 from bridge.broker import declare_topology
-from bridge.contract import Topology
+from bridge.contract import KIND_EVENT, Outbound, Topology
 from bridge.reroute import reroute
+from bridge.spool import Spool
 from tests.helpers import (
     AMQP_URL,
     bind_queue,
@@ -299,3 +302,59 @@ async def test_a_mistyped_exchange_is_said_and_nothing_is_declared(
     channel = await amqp.channel()
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         await channel.get_exchange(exchange_name, ensure=True)
+
+
+async def test_refused_republishes_the_events_rabbitmq_refused_and_leaves_the_quarantined_frames(
+    amqp: AbstractRobustConnection, exchange_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event RabbitMQ refused for good (quarantined as unpublishable) goes to its routing key again with the
+    contract's properties and headers once the cause is gone; the quarantined frames stay, unchanged, and a
+    second run moves nothing twice."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(str(path))
+    body = orjson.dumps({"type": "notification", "event": "deposit.received", "data": "ent-7", "timestamp": "1"})
+    poison = Outbound(KIND_EVENT, "deposit.received", "id-poison", body,
+                      {"realm": "test", "received_at": 1764150000987, "huge": "h" * 200_000}, 1764150000.987)  # fmt: skip
+    await spool.put(poison)  # a header frame above frame_max: quarantined as unpublishable
+    assert (await spool.close()).lost == 0
+    names = Topology(exchange_name)
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name, spool=str(path))
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            assert await sim.send_malformed(2, "bad_json") == 2
+            quarantined = "orangepill_bridge_events_quarantined_total"
+            assert await wait_until(lambda: bridge.metric(quarantined, {"reason": "bad_json"}) == 2, 30)
+            assert await wait_until(lambda: bridge.metric(quarantined, {"reason": "unpublishable"}) == 1, 30)
+            assert await bridge.finish() == 0
+    before = [_as_published(m) for m in await _peek(amqp, names.quarantine)]
+    frames = [p for p in before if p["headers"]["reason"] == "bad_json"]  # the same frame twice: same message_id
+    assert len(before) == 3 and len(frames) == 2
+
+    queue = await bind_queue(amqp, settings, "deposit.#")
+    assert await reroute(settings, asyncio.Event(), dry_run=True, refused=True) == 0
+    out = capsys.readouterr().out
+    assert "holds 3 messages; 1 events RabbitMQ refused, by routing key:\n  deposit.received " in out, out
+    assert "2 quarantined frames, not events (reroute leaves them), by reason:\n  bad_json " in out, out
+    assert await _depth(amqp, names.quarantine) == 3
+
+    assert await reroute(settings, asyncio.Event(), refused=True) == 0
+    (got,) = await collect(queue, 1, timeout=15, settle=0.3)
+    assert _as_published(got) == {
+        "body": body, "message_id": "id-poison", "type": "deposit.received", "app_id": "orangepill-bridge",
+        "headers": {"realm": "test", "received_at": 1764150000987, "entity_id": "ent-7"},
+        "timestamp": got.timestamp, "content_type": "application/json", "delivery_mode": 2,
+    }  # fmt: skip
+    assert got.timestamp is not None and got.timestamp.timestamp() == 1764150000
+    after = [_as_published(m) for m in await _peek(amqp, names.quarantine)]
+    assert after == frames  # the frames, byte for byte, with their headers
+    out = capsys.readouterr().out
+    assert "took 3 of the 3 messages" in out and "    1 reached a bound queue: deposit.received 1" in out, out
+    assert "2 quarantined frames, not events, were put back unchanged" in out, out
+
+    assert await reroute(settings, asyncio.Event(), refused=True) == 0  # nothing more to publish
+    third = capsys.readouterr().out
+    assert "published" not in third and "2 quarantined frames, not events, were put back" in third, third
+    assert await _depth(amqp, names.quarantine) == 2
+    assert await _depth(amqp, queue.name) == 0
+
