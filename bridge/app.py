@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from bridge.backlog import watch_backlog
-from bridge.broker import Broker
+from bridge.broker import Broker, access_refused, describe_error
 from bridge.config import Realm, Settings
 from bridge.contract import KIND_EVENT, Outbound
 from bridge.errors import BridgeError, ConfigError, SpoolError
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _STREAM_STOP_GRACE = 5.0
 _EXPIRE_INTERVAL: Final = 1.0  # seconds between two trims of a standby's window
+_SIDE_TASK_RETELL: Final = 600.0  # an HA side task failing with the broker up: its ERROR again this often (s)
 _PUBLISHING_EVIDENCE: Final = 2.0  # a leader with a backlog and no confirm for this long sends no heartbeat
 
 
@@ -341,9 +342,12 @@ class Bridge:
         exchange = self.settings.exchange
         self.announcer = Announcer(connection, exchange, leading=self._healthy_leading)
         follower = Follower(connection, exchange, self._on_announcement)
+
+        def up() -> bool:
+            return self.broker.connected
         await asyncio.gather(
-            _keep_running("announcer", self.announcer.run, self._coord_stop),
-            _keep_running("follower", follower.run, self._coord_stop),
+            _keep_running("announcer", self.announcer.run, self._coord_stop, exchange, up),
+            _keep_running("follower", follower.run, self._coord_stop, exchange, up),
             self.broker.poll_queues(self._coord_stop),
         )
 
@@ -513,13 +517,33 @@ async def _bounded(task: asyncio.Task[Any] | None, seconds: float) -> None:
         await asyncio.wait_for(task, timeout=seconds)
 
 
-async def _keep_running(name: str, run: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
-    """Run an HA side task until ``stop``; restart it (after a pause) when the broker link failed under it."""
+async def _keep_running(
+    name: str,
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    stop: asyncio.Event,
+    exchange: str,
+    link_up: Callable[[], bool],
+) -> None:
+    """Run an HA side task until ``stop``; restart it (after a pause) when it fails.
+
+    A failure while the broker link is down is expected (DEBUG). One with the link up (RabbitMQ
+    refusing the task's queue: a user without permission on it) is a replica that cannot follow or
+    announce, silently otherwise: a standby that never hears its leader keeps every event and
+    publishes its whole spool again at a failover. It is said at ERROR, once per distinct cause,
+    again every ``_SIDE_TASK_RETELL`` seconds while it lasts.
+    """
+    said, said_at = "", 0.0
     while not stop.is_set():
         try:
             await run(stop)
         except Exception as exc:
-            log.debug("ha %s stopped (%s); restarting", name, type(exc).__name__, exc_info=True)
+            now, kind = time.monotonic(), type(exc).__name__  # the text names a fresh queue each time
+            if link_up() and (kind != said or now - said_at >= _SIDE_TASK_RETELL):
+                said, said_at = kind, now
+                why = access_refused(exc, exchange) or f"{kind}: {describe_error(exc)}"
+                log.error("ha %s failed with the broker up, retrying every second: %s", name, why)
+            else:
+                log.debug("ha %s stopped (%s); restarting", name, type(exc).__name__, exc_info=True)
             await _wait(stop, 1.0)
 
 

@@ -43,7 +43,16 @@ from bridge.nodes import NoNodeAvailable, connect_robust_nodes, node_in_use, nod
 from bridge.secrets import LogScrubber
 from bridge.tls import amqp_connect_kwargs
 
-__all__ = ["Broker", "BrokerHealth", "LinkState", "connect_for_command", "declare_topology", "describe_error"]
+__all__ = [
+    "Broker",
+    "BrokerHealth",
+    "LinkState",
+    "access_refused",
+    "connect_for_command",
+    "declare_topology",
+    "describe_error",
+    "permissions_needed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +121,27 @@ def _reply_text(exc: BaseException) -> str:
     """The broker's words in a channel or connection error (``PRECONDITION_FAILED - …``), shortened."""
     text = str(exc.args[1] if len(exc.args) > 1 else exc)
     return text[:300]
+
+
+def permissions_needed(exchange: str) -> str:
+    """What the bridge's RabbitMQ user must be allowed, as a ``rabbitmqctl set_permissions`` line.
+
+    Every name the bridge declares, binds or consumes starts with the exchange's name (the exchange, its
+    ``.unrouted``, ``.quarantine``, ``.ha`` and ``.leader.*``, and the private queues under them), so one
+    pattern covers them all; ``--bind`` queues are named by the user and need the same three permissions.
+    """
+    pattern = "^" + re.escape(exchange).replace("\\-", "-") + r"(\..*)?$"
+    return (
+        f"configure, write and read permission on every name matching {pattern} (and on the queues of --bind): "
+        f"rabbitmqctl set_permissions -p VHOST USER '{pattern}' '{pattern}' '{pattern}'"
+    )
+
+
+def access_refused(exc: BaseException, exchange: str) -> str | None:
+    """The operator's message for an ACCESS_REFUSED from RabbitMQ, or None for any other error."""
+    if not isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return None
+    return f"RabbitMQ refused access ({describe_error(exc)}); the bridge's user needs {permissions_needed(exchange)}"
 
 
 async def declare_topology(
@@ -337,6 +367,9 @@ class Broker:
                 await self._declare_bindings(connection)
             if alternate:
                 await self._tap_unrouted(connection)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            await connection.close()
+            raise TopologyError(access_refused(exc, self.topology.exchange) or str(exc)) from None
         except BaseException:
             await connection.close()
             raise

@@ -22,6 +22,7 @@ import contextlib
 import glob
 import inspect
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
@@ -256,7 +257,9 @@ class Follower:
         channel = await self._connection.channel(publisher_confirms=False)
         try:
             source = await _declare(channel, self._exchange)
-            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            # Named under the exchange, as everything of the bridge's: one permission pattern covers it.
+            name = f"{ha_exchange_name(self._exchange)}.follower.{uuid.uuid4().hex[:12]}"
+            queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
             await queue.bind(source)
             tag = await queue.consume(self._handle, no_ack=True)
             self.ready.set()

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from bridge.broker import access_refused
 from bridge.nodes import NoNodeAvailable, connect_first, node_of, with_heartbeat
 
 __all__ = ["Leadership", "LeadershipHealth", "RealmLock", "Role", "lock_queue_name"]
@@ -115,6 +116,7 @@ class Leadership:
         self._connected = False
         self._lost = asyncio.Event()
         self._raw: aiormq.abc.AbstractConnection | None = None  # the lock connection, for tests
+        self._refused_said = ""  # the last ACCESS_REFUSED logged (once, not at every attempt)
 
     # -- public API --
 
@@ -214,7 +216,13 @@ class Leadership:
                         self._set(realm.label, Role.LEADER, f"holds the lock on node {self._node}")
                 await _wait_any(stop, lost, self._poll)
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            if not lost.is_set():
+            refused = access_refused(exc, self._exchange)
+            if refused is not None:
+                # Said once (it comes back at every attempt); no replica can lead until it is fixed.
+                if refused != self._refused_said:
+                    self._refused_said = refused
+                    log.error("leadership: cannot take the realm locks: %s", refused)
+            elif not lost.is_set():
                 log.warning("leadership: lock connection failed (%s)", type(exc).__name__, exc_info=True)
         finally:
             probe.cancel()

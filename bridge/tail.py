@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,7 +81,9 @@ async def tail(
                 "runs, check --exchange (or BRIDGE_EXCHANGE): a bridge with another exchange publishes nothing here",
                 file=sys.stderr,
             )
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        # Named under the exchange, as the bridge's own queues: one permission pattern covers it.
+        queue = await channel.declare_queue(f"{settings.exchange}.tail.{uuid.uuid4().hex[:8]}", exclusive=True,
+                                            auto_delete=True)  # fmt: skip
         for pattern in patterns:
             await queue.bind(exchange, routing_key=pattern)
         print(f"tail: bound to {settings.exchange} with {', '.join(patterns)}", file=sys.stderr)
