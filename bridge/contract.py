@@ -19,7 +19,7 @@ from pamqp.encode import field_table, short_string, table_integer
 
 from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
-from bridge.secrets import clip, redact
+from bridge.secrets import clip, holds_secret, redact
 from bridge.wire import REJECT_REASONS, Notification, Timestamp, dumps_exact, parse_frame, validate_routing_key
 
 __all__ = [
@@ -149,7 +149,9 @@ def message_id(realm_fp: str, event: str, data: Any, timestamp: Timestamp, extra
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
-def event_message(note: Notification, *, realm: str, realm_fp: str, received_at: float) -> Outbound:
+def event_message(
+    note: Notification, *, realm: str, realm_fp: str, received_at: float, secrets: tuple[str, ...] = ()
+) -> Outbound:
     """Turn a parsed notification into the message the contract promises.
 
     Args:
@@ -157,10 +159,16 @@ def event_message(note: Notification, *, realm: str, realm_fp: str, received_at:
         realm: the realm's label (configured, or the key fingerprint).
         realm_fp: the key fingerprint, which feeds ``message_id``.
         received_at: when the frame was read (unix seconds).
+        secrets: the realm keys: an ``entity_id`` holding one (an upstream that echoes the key in
+            ``data``) is left out, as a header never carries a key (SECURITY.md).
     """
     headers: dict[str, str | int] = {"realm": realm, "received_at": int(received_at * 1000)}
     entity = note.entity_id
-    if entity is not None and len(entity.encode("utf-8", "surrogatepass")) <= MAX_ENTITY_ID_BYTES:
+    if (
+        entity is not None
+        and len(entity.encode("utf-8", "surrogatepass")) <= MAX_ENTITY_ID_BYTES
+        and not holds_secret(entity, secrets)
+    ):
         headers["entity_id"] = entity
     return Outbound(
         kind=KIND_EVENT,

@@ -97,7 +97,7 @@ def frame_messages(
     try:
         frames = parse_frames(raw, max_bytes=max_bytes)
         events = [
-            event_message(frame, realm=realm, realm_fp=realm_fp, received_at=received_at)
+            event_message(frame, realm=realm, realm_fp=realm_fp, received_at=received_at, secrets=secrets)
             for frame in frames
             if isinstance(frame, Notification)
         ]

@@ -343,3 +343,33 @@ def test_transport_warnings(caplog: pytest.LogCaptureFixture) -> None:
     assert "stream connection to stream.example:80 is not encrypted" in text
     assert "broker connection to rabbit.example:5672 is not encrypted" in text
     assert "pw0rd-long-1" not in text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [KEY, {"id": KEY, "n": 1}, "acct-" + KEY[-12:], KEY[3:19]],
+    ids=["the key", "data.id the key", "ends with a piece", "a 16-char piece"],
+)
+def test_an_entity_id_that_holds_the_realm_key_is_left_out_of_the_headers(data: object) -> None:
+    """An upstream that echoes the key in data: the entity_id header (and so the Explorer) never carries it."""
+    from bridge.stream import frame_messages
+
+    frame = json.dumps({"type": "notification", "event": "transaction.done", "data": data, "timestamp": "5"})
+    result = frame_messages(frame, realm="eu", realm_fp=key_fingerprint(KEY), secrets=(KEY,), max_bytes=1 << 20,
+                            received_at=1.0)  # fmt: skip
+    (msg,) = result.messages
+    assert "entity_id" not in msg.headers
+    assert _leaks(repr(msg.headers), KEY) == []
+
+
+def test_an_ordinary_entity_id_is_kept_and_the_check_is_exact() -> None:
+    from bridge.secrets import holds_secret
+    from bridge.stream import frame_messages
+
+    frame = json.dumps({"type": "notification", "event": "transaction.done", "data": "63967141191e9023f356df9f"})
+    result = frame_messages(frame, realm="eu", realm_fp=key_fingerprint(KEY), secrets=(KEY,), max_bytes=1 << 20,
+                            received_at=1.0)  # fmt: skip
+    assert result.messages[0].headers["entity_id"] == "63967141191e9023f356df9f"
+    assert holds_secret("x" + KEY[5:17] + "y", (KEY,))
+    assert not holds_secret(KEY[5:16], (KEY,))  # 11 characters: shorter than a piece
+    assert not holds_secret(KEY, ())
