@@ -93,6 +93,7 @@ class Bridge:
             spools = {realm.label: spools for realm in settings.realms}
         self.state = StreamState(settings.realms, metrics)
         self.broker = Broker(settings, metrics)
+        metrics.watch_blocked(lambda: self.broker.blocked)
         self.lanes: dict[str, RealmLane] = {}
         for realm in settings.realms:
             spool = spools[realm.label]
@@ -264,6 +265,8 @@ class Bridge:
                 reasons.append(f"realm {realm} not subscribed ({why})")
         if not broker.connected:
             reasons.append(f"broker not connected: {broker.error or 'connecting'}")
+        elif self.broker.blocked:
+            reasons.append("broker blocks publishing (a memory or disk alarm on RabbitMQ): events wait in the spool")
         if not lock.connected:
             reasons.append("leadership lock connection down: this replica cannot lead")
         if spool["full"]:
@@ -277,7 +280,8 @@ class Bridge:
             "fatal": fatal,
             "roles": {label: role.value for label, role in lock.roles.items()},
             "stream": {"connected": stream.connected, "subscribed": stream.subscribed},
-            "broker": {"connected": broker.connected, "error": broker.error, "node": broker.node},
+            "broker": {"connected": broker.connected, "error": broker.error, "node": broker.node,
+                       "blocked": self.broker.blocked},
             "leadership": {"connected": lock.connected, "node": lock.node},
             "spool": spool,
             "publish": {"in_flight": sum(lane.publisher.in_flight for lane in self.lanes.values())},

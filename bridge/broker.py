@@ -49,6 +49,7 @@ __all__ = [
     "LinkState",
     "access_refused",
     "connect_for_command",
+    "connection_blocked",
     "declare_topology",
     "describe_error",
     "permissions_needed",
@@ -121,6 +122,17 @@ def _reply_text(exc: BaseException) -> str:
     """The broker's words in a channel or connection error (``PRECONDITION_FAILED - …``), shortened."""
     text = str(exc.args[1] if len(exc.args) > 1 else exc)
     return text[:300]
+
+
+def connection_blocked(connection: object) -> bool:
+    """Whether RabbitMQ has blocked this aiormq connection (``connection.blocked``: a memory or disk alarm).
+
+    While blocked, RabbitMQ reads nothing from it: publishes wait in the socket, unconfirmed, and
+    each one resent meanwhile is one more copy delivered once the alarm clears. aiormq keeps the
+    state in a private event (and logs the change); read it here, in one place.
+    """
+    unblocked = getattr(connection, "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
 
 
 def permissions_needed(exchange: str) -> str:
@@ -300,6 +312,12 @@ class Broker:
         """``host:port`` of the RabbitMQ node in use (or being reconnected to), None before the first connect."""
         connection = self._connection
         return None if connection is None else node_in_use(connection)
+
+    @property
+    def blocked(self) -> bool:
+        """RabbitMQ has blocked the publishing connection (a resource alarm): nothing is published meanwhile."""
+        transport = getattr(self._connection, "transport", None)
+        return self.connected and connection_blocked(getattr(transport, "connection", None))
 
     def health(self) -> BrokerHealth:
         """The link's health for /readyz."""

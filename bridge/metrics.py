@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -226,6 +226,11 @@ class Metrics:
         self.amqp_connects = Counter(
             f"{p}_amqp_connects", "RabbitMQ connections opened (first and reconnects).", registry=r
         )
+        self.amqp_blocked = Gauge(
+            f"{p}_amqp_blocked",
+            "1 while RabbitMQ blocks publishing on the connection (a memory or disk alarm); events wait in the spool.",
+            registry=r,
+        )
         self.queue_depth_gauge = Gauge(
             f"{p}_queue_messages",
             "Messages waiting in the bridge's own queues (unrouted, quarantine).",
@@ -337,6 +342,10 @@ class Metrics:
     def amqp_up(self, up: bool) -> None:
         """Whether the RabbitMQ connection and its channel are usable now."""
         self.amqp_connected.set(1 if up else 0)
+
+    def watch_blocked(self, blocked: Callable[[], bool]) -> None:
+        """Read ``amqp_blocked`` from ``blocked`` whenever scraped (RabbitMQ's connection.blocked state)."""
+        self.amqp_blocked.set_function(lambda: 1.0 if blocked() else 0.0)
 
     def amqp_connect(self) -> None:
         """A RabbitMQ connection was made (first or reconnect)."""

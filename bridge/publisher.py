@@ -27,7 +27,7 @@ from aiormq.abc import ChannelFrame, ConfirmationFrameType, DeliveredMessage
 from aiormq.channel import Channel, Returning
 from pamqp import commands as spec
 
-from bridge.broker import Broker
+from bridge.broker import Broker, connection_blocked
 from bridge.config import Settings
 from bridge.contract import (
     KIND_EVENT,
@@ -137,12 +137,13 @@ class _Slot:
 class _Batch:
     """Publishes written in one transport write: one timeout timer for all of them."""
 
-    __slots__ = ("left", "raw", "timer")
+    __slots__ = ("blocked", "left", "raw", "timer")
 
     def __init__(self, raw: Channel, left: int) -> None:
         self.raw = raw
         self.left = left
         self.timer: asyncio.TimerHandle | None = None
+        self.blocked = False  # its timeout ran out while RabbitMQ blocked the connection
 
 
 class ConfirmRouter:
@@ -259,6 +260,7 @@ class Publisher:
         self._held: dict[int, tuple[asyncio.TimerHandle, Spooled]] = {}  # nacked, waiting for their retry
         self._suspects: set[int] = set()  # in flight when the broker refused for good: resent alone
         self._condemned: dict[int, str] = {}  # poison, to quarantine when handed out again: why
+        self._blocked_said = False  # a WARNING said RabbitMQ blocks the connection (since the last confirm)
         metrics.count_in_flight(self)
 
     @property
@@ -498,6 +500,7 @@ class Publisher:
         acks, self._acks = self._acks, []
         if not acks:
             return
+        self._blocked_said = False  # confirms flow: a later block is told again
         self._source.ack([item.id for item in acks])
         now = time.time()
         counts: dict[str, int] = {}
@@ -513,7 +516,29 @@ class Publisher:
         self._source.release([item])
 
     def _expire(self, group: _Batch) -> None:
-        """The publish timeout of a batch ran out: what is still open goes back to the spool."""
+        """The publish timeout of a batch ran out: what is still open goes back to the spool.
+
+        Not while RabbitMQ blocks the connection (a memory or disk alarm): the publishes wait in
+        the socket, unread, and are confirmed once the alarm clears; sent again meanwhile, each
+        would be delivered once more per timeout (a 40 s disk alarm with a 5 s timeout delivered
+        one event 9 times). The batch keeps its slots (the window stays full: nothing more is sent)
+        and waits another timeout, and one more after the alarm cleared (its timer may fire just then).
+        """
+        raw = group.raw
+        blocked = not raw.is_closed and connection_blocked(raw.connection)
+        if blocked or (group.blocked and not raw.is_closed):
+            # Blocked, or unblocked since the last look: a whole timeout from now for the confirms.
+            group.blocked = blocked
+            if blocked and not self._blocked_said:
+                self._blocked_said = True
+                log.warning(
+                    "RabbitMQ has blocked publishing on this connection (a memory or disk alarm on the broker: "
+                    "aiormq's 'was blocked by' line says which): %d publishes wait for its confirms and are not "
+                    "sent again; events wait in the spool until the alarm clears",
+                    len(self._open),
+                )  # fmt: skip
+            group.timer = asyncio.get_running_loop().call_later(self._settings.publish_timeout, self._expire, group)
+            return
         for slot in [slot for slot in self._open if slot.batch is group]:
             if self._close_slot(slot):
                 self._metrics.publish_failed(PublishFailure.TIMEOUT)

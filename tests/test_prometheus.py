@@ -225,6 +225,15 @@ SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]
         },
         [("4m", "OrangepillFramesQuarantined", [{"severity": "warning", "reason": "bad_json"}])],
     ),
+    (  # a disk alarm on RabbitMQ blocks publishing from 2m to 6m
+        {f"orangepill_bridge_amqp_blocked{{{L}}}": "0x2 1x4 0x5", f"orangepill_bridge_amqp_connected{{{L}}}": "1x11"},
+        [
+            ("2m", "OrangepillBrokerBlocksPublishing", []),
+            ("4m", "OrangepillBrokerBlocksPublishing", [{"severity": "critical"}]),
+            ("8m", "OrangepillBrokerBlocksPublishing", []),
+            ("4m", "OrangepillBrokerDown", []),
+        ],
+    ),
     (  # RabbitMQ refuses one event for good at 3m: it is moved to the quarantine
         {
             f'orangepill_bridge_events_quarantined_total{{{L}, reason="unpublishable"}}': "0x3 1x40",
