@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _STREAM_STOP_GRACE = 5.0
 _EXPIRE_INTERVAL: Final = 1.0  # seconds between two trims of a standby's window
 _SIDE_TASK_RETELL: Final = 600.0  # an HA side task failing with the broker up: its ERROR again this often (s)
+_TAIL_IDLE: Final = 0.5  # a standby's window tail is over once nothing more is handed out for this long (s)
 _PUBLISHING_EVIDENCE: Final = 2.0  # a leader with a backlog and no confirm for this long sends no heartbeat
 
 
@@ -50,6 +51,7 @@ class RealmLane:
         self.realm = realm
         self.spool = spool
         self.publisher = publisher
+        self.early = EarlyIds()
         self.role = Role.STANDBY
         self.last_confirm = 0.0  # monotonic time of the last confirm while leading
         self._stop: asyncio.Event | None = None
@@ -94,6 +96,7 @@ class Bridge:
         self.state = StreamState(settings.realms, metrics)
         self.broker = Broker(settings, metrics)
         metrics.watch_blocked(lambda: self.broker.blocked)
+        self.broker.counts_realm = self._leads
         self.lanes: dict[str, RealmLane] = {}
         for realm in settings.realms:
             spool = spools[realm.label]
@@ -199,14 +202,23 @@ class Bridge:
         ]
 
     async def _on_announcement(self, fingerprint: str, ids: list[str]) -> None:
-        """The Follower's callback: note that the realm's leader is alive; a standby drops what it published."""
+        """The Follower's callback: note that the realm's leader is alive; a standby drops what it published.
+
+        An id that matches nothing yet is remembered (``RealmLane.early``): this replica's stream may
+        deliver that event later than the leader's did (a replica that was frozen reads its socket's
+        backlog and the announcements of it at the same time), and its window must not publish it again.
+        """
         lane = self._by_fp.get(fingerprint)
         if lane is None or lane.leading:
             return
-        self.evidence.heard(fingerprint, time.monotonic())
+        now = time.monotonic()
+        self.evidence.heard(fingerprint, now)
         if ids:
+            found: set[str] = set()
             with contextlib.suppress(SpoolError):
-                await lane.spool.discard(ids)
+                await lane.spool.discard(ids, found=found)
+            if len(found) < len(ids):
+                lane.early.add((i for i in ids if i not in found), now, 2 * self.settings.standby_window + 30)
 
     async def _expire_windows(self, stop: asyncio.Event) -> None:
         """A standby keeps ``--standby-window`` seconds (and bytes), but only while its realm's leader is heard.
@@ -224,7 +236,9 @@ class Bridge:
                     lane.realm.fingerprint, time.monotonic()
                 ):
                     continue
-                tail = _WindowTail(lane.spool, time.time() - settings.standby_window, settings.standby_window_bytes)
+                tail = _WindowTail(
+                    lane.spool, time.time() - settings.standby_window, settings.standby_window_bytes, lane.early
+                )
                 try:
                     published = await self._publish_source(tail, tail.finished)
                 except SpoolError:
@@ -330,6 +344,10 @@ class Bridge:
             ),
         ]
 
+    def _leads(self, label: str) -> bool:
+        lane = self.lanes.get(label)
+        return lane is not None and lane.leading
+
     def _led_depth(self) -> int:
         """Events in the spools of the realms this replica leads (what it has to publish)."""
         return sum(lane.spool.depth for lane in self.lanes.values() if lane.leading)
@@ -345,7 +363,10 @@ class Bridge:
         assert connection is not None
         exchange = self.settings.exchange
         self.announcer = Announcer(connection, exchange, leading=self._healthy_leading)
-        follower = Follower(connection, exchange, self._on_announcement)
+        # The follower's queue keeps what was announced while this replica was cut off, for as long
+        # as those events stay in its window (and a margin): read after the reconnect, not republished.
+        keep_for = 2 * self.settings.standby_window + 30
+        follower = Follower(connection, exchange, self._on_announcement, keep_for=keep_for)
 
         def up() -> bool:
             return self.broker.connected
@@ -551,6 +572,40 @@ async def _keep_running(
             await _wait(stop, 1.0)
 
 
+class EarlyIds:
+    """Message ids a standby heard announced before its own stream delivered the event, for a while.
+
+    Bounded in time (``keep_for`` seconds after the announcement) and in count (the oldest go first).
+    """
+
+    def __init__(self, max_ids: int = 200_000) -> None:
+        self._until: dict[str, float] = {}  # insertion order = announcement order
+        self._max = max_ids
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, ids: Iterable[str], now: float, keep_for: float) -> None:
+        until = self._until
+        for message_id in ids:
+            until.pop(message_id, None)
+            until[message_id] = now + keep_for
+        self._trim(now)
+
+    def seen(self, message_id: str) -> bool:
+        """Whether ``message_id`` was announced (and not long ago); forgets it."""
+        self._trim(time.monotonic())
+        return self._until.pop(message_id, None) is not None
+
+    def _trim(self, now: float) -> None:
+        until = self._until
+        while until:
+            oldest = next(iter(until))
+            if until[oldest] > now and len(until) <= self._max:
+                break
+            del until[oldest]
+
+
 class _WindowTail:
     """A standby's spool as a publisher source that hands out only what fell out of the window.
 
@@ -558,10 +613,11 @@ class _WindowTail:
     and within the byte budget) ends the tail: it and anything after it go straight back.
     """
 
-    def __init__(self, spool: Spool, cutoff: float, max_bytes: int) -> None:
+    def __init__(self, spool: Spool, cutoff: float, max_bytes: int, early: EarlyIds | None = None) -> None:
         self._spool = spool
         self._cutoff = cutoff
         self._over = max(0, spool.bytes - max_bytes)  # body bytes beyond the budget, oldest first
+        self._early = early or EarlyIds()
         self.done = False
 
     def finished(self) -> bool:
@@ -572,15 +628,29 @@ class _WindowTail:
         if self.done or not self._spool.depth:
             self.done = True
             await asyncio.Event().wait()  # the caller stops the publisher, which cancels this wait
-        batch = await self._spool.get_batch(max_n, early=False)  # committed only: the window is what is on disk
+        try:
+            # Committed only (the window is what is on disk); not for ever: once what is left is in
+            # flight, nothing more comes until the stream sends again, and the tail is over.
+            batch = await asyncio.wait_for(self._spool.get_batch(max_n, early=False), _TAIL_IDLE)
+        except TimeoutError:
+            self.done = True
+            return []
+        out: list[Spooled] = []
+        announced: list[int] = []
         for n, item in enumerate(batch):
             size = len(item.msg.body)
             if item.msg.received_at >= self._cutoff and self._over <= 0:
                 self._spool.release(batch[n:])
                 self.done = True
-                return batch[:n]
+                break
             self._over -= size
-        return batch
+            if self._early.seen(item.msg.message_id):
+                announced.append(item.id)  # the leader published it: heard before this replica read it
+            else:
+                out.append(item)
+        if announced:
+            self._spool.ack(announced)
+        return out
 
     def ack(self, ids: Iterable[int]) -> None:
         self._spool.ack(ids)

@@ -271,6 +271,8 @@ class Broker:
         self.alternate_exchange = False
         self.last_error = "not connected yet"
         self.reconnected_callbacks: list[Callable[[], None]] = []
+        # Whether this process counts an unroutable event of a realm (by label): the app says "if it leads it".
+        self.counts_realm: Callable[[str], bool] = lambda _label: True
 
     # -- state --------------------------------------------------------------------
 
@@ -425,7 +427,13 @@ class Broker:
         metrics = self._metrics
 
         async def count(message: AbstractIncomingMessage) -> None:
-            metrics.unroutable()
+            # Every replica's tap sees every copy (and those of `reroute`): only the replica that leads
+            # the event's realm counts it, so a standby does not raise the alert and the sum is right.
+            realm = (message.headers or {}).get("realm")
+            if isinstance(realm, bytes):
+                realm = realm.decode("utf-8", "replace")
+            if self.counts_realm(realm if isinstance(realm, str) else ""):
+                metrics.unroutable()
 
         await tap.consume(count, no_ack=True)
 

@@ -50,6 +50,10 @@ MAX_IDS_PER_MESSAGE: Final = 2000
 FORMAT_VERSION: Final = 1
 
 IdsCallback = Callable[[str, list[str]], Awaitable[Any] | Any]
+_FOLLOWER_PREFETCH: Final = 64
+"""Announcements delivered to a follower and not yet handled, at most (the rest wait in its queue)."""
+_FOLLOWER_MAX_BYTES: Final = 64 * 1024 * 1024
+"""Announcements a follower's queue holds while its replica is cut off, at most (the oldest go first)."""
 HEARTBEAT: Final = 1.0
 """Seconds between two heartbeats of a realm's leader (at most)."""
 EVIDENCE_MAX_AGE: Final = 3.0
@@ -239,44 +243,70 @@ class Announcer:
 class Follower:
     """The standby's side: receive announcements and hand ``(fingerprint, ids)`` to a callback.
 
+    The queue is this process's for its whole life, and outlives a lost connection by ``keep_for``
+    seconds: the announcements sent while this replica was cut off (a broker that dropped a frozen
+    process, a network partition, a restart of its node) wait there and are read after the reconnect.
+    With an exclusive queue they went with the connection, and the standby then published every
+    event of that time again once its window ran out (2,497 duplicates after a 25 s SIGSTOP).
+
     Args:
         connection: an open (ideally robust: the queue is re-declared on reconnect) connection.
         exchange: the bridge's events exchange.
         on_ids: called with each announcement (may be sync or async), e.g. the spool's discard.
+        keep_for: seconds RabbitMQ keeps the queue, and what waits in it, once nothing consumes it.
     """
 
-    def __init__(self, connection: AbstractConnection, exchange: str, on_ids: IdsCallback) -> None:
+    def __init__(
+        self, connection: AbstractConnection, exchange: str, on_ids: IdsCallback, keep_for: float = 60.0
+    ) -> None:
         self._connection = connection
         self._exchange = exchange
         self._on_ids = on_ids
+        # Named under the exchange, as everything of the bridge's: one permission pattern covers it.
+        self.queue_name = f"{ha_exchange_name(exchange)}.follower.{uuid.uuid4().hex[:12]}"
+        self._arguments: dict[str, Any] = {
+            "x-expires": max(1000, int(keep_for * 1000)),
+            "x-max-length-bytes": _FOLLOWER_MAX_BYTES,  # the oldest go first
+        }
         self.received = 0
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume announcements until ``stop``."""
+        """Consume announcements until ``stop``; then delete the queue (a failure leaves it to expire)."""
         channel = await self._connection.channel(publisher_confirms=False)
+        stopped = False
         try:
             source = await _declare(channel, self._exchange)
-            # Named under the exchange, as everything of the bridge's: one permission pattern covers it.
-            name = f"{ha_exchange_name(self._exchange)}.follower.{uuid.uuid4().hex[:12]}"
-            queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+            await channel.set_qos(prefetch_count=_FOLLOWER_PREFETCH)
+            queue = await channel.declare_queue(self.queue_name, arguments=self._arguments)
             await queue.bind(source)
-            tag = await queue.consume(self._handle, no_ack=True)
+            tag = await queue.consume(self._handle)
             self.ready.set()
             await stop.wait()
+            stopped = True
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(queue.delete(if_unused=False, if_empty=False), 5)
         finally:
+            if not stopped:
+                self.ready.clear()
             with contextlib.suppress(Exception):
                 await channel.close()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        # Acknowledged once handled: an announcement on its way when the link dropped is delivered again
+        # after the reconnect (with automatic acks RabbitMQ counted it delivered, and it was gone).
         try:
-            fp, ids = unpack_ids(message.body)
-        except ProtocolError as exc:
-            log.warning("ha: ignored an announcement: %s", exc)
-            return
-        self.received += len(ids)
-        result = self._on_ids(fp, ids)
-        if inspect.isawaitable(result):
-            await result
+            try:
+                fp, ids = unpack_ids(message.body)
+            except ProtocolError as exc:
+                log.warning("ha: ignored an announcement: %s", exc)
+                return
+            self.received += len(ids)
+            result = self._on_ids(fp, ids)
+            if inspect.isawaitable(result):
+                await result
+        finally:
+            with contextlib.suppress(Exception):
+                await message.ack()

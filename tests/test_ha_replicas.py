@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -213,6 +214,48 @@ async def test_events_only_the_standby_received_are_published_after_the_window(
             last = await collector.expect_all_sent(sim, timeout=90)
             assert "published" in b.output() and "the leader never confirmed" in b.output()
             _report("leader restarted and won the lock back", collector, last)
+        finally:
+            a.close()
+            b.close()
+            await collector.stop()
+            await connection.close()
+
+
+async def test_a_frozen_standby_does_not_publish_again_what_the_leader_published(
+    tmp_path: Path, session: aiohttp.ClientSession, exchange_names: Callable[[str], str]
+) -> None:
+    """A standby frozen (SIGSTOP) long enough for RabbitMQ to drop its connection reads the frozen time's events
+    when it wakes. The leader's announcements of them wait for it (its follower queue outlives the connection,
+    and one in flight at the drop is delivered again), so it discards them instead of publishing each of them
+    again once its window runs out: 2,497 duplicates of a 25 s freeze before, none now."""
+    exchange = exchange_names("ha.frozen")
+    window = ("--standby-window", "10")
+    async with simulator(paused=True, rate=100.0) as sim:
+        connection, collector = await _queue(exchange, sim.url)
+        a = Replica("a", sim.url, exchange, tmp_path, extra=window)
+        b = Replica("b", sim.url, exchange, tmp_path, extra=window)
+        try:
+            a.start()
+            await sim.wait_subscribed(1, timeout=30)
+            assert await wait_roles(session, [a], "test") is a
+            b.start()
+            await sim.wait_subscribed(2, timeout=30)
+            assert await wait_roles(session, [a, b], "test") is a
+            sim.resume()
+            await asyncio.sleep(2)
+            assert b.proc is not None
+            b.proc.signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(25)  # RabbitMQ misses two heartbeats (10 s) and resets its connection
+            finally:
+                b.proc.signal(signal.SIGCONT)
+            await asyncio.sleep(15)  # past b's window: what it did not hear announced, it has published
+            sim.pause()
+            last = await collector.expect_all_sent(sim, timeout=60)
+            await asyncio.sleep(2)
+            duplicates = _report("standby frozen for 25 s", collector, last)
+            assert "never confirmed" not in b.output(), b.output()[-3000:]
+            assert duplicates == 0
         finally:
             a.close()
             b.close()

@@ -187,6 +187,31 @@ async def test_unroutable_event_is_kept(amqp: AbstractRobustConnection, exchange
     assert orjson.loads(kept[0].body)["data"] == "c0ffee00c0ffee00c0ffee00"
 
 
+async def test_only_the_replica_that_leads_the_realm_counts_its_unroutable_events(
+    amqp: AbstractRobustConnection, exchange_name: str
+) -> None:
+    """Every replica's tap on the alternate exchange sees every copy: a standby counting them too raised the
+    unroutable alert on it and doubled the sum over replicas."""
+    unroutable = "orangepill_bridge_events_unroutable_total"
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        await bind_queue(amqp, settings, "deposit.#")
+        async with running_bridge(settings) as leader:
+            await sim.wait_subscribed(1)
+            assert await wait_until(lambda: leader.metric("orangepill_bridge_leader", {"realm": "test"}) == 1, 20)
+            async with running_bridge(settings) as standby:
+                await sim.wait_subscribed(2)
+                await asyncio.sleep(1.5)  # the standby's tap is bound
+                assert standby.metric("orangepill_bridge_leader", {"realm": "test"}) == 0
+                for n in range(5):
+                    await sim.send_event("currency.issued", f"{n:024x}")
+                assert await wait_until(lambda: leader.metric(unroutable) == 5, 20)
+                await asyncio.sleep(1)
+                assert standby.metric(unroutable) == 0
+                assert await standby.finish() == 0
+            assert await leader.finish() == 0
+
+
 async def test_existing_exchange_without_alternate_still_keeps_unroutable(
     amqp: AbstractRobustConnection, exchange_name: str
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,10 @@ async def test_discard_drops_by_message_id_except_handed_out(tmp_path: Path, whe
     await spool.flush()
     out = await spool.get_batch(2)  # 0, 1 in flight
     await spool.put(msg(20))  # maybe not committed yet
-    dropped = await spool.discard(["m0", "m3", "m10", "m15", "m20", "nope"])
+    found: set[str] = set()
+    dropped = await spool.discard(["m0", "m3", "m10", "m15", "m20", "nope"], found=found)
     assert dropped == 4
+    assert found == {"m3", "m10", "m15", "m20"}  # what was dropped, from memory and from disk alike
     assert spool.depth == 21 - 4
     spool.release(out)
     rest: list[Spooled] = []
@@ -204,3 +207,18 @@ def test_page_in_after_an_early_commit_does_not_hand_out_an_in_flight_message_ag
     assert request is not None and request.after_id == first[-1].id
     ledger.ack(item.id for item in first)
     assert ledger.depth == 3
+
+
+def test_early_ids_are_kept_for_a_while_and_forgotten_once_seen() -> None:
+    """A standby remembers an announced id it did not hold yet: for keep_for seconds, and at most max_ids."""
+    from bridge.app import EarlyIds
+
+    early = EarlyIds(max_ids=3)
+    now = time.monotonic()
+    early.add(["old"], now - 61, keep_for=60)  # announced 61 s ago: out of time
+    early.add(["a", "b"], now, keep_for=60)
+    assert len(early) == 2
+    assert early.seen("a") and not early.seen("a")  # forgotten once seen
+    early.add(["c", "d", "e"], now, keep_for=60)
+    assert len(early) == 3 and not early.seen("b")  # the oldest went first
+    assert early.seen("e") and not early.seen("nope")

@@ -360,13 +360,14 @@ class Spool:
         if self._ledger.release(items):
             self._ready.set()
 
-    async def discard(self, message_ids: Iterable[str]) -> int:
+    async def discard(self, message_ids: Iterable[str], *, found: set[str] | None = None) -> int:
         """Drop spooled messages with these ``message_id`` values that are not handed out.
 
         For a standby that trims its window by the ids the leader confirmed.
 
         Args:
             message_ids: AMQP message ids.
+            found: when given, the ids of the messages dropped are added to it.
 
         Returns:
             How many messages were dropped.
@@ -377,7 +378,16 @@ class Spool:
         wanted = set(message_ids)
         if not wanted:
             return 0
-        return await self._drop(lambda item: item.msg.message_id not in wanted, wanted)
+        if found is None:
+            return await self._drop(lambda item: item.msg.message_id not in wanted, wanted)
+
+        def keep(item: Spooled) -> bool:
+            if item.msg.message_id in wanted:
+                found.add(item.msg.message_id)
+                return False
+            return True
+
+        return await self._drop(keep, wanted, found)
 
     async def flush(self) -> None:
         """Commit every buffered put and ack now, and wait until that is on disk.
@@ -460,7 +470,9 @@ class Spool:
         exc = owner.exception()
         return None if exc is None else f"failed: {exc}"
 
-    async def _drop(self, keep: Callable[[Spooled], bool], message_ids: set[str]) -> int:
+    async def _drop(
+        self, keep: Callable[[Spooled], bool], message_ids: set[str], found: set[str] | None = None
+    ) -> int:
         self._check_usable()
         committer = self._committer
         ledger = self._ledger
@@ -473,6 +485,8 @@ class Spool:
                 except (sqlite3.Error, OSError) as exc:
                     raise SpoolError(f"spool {self._path}: dropping messages failed: {exc}") from exc
                 dropped += ledger.dropped_on_disk(gone)
+                if found is not None:
+                    found.update(message_id for _, _, message_id in gone)
         self._after_drop()
         return dropped
 

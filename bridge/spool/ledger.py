@@ -382,10 +382,10 @@ class Ledger:
         self._released = kept_released
         return dropped
 
-    def dropped_on_disk(self, gone: Iterable[tuple[int, int]]) -> int:
-        """Rows (id, size) the store deleted from the disk-only part; how many."""
+    def dropped_on_disk(self, gone: Iterable[tuple[int, int, str]]) -> int:
+        """Rows (id, size, message_id) the store deleted from the disk-only part; how many."""
         n = 0
-        for _, size in gone:
+        for _, size, _ in gone:
             self.disk_only -= 1
             self.disk_only_bytes -= size
             self.depth -= 1

@@ -307,16 +307,16 @@ class SqliteStore:
                 break
         return out
 
-    def delete_ids(self, after_id: int, message_ids: set[str]) -> list[tuple[int, int]]:
-        """Delete rows above ``after_id`` whose message_id is one of these; their (id, size)."""
+    def delete_ids(self, after_id: int, message_ids: set[str]) -> list[tuple[int, int, str]]:
+        """Delete rows above ``after_id`` whose message_id is one of these; their (id, size, message_id)."""
         gone = [
-            (int(i), int(n))
+            (int(i), int(n), str(m))
             for i, n, m in self.conn.execute(
                 "SELECT id, length(body), message_id FROM spool WHERE id > ? ORDER BY id", (after_id,)
             )
             if m in message_ids
         ]
-        self.write([], [i for i, _ in gone])
+        self.write([], [i for i, _, _ in gone])
         return gone
 
     def usage(self) -> DiskUsage:
