@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from bridge.bindings import Binding, parse_bindings
 from bridge.errors import ConfigError
@@ -217,7 +217,12 @@ def _ws_url(text: str) -> str:
 
 
 def _amqp_url(text: str) -> str:
-    return _checked_url(text, ("amqp", "amqps"))
+    value = _checked_url(text, ("amqp", "amqps"))
+    for beat in parse_qs(urlsplit(value).query, keep_blank_values=True).get("heartbeat", []):
+        # aio-pika reads a value it cannot parse as 0: the heartbeat off, and a silent link never noticed.
+        if not beat.isascii() or not beat.isdigit() or int(beat) > 65535:
+            raise ValueError("has a ?heartbeat= that is not a whole number of seconds from 0 to 65535")
+    return value
 
 
 def _file_path(text: str) -> str:

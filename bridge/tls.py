@@ -145,6 +145,14 @@ def log_transport_warnings(settings: Settings) -> None:
             "TLS certificate verification is OFF (--tls-insecure): anyone on the path can read and change "
             "the stream and the broker traffic, including the realm key and the AMQP password"
         )
+    for url in settings.amqp_nodes:
+        if "0" in parse_qs(urlsplit(url).query).get("heartbeat", []):
+            log.warning(
+                "the broker URL for %s sets ?heartbeat=0: the AMQP heartbeat is off, so a link that goes silent "
+                "(a partition, a dead proxy) is never noticed and events wait in the spool until TCP gives up; "
+                "leave it out (the bridge sets 10 s) or set a number of seconds",
+                host_port(url),
+            )  # fmt: skip
     for url, what in ((settings.stream_url, "stream"), *((u, "broker") for u in settings.amqp_nodes)):
         if cleartext_remote(url):
             log.warning(

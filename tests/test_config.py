@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,9 @@ def test_settings_is_frozen() -> None:
         (("--stream-url", "ws:///path"), "got a URL to ?:80"),
         (("--metrics-addr", "127.0.0.1:99999"), "a port from 1 to 65535"),
         (("--exchange", "amq.topic"), "must not start with 'amq.'"),
+        (("--amqp-url", "amqp://u:p@h:5672/?heartbeat=abc"), "?heartbeat= that is not a whole number"),
+        (("--amqp-url", "amqp://u:p@h:5672/?heartbeat=-5"), "?heartbeat= that is not a whole number"),
+        (("--amqp-url", "amqp://u:p@h:5672/?heartbeat=99999"), "from 0 to 65535"),
     ],
 )
 def test_refusals_say_what_is_wrong(argv: tuple[str, ...], says: str) -> None:
@@ -162,3 +166,18 @@ def test_refusals_say_what_is_wrong(argv: tuple[str, ...], says: str) -> None:
         load_settings(_args("--realm-key", KEY, *argv), {})
     assert says in str(info.value), str(info.value)
     assert argv[0] in str(info.value)
+
+
+def test_a_heartbeat_of_zero_is_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """aio-pika took ?heartbeat=abc (or -5) for 0, silently: only a real number is accepted, and 0, which
+    turns off the detection of a silent link, is said at start."""
+    from bridge.tls import log_transport_warnings
+
+    settings = load_settings(_args("--realm-key", KEY, "--amqp-url", "amqp://u:p@127.0.0.1:5672/?heartbeat=0"), {})
+    with caplog.at_level(logging.WARNING):
+        log_transport_warnings(settings)
+    assert "sets ?heartbeat=0: the AMQP heartbeat is off" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        log_transport_warnings(load_settings(_args("--realm-key", KEY, "--amqp-url", "amqp://u:p@127.0.0.1/?heartbeat=30"), {}))
+    assert "heartbeat" not in caplog.text
