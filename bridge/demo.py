@@ -13,12 +13,14 @@ from dataclasses import replace
 from bridge.app import run_bridge
 from bridge.config import Realm, Secret, Settings
 from bridge.simulator import DEMO_REALM_KEY, Simulator, SimulatorConfig
+from bridge.spool import Spool
 from bridge.tail import tail
 
 __all__ = ["demo"]
 
 _DEMO_KEY = DEMO_REALM_KEY
 _DEMO_METRICS = "127.0.0.1:9180"
+_DEFAULTS = Settings()
 
 
 async def demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -32,8 +34,9 @@ async def demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
     await sim.start()
     demo_settings = _demo_settings(settings, args, sim.url)
     print(
-        f"demo: simulator on {sim.url}, bridge -> {settings.exchange} on the broker, "
-        f"metrics on http://{demo_settings.metrics_addr}/metrics. Ctrl-C stops.",
+        f"demo: simulator on {sim.url}, bridge -> {settings.exchange} on the broker, spool {demo_settings.spool}, "
+        + ("no metrics" if demo_settings.metrics_addr == "off" else f"metrics on http://{demo_settings.metrics_addr}/metrics")
+        + ". Ctrl-C stops.",
         file=sys.stderr,
     )
     bridge_stop = asyncio.Event()
@@ -47,6 +50,8 @@ async def demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
         with contextlib.suppress(Exception):
             await tail_task
         await sim.stop()
+    if code == 0:
+        await _remove_demo_spool(demo_settings.spool)
     print(f"demo: simulator sent {len(sim.sent)} events", file=sys.stderr)
     return code
 
@@ -62,16 +67,42 @@ async def _start_tail(settings: Settings, stop: asyncio.Event) -> asyncio.Task[i
 
 
 def _demo_settings(settings: Settings, args: argparse.Namespace, stream_url: str) -> Settings:
+    """The bridge's settings for the demo: its own realm and stream; a spool file of its own and the metrics on
+    loopback unless they were set (by a flag, the environment or the TOML file: anything but the default)."""
+    del args  # every source of a setting counts alike (flag > environment > TOML)
     spool = settings.spool
-    if args.spool is None and not os.environ.get("BRIDGE_SPOOL"):
-        spool = os.path.join(tempfile.gettempdir(), f"orangepill-bridge-demo-{os.getpid()}.db")
+    if spool == _DEFAULTS.spool:
+        spool = _demo_spool()
+    metrics = settings.metrics_addr if settings.metrics_addr != _DEFAULTS.metrics_addr else _DEMO_METRICS
     return replace(
         settings,
         stream_url=stream_url,
         realms=(Realm(label="demo", key=Secret(_DEMO_KEY)),),
         spool=spool,
-        metrics_addr=settings.metrics_addr if args.metrics_addr else _DEMO_METRICS,
+        metrics_addr=metrics,
     )
+
+
+def _demo_spool() -> str:
+    return os.path.join(tempfile.gettempdir(), f"orangepill-bridge-demo-{os.getpid()}.db")
+
+
+async def _remove_demo_spool(path: str) -> None:
+    """The demo's own spool file, once it is empty (every event confirmed); one that holds events stays."""
+    if path != _demo_spool():
+        return
+    try:
+        spool = await Spool.open(path)
+        left = spool.depth
+        await spool.close()
+    except Exception:
+        return
+    if left:
+        print(f"demo: {left} events stay in {path}", file=sys.stderr)
+        return
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
 
 
 async def _wait_for_end(stop: asyncio.Event, bridge: asyncio.Task[int], seconds: float) -> None:

@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import aio_pika
 import orjson
@@ -89,12 +90,23 @@ async def test_check_passes_and_detects_a_rejected_key(exchange_name: str) -> No
 @pytest.mark.broker
 def test_demo_runs_end_to_end(exchange_name: str) -> None:
     """demo runs simulator, bridge and tail together and prints events, then stops cleanly."""
-    result = _run("demo", "--seconds", "4", "--rate", "20", "--exchange", exchange_name, "--metrics-addr", "off", timeout=60)
+    import re
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    result = _run("demo", "--seconds", "4", "--rate", "20", "--exchange", exchange_name,
+                  env={"BRIDGE_METRICS_ADDR": f"127.0.0.1:{port}"}, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "realm=demo" in result.stdout
     assert result.stdout.count("\n") >= 10
     # The tail is bound before the simulator starts: the first event (user.created) is shown too.
     assert result.stdout.splitlines()[0].split()[1] == "user.created"
+    # The environment counts as the flag would (it was ignored); the demo's own spool is gone after a clean stop.
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in result.stderr, result.stderr[-2000:]
+    spool = re.search(r"spool (\S+orangepill-bridge-demo-\d+\.db)", result.stderr)
+    assert spool is not None, result.stderr[-2000:]
+    assert not Path(spool.group(1)).exists() and not Path(spool.group(1) + "-wal").exists()
 
 
 def test_tail_count_must_be_a_whole_number() -> None:
