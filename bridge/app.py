@@ -452,6 +452,13 @@ class Bridge:
     async def _shutdown(self) -> None:
         """Unsubscribe, commit, stop publishing and drain confirms, announce them, then release the locks."""
         log.info("stopping: unsubscribing and closing the stream")
+        now = time.monotonic()
+        # A standby's window in memory goes with the process; while its realm's leader is heard, that leader
+        # has (or had) those events: they are not this replica's to lose.
+        covered = {
+            label for label, lane in self.lanes.items()
+            if not lane.leading and self.evidence.alive(lane.realm.fingerprint, now)
+        }  # fmt: skip
         await self._stop_streams()
         await self._flush_spools()
         unconfirmed = await self._stop_publishing()
@@ -463,11 +470,21 @@ class Bridge:
         await _bounded(self._leader_task, self.settings.drain_timeout + 2)
         await self.broker.close()
         reports = [await lane.spool.close(give_up_after=self.settings.drain_timeout) for lane in self.lanes.values()]
+        for label, r in zip(self.lanes, reports, strict=True):
+            if label in covered and r.lost and self.settings.spool == MEMORY:
+                log.warning(
+                    "realm %s: %d events of this standby's window were in memory only (--spool memory) and go with "
+                    "it; the realm's leader, heard a moment ago, publishes them",
+                    label, r.lost,
+                )  # fmt: skip
         report = CloseReport(
             kept=sum(r.kept for r in reports),
-            lost=sum(r.lost for r in reports),
+            lost=sum(
+                r.lost for label, r in zip(self.lanes, reports, strict=True)
+                if not (label in covered and self.settings.spool == MEMORY)
+            ),
             error="; ".join(r.error for r in reports if r.error) or None,
-        )
+        )  # fmt: skip
         self._lost = report.lost
         if self._http is not None:
             await self._http.cleanup()

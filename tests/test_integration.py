@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from pathlib import Path
@@ -210,6 +211,29 @@ async def test_only_the_replica_that_leads_the_realm_counts_its_unroutable_event
                 assert standby.metric(unroutable) == 0
                 assert await standby.finish() == 0
             assert await leader.finish() == 0
+
+
+async def test_a_standby_with_a_memory_spool_stops_cleanly_while_its_leader_is_heard(
+    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A standby's window in memory (events the leader has not announced yet) is not its loss while the leader
+    is heard: a routine stop exits 0 with a WARNING, where it said "accepted events are lost" and exited 1."""
+    async with simulator(rate=200.0) as sim:
+        settings = bridge_settings(sim.url, exchange_name, spool="memory")
+        await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as leader:
+            await sim.wait_subscribed(1)
+            assert await wait_until(lambda: leader.metric("orangepill_bridge_leader", {"realm": "test"}) == 1, 20)
+            async with running_bridge(settings) as standby:
+                await sim.wait_subscribed(2)
+                await asyncio.sleep(2)
+                assert standby.metric("orangepill_bridge_leader", {"realm": "test"}) == 0
+                with caplog.at_level(logging.INFO):
+                    assert await standby.finish() == 0
+            assert await leader.finish() == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "bridge.app"]
+    assert not [m for m in said if "accepted events are lost" in m], said
+    assert [m for m in said if "events of this standby's window were in memory only" in m], said
 
 
 async def test_existing_exchange_without_alternate_still_keeps_unroutable(
