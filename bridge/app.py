@@ -175,8 +175,9 @@ class Bridge:
                     # Not (only) an earlier run's events: a standby keeps what it reads until the leader
                     # announces it published them, and a replica is standby until its lock settles.
                     log.info(
-                        "realm %s: leading now; publishing first the %d events its spool holds (read while "
-                        "standby and not announced by another replica, or left by an earlier run)",
+                        "realm %s: leading now; the %d events its spool holds go out first (read while this "
+                        "replica was standby, as it is at start until it takes the lock, and not announced by "
+                        "another replica; or kept by an earlier run)",
                         label, lane.spool.depth,
                     )  # fmt: skip
                 lane.start(self._recovered, self._lane_done)

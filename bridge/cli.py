@@ -20,7 +20,7 @@ from bridge.catalog import CATALOG, EXAMPLE_BINDINGS
 from bridge.config import add_arguments, load_settings, whole_number
 from bridge.errors import ConfigError
 from bridge.logs import setup_logging
-from bridge.tls import log_transport_warnings
+from bridge.tls import check_files, log_transport_warnings
 
 __all__ = ["main"]
 
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     reroute.add_argument(
         "--limit", type=_count, default=0, metavar="N", help="handle at most N events [0 = all there at the start]"
     )
-    add_arguments(reroute, only=_BROKER_ONLY)
+    add_arguments(reroute, only=tuple(name for name in _BROKER_ONLY if name != "unroutable"))  # declares nothing
 
     events = sub.add_parser("events", help="list the documented events and example binding patterns")
     events.add_argument("--infobip", action="store_true", help="only events that need the Infobip extension")
@@ -87,7 +87,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code.
+
+    Output piped into a reader that stops early (``orangepill-bridge events | head``) ends the command
+    quietly, as other command-line tools do, instead of with a BrokenPipeError traceback.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and fail again: point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     command: str = args.command
@@ -97,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "simulate":
             return _simulate(args)
         settings = load_settings(args, require_realm=command in ("run", "check"))
+        check_files(settings)
     except ConfigError as exc:
         print(f"orangepill-bridge {command}: configuration error: {exc}", file=sys.stderr)
         return 2

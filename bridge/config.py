@@ -757,7 +757,9 @@ def _realms(raw: list[tuple[str, str]] | None, labels: list[tuple[str, str]] | N
         try:
             realms.append(parse_realm(text, label=labels[index][0].strip() if labels else ""))
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            # A bad label given by --realm-label is that setting's fault, not the key's.
+            named = labels[index][1] if labels and "realm label" in str(exc) else where
+            raise ConfigError(f"{named}: {exc}") from None
     return realms
 
 
@@ -767,7 +769,11 @@ def _checked_realms(realms: list[Realm], *, require_realm: bool) -> tuple[Realm,
         raise ConfigError("--realm-key: the same realm key is given twice")
     labels = [realm.label for realm in realms]
     if len(set(labels)) != len(labels):
-        raise ConfigError("--realm-key: two realms share a label")
+        shared = next(label for label in labels if labels.count(label) > 1)
+        raise ConfigError(
+            f"--realm-key / --realm-label (or the realm key file): two realms share the label {shared!r}; "
+            "each realm needs its own"
+        )
     if require_realm and not realms:
         raise ConfigError("--realm-key (ORANGEPILL_REALM_KEY) is required: give the realm key of your Orangepill realm")
     return tuple(realms)

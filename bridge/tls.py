@@ -127,9 +127,12 @@ def check_files(settings: Settings) -> None:
     Raises:
         ConfigError: a file cannot be read or is not valid PEM.
     """
-    if settings.ca_file or settings.amqp_client_cert:
+    if settings.ca_file or settings.amqp_client_cert or settings.amqp_client_key:
         stream_ssl_context(settings)
         amqp_ssl_context(settings)
+        # Also when no URL uses TLS yet: a file given is checked at start, not at the first amqps:// node.
+        _context(settings, cafile=settings.ca_file, certfile=settings.amqp_client_cert,
+                 keyfile=settings.amqp_client_key)  # fmt: skip
 
 
 def amqp_connect_kwargs(settings: Settings) -> dict[str, Any]:

@@ -261,3 +261,32 @@ async def test_tail_carries_on_after_the_broker_drops_its_connection(
     await _publish(exchange_name, ["deposit.received"])
     assert await asyncio.wait_for(task, 30) == 0
     assert "deposit.received" in capsys.readouterr().out
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly() -> None:
+    """`orangepill-bridge events | head -1`: no BrokenPipeError traceback, the shell's SIGPIPE status."""
+    proc = subprocess.Popen([PYTHON, "-m", "bridge", "events"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader is gone before the writer is done
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=30)
+    assert first.startswith(b"user.created")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code in (0, 141)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (("--ca-file", "/nonexistent/ca.pem"), "--ca-file /nonexistent/ca.pem: cannot load the CA bundle"),
+        (("--amqp-client-cert", "/etc/hostname"), "cannot load the client certificate and key"),
+    ],
+)
+def test_a_tls_file_is_checked_at_start_even_without_a_tls_url(flags: tuple[str, ...], says: str) -> None:
+    """README: every value is validated at start. A CA or client file that cannot be loaded was accepted as long
+    as no wss:// or amqps:// URL used it (and failed only when one did)."""
+    result = _run("check", "--realm-key", "abcdefghijklmnopqrstuv", "--stream-url", "ws://127.0.0.1:9", *flags)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert says in result.stderr

@@ -181,3 +181,11 @@ def test_a_heartbeat_of_zero_is_accepted_with_a_warning(caplog: pytest.LogCaptur
     with caplog.at_level(logging.WARNING):
         log_transport_warnings(load_settings(_args("--realm-key", KEY, "--amqp-url", "amqp://u:p@127.0.0.1/?heartbeat=30"), {}))
     assert "heartbeat" not in caplog.text
+
+
+def test_a_realm_label_problem_names_the_label_setting() -> None:
+    """A bad --realm-label (or ORANGEPILL_REALM_LABEL) was reported as a --realm-key problem; a shared label says which."""
+    with pytest.raises(ConfigError, match=r"^--realm-label #1: a realm label must be"):
+        load_settings(_args("--realm-key", KEY, "--realm-label", "bad label!"), {})
+    with pytest.raises(ConfigError, match=r"two realms share the label 'eu'"):
+        load_settings(_args("--realm-key", f"eu={KEY}", "--realm-key", "eu=" + KEY.replace("c", "d")), {})
