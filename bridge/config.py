@@ -186,6 +186,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _window(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65_535:  # beyond, memory for nothing: RabbitMQ confirms in batches far below this
+        raise ValueError("must be a whole number from 1 to 65535")
+    return value
+
+
+def _frame_size(text: str) -> int:
+    value = _size(text)
+    if value > 512 * 1024 * 1024:  # RabbitMQ accepts no message above 512 MiB (max_message_size's ceiling)
+        raise ValueError("must be at most 512MiB (RabbitMQ refuses any larger message)")
+    return value
+
+
 def _size(text: str) -> int:
     match = _SIZE.match(str(text))
     if match is None or (match.group(2) or "").lower() not in _SIZE_UNITS:
@@ -658,7 +672,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "seconds without any frame or pong before the link is dropped and redialled"),
     Setting("subscribe_timeout", "--subscribe-timeout", "BRIDGE_SUBSCRIBE_TIMEOUT", _positive_float,
             "seconds to wait for the answer to subscribe"),
-    Setting("confirm_window", "--confirm-window", "BRIDGE_CONFIRM_WINDOW", _positive_int,
+    Setting("confirm_window", "--confirm-window", "BRIDGE_CONFIRM_WINDOW", _window,
             "publishes awaiting a broker confirm at once"),
     Setting("publish_timeout", "--publish-timeout", "BRIDGE_PUBLISH_TIMEOUT", _positive_float,
             "seconds to wait for a confirm before retrying"),
@@ -670,7 +684,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             _positive_float, "seconds a link must stay subscribed before the backoff resets"),
     Setting("unroutable", "--unroutable", "BRIDGE_UNROUTABLE", choice("keep", "drop"),
             "keep unroutable events in <exchange>.unrouted, or drop (and count) them"),
-    Setting("max_frame_bytes", "--max-frame-bytes", "BRIDGE_MAX_FRAME_BYTES", _size,
+    Setting("max_frame_bytes", "--max-frame-bytes", "BRIDGE_MAX_FRAME_BYTES", _frame_size,
             "largest frame read; a larger one closes the link (1009), counts as oversize, and is redialled"),
     Setting("drain_timeout", "--drain-timeout", "BRIDGE_DRAIN_TIMEOUT", _positive_float,
             "seconds to wait for outstanding confirms on shutdown"),

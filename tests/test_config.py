@@ -158,6 +158,8 @@ def test_settings_is_frozen() -> None:
         (("--amqp-url", "amqp://u:p@h:5672/?heartbeat=abc"), "?heartbeat= that is not a whole number"),
         (("--amqp-url", "amqp://u:p@h:5672/?heartbeat=-5"), "?heartbeat= that is not a whole number"),
         (("--amqp-url", "amqp://u:p@h:5672/?heartbeat=99999"), "from 0 to 65535"),
+        (("--confirm-window", "1000000000"), "from 1 to 65535"),
+        (("--max-frame-bytes", "10GiB"), "at most 512MiB"),
     ],
 )
 def test_refusals_say_what_is_wrong(argv: tuple[str, ...], says: str) -> None:
