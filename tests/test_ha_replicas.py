@@ -18,6 +18,7 @@ import aio_pika
 import aiohttp
 import pytest
 
+from bridge.simulator import Simulator
 from tests.ha_support import KEY2, Collector, Replica, total, wait_roles
 from tests.helpers import AMQP_URL, KEY, bind_queue, bridge_settings, simulator, wait_until
 
@@ -38,6 +39,16 @@ async def _queue(exchange: str, stream_url: str) -> tuple[aio_pika.abc.AbstractR
     collector = Collector(queue)
     await collector.start()
     return connection, collector
+
+
+async def _a_leads_then_b_stands_by(session: aiohttp.ClientSession, sim: Simulator, a: Replica, b: Replica) -> None:
+    """Start ``a``, wait until it leads, then ``b`` as its ready standby."""
+    a.start()
+    await sim.wait_subscribed(1, timeout=30)
+    assert await wait_roles(session, [a], "test") is a
+    b.start()
+    await sim.wait_subscribed(2, timeout=30)
+    assert await wait_roles(session, [a, b], "test") is a
 
 
 def _report(what: str, collector: Collector, last: int, realm: str | None = None) -> int:
@@ -196,12 +207,7 @@ async def test_events_only_the_standby_received_are_published_after_the_window(
         a = Replica("a", sim.url, exchange, tmp_path, extra=_SLOW_POLL)
         b = Replica("b", sim.url, exchange, tmp_path, extra=_SLOW_POLL)
         try:
-            a.start()
-            await sim.wait_subscribed(1, timeout=30)
-            assert await wait_roles(session, [a], "test") is a
-            b.start()
-            await sim.wait_subscribed(2, timeout=30)
-            assert await wait_roles(session, [a, b], "test") is a
+            await _a_leads_then_b_stands_by(session, sim, a, b)
             sim.resume()
             await asyncio.sleep(2)
             assert await asyncio.to_thread(a.terminate) == 0, a.output()[-3000:]
@@ -235,12 +241,7 @@ async def test_a_frozen_standby_does_not_publish_again_what_the_leader_published
         a = Replica("a", sim.url, exchange, tmp_path, extra=window)
         b = Replica("b", sim.url, exchange, tmp_path, extra=window)
         try:
-            a.start()
-            await sim.wait_subscribed(1, timeout=30)
-            assert await wait_roles(session, [a], "test") is a
-            b.start()
-            await sim.wait_subscribed(2, timeout=30)
-            assert await wait_roles(session, [a, b], "test") is a
+            await _a_leads_then_b_stands_by(session, sim, a, b)
             sim.resume()
             await asyncio.sleep(2)
             assert b.proc is not None
