@@ -9,6 +9,7 @@ publishes on the channel this module opens.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -36,7 +37,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 from bridge.backoff import Backoff, Verdict, classify
 from bridge.bindings import declare_bindings
 from bridge.config import Settings
-from bridge.contract import APP_ID, Topology
+from bridge.contract import APP_ID, ORIGINAL_ROUTING_KEY, Topology
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics
 from bridge.nodes import NoNodeAvailable, connect_robust_nodes, node_in_use, node_of, with_default_heartbeat
@@ -273,6 +274,8 @@ class Broker:
         self.reconnected_callbacks: list[Callable[[], None]] = []
         # Whether this process counts an unroutable event of a realm (by label): the app says "if it leads it".
         self.counts_realm: Callable[[str], bool] = lambda _label: True
+        self._restoring = asyncio.Lock()  # one restore of the bridge's own queues at a time
+        self._guard = _UnroutedGuard(self)
 
     # -- state --------------------------------------------------------------------
 
@@ -434,6 +437,7 @@ class Broker:
                 realm = realm.decode("utf-8", "replace")
             if self.counts_realm(realm if isinstance(realm, str) else ""):
                 metrics.unroutable()
+                self._guard.saw(message)
 
         await tap.consume(count, no_ack=True)
 
@@ -451,6 +455,40 @@ class Broker:
         log.info("broker up again node=%s", self.node)
         for callback in self.reconnected_callbacks:
             callback()
+        connection = self._connection
+        if self._settings.bindings and connection is not None:
+            # "Each time the bridge connects": a --bind queue deleted meanwhile (or lost with a node) comes back.
+            task = asyncio.ensure_future(self._bind_again(connection))
+            _GUARD_TASKS.add(task)
+            task.add_done_callback(_GUARD_TASKS.discard)
+
+    def exchange_gone(self, exc: BaseException) -> None:
+        """A publish found no exchange: someone deleted it while the bridge ran (RabbitMQ says NOT_FOUND).
+
+        aio-pika's channel restore declares it again, with its alternate exchange; the bindings went
+        with it. Said at WARNING; the ``--bind`` queues are bound again; other consumers must bind again.
+        """
+        log.warning(
+            "the exchange %s was gone (%s): deleted while the bridge ran? It is declared again, but RabbitMQ "
+            "deleted every binding with it: until the consumers bind their queues again, events go to %s%s",
+            self.topology.exchange, _reply_text(exc), self.topology.unrouted,
+            " (the --bind queues are bound again now)" if self._settings.bindings else "",
+        )  # fmt: skip
+        connection = self._connection
+        if self._settings.bindings and connection is not None:
+            task = asyncio.ensure_future(self._bind_again(connection, delay=0.5))
+            _GUARD_TASKS.add(task)
+            task.add_done_callback(_GUARD_TASKS.discard)
+
+    async def _bind_again(self, connection: AbstractRobustConnection, delay: float = 0.0) -> None:
+        for attempt in range(3):  # after an exchange was deleted, aio-pika's channel restore declares it first
+            await asyncio.sleep(delay + attempt)
+            try:
+                await self._declare_bindings(connection)
+                return
+            except Exception as exc:
+                why = describe_error(exc)
+        log.warning("the --bind queues could not be declared and bound again: %s", why)
 
     async def raw_channel(self) -> RawChannel | None:
         """The current aiormq channel under the publishing channel (aio-pika reopens it after a reconnect)."""
@@ -461,6 +499,30 @@ class Broker:
             return await asyncio.wait_for(channel.get_underlay_channel(), timeout=5)
         except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError):
             return None
+
+    async def put_back_unrouted(self, copies: list[AbstractIncomingMessage]) -> None:
+        """Publish these tap copies into ``<exchange>.unrouted`` (original routing key in a header), confirmed."""
+        connection = self._connection
+        if connection is None or not copies:
+            return
+        channel = await connection.channel(publisher_confirms=True)
+        try:
+            for copy in copies:
+                headers = dict(copy.headers or {})
+                headers.setdefault(ORIGINAL_ROUTING_KEY, copy.routing_key or "")
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        copy.body, headers=headers, content_type=copy.content_type,
+                        content_encoding=copy.content_encoding, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=copy.message_id, timestamp=copy.timestamp, type=copy.type, app_id=copy.app_id,
+                    ),
+                    routing_key=self.topology.unrouted,
+                    timeout=self._settings.publish_timeout,
+                )  # fmt: skip
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        log.warning("put %d unroutable events back into %s", len(copies), self.topology.unrouted)
 
     async def close(self) -> None:
         """Close the RabbitMQ connection."""
@@ -499,12 +561,125 @@ class Broker:
             return
         if self._poll_channel is None or self._poll_channel.is_closed:
             self._poll_channel = await connection.channel()
-        raw = await self._poll_channel.get_underlay_channel()
         for name in self.topology.own_queues:
             if name == self.topology.unrouted and self._settings.unroutable != "keep":
                 continue
+            depth = await self.queue_depth(name)
+            if depth is None:  # deleted while the bridge runs: what goes there would be lost
+                await self.restore_own_queues()
+                depth = 0
+            self._metrics.queue_depth(name.rsplit(".", 1)[1], depth)
+
+    async def queue_depth(self, name: str) -> int | None:
+        """Messages in one of the bridge's queues (a passive declare on the polling channel); None if it is gone.
+
+        Raises:
+            ConnectionError: not connected.
+        """
+        connection = self._connection
+        if connection is None:
+            raise ConnectionError("not connected")
+        if self._poll_channel is None or self._poll_channel.is_closed:
+            self._poll_channel = await connection.channel()
+        raw = await self._poll_channel.get_underlay_channel()
+        try:
             declared = await raw.queue_declare(name, passive=True)
-            self._metrics.queue_depth(name.rsplit(".", 1)[1], declared.message_count or 0)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None  # the 404 closed the polling channel: a new one next time
+        except asyncio.CancelledError as exc:
+            # aiormq may hand the channel's 404 to a waiting call as a CancelledError carrying the reply.
+            task = asyncio.current_task()
+            if (task is not None and task.cancelling()) or "NOT_FOUND" not in str(exc):
+                raise
+            return None
+        return int(declared.message_count or 0)
+
+    async def restore_own_queues(self) -> list[str]:
+        """Declare again the bridge's own queues that are gone (someone deleted them while it ran); their names.
+
+        Without ``<exchange>.unrouted`` the alternate exchange routes unroutable events nowhere and
+        RabbitMQ confirms them: they would be dropped. Without ``<exchange>.quarantine`` a quarantine
+        publish is returned. Each one declared again is said at WARNING.
+        """
+        connection = self._connection
+        if connection is None:
+            return []
+        async with self._restoring:
+            restored: list[str] = []
+            for name in self.topology.own_queues:
+                if name == self.topology.unrouted and self._settings.unroutable != "keep":
+                    continue
+                if await self.queue_depth(name) is not None:
+                    continue
+                side = await connection.channel()
+                try:
+                    queue = await side.declare_queue(name, durable=True)
+                    if name == self.topology.unrouted:
+                        exchange = await side.declare_exchange(name, ExchangeType.FANOUT, durable=True)
+                        await queue.bind(exchange)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await side.close()
+                restored.append(name)
+                log.warning(
+                    "queue %s was gone (deleted while the bridge ran?); declared it again. What RabbitMQ had "
+                    "routed to it is lost to it; unroutable events the bridge saw meanwhile are put back",
+                    name,
+                )
+            return restored
+
+
+class _UnroutedGuard:
+    """Notices that ``<exchange>.unrouted`` was deleted under the alternate exchange, and puts back what fell.
+
+    With the queue gone the alternate exchange still routes each unroutable event to the bridge's tap
+    (so RabbitMQ confirms it and returns nothing), and nowhere else: the event is dropped. The tap
+    keeps the copies it saw since the queue was last seen (at most ``_GUARD_MAX``), and at most once a
+    second looks: still there, the copies are let go; gone, it is declared again and the copies are
+    published into it (with ``original_routing_key``, as the bridge keeps a returned event), confirmed.
+    At worst an event is in the queue twice (same ``message_id``), never nowhere.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._copies: collections.deque[AbstractIncomingMessage] = collections.deque(maxlen=_GUARD_MAX)
+        self._scheduled = False
+        self._last = 0.0
+
+    def saw(self, message: AbstractIncomingMessage) -> None:
+        self._copies.append(message)
+        if not self._scheduled:
+            self._scheduled = True
+            delay = max(0.0, self._last + _GUARD_EVERY - time.monotonic())
+            asyncio.get_running_loop().call_later(delay, self._spawn)
+
+    def _spawn(self) -> None:
+        task = asyncio.ensure_future(self._check())
+        _GUARD_TASKS.add(task)
+        task.add_done_callback(_GUARD_TASKS.discard)
+
+    async def _check(self) -> None:
+        self._last = time.monotonic()
+        seen = list(self._copies)  # copies that arrive during the check wait for the next one
+        self._scheduled = False
+        try:
+            gone = await self._broker.queue_depth(self._broker.topology.unrouted) is None
+            if gone:
+                await self._broker.restore_own_queues()
+                await self._broker.put_back_unrouted(seen)
+        except Exception:  # the link went: the next copy, or the reconnect's declare, takes it from here
+            log.debug("unrouted queue check failed", exc_info=True)
+            return
+        for _ in range(min(len(seen), len(self._copies))):
+            self._copies.popleft()
+        if self._copies and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(_GUARD_EVERY, self._spawn)
+
+
+_GUARD_EVERY: Final = 1.0
+_GUARD_MAX: Final = 10_000  # the tap's own x-max-length
+_GUARD_TASKS: set[asyncio.Future[None]] = set()
 
 
 def describe_error(exc: BaseException | None) -> str:

@@ -547,6 +547,8 @@ class Publisher:
     def _channel_closed(self, raw: Channel, closing: asyncio.Future[Any]) -> None:
         """The channel closed: every publish still open on it goes back (the poison rule may pick one)."""
         exc = None if closing.cancelled() else closing.exception()
+        if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity) and "exchange" in str(exc):
+            self._broker.exchange_gone(exc)
         slots = [slot for slot in self._open if slot.batch.raw is raw]
         if raw is self._raw:
             self._raw = None
@@ -702,6 +704,9 @@ class Publisher:
             mandatory=True,
             timeout=self._settings.publish_timeout,
         )
+        if isinstance(result, DeliveredMessage) and not is_event:
+            # A quarantine copy comes back only when the quarantine queue is gone: it was kept nowhere.
+            await self._own_queue_gone(self._broker.topology.quarantine)
         if is_event and isinstance(result, DeliveredMessage):
             # Returned: no queue and no alternate exchange took it.
             self._metrics.unroutable()
@@ -719,7 +724,14 @@ class Publisher:
             timeout=self._settings.publish_timeout,
         )
         if isinstance(result, DeliveredMessage):
-            raise aiormq.exceptions.DeliveryError(None, None)
+            await self._own_queue_gone(self._broker.topology.unrouted)
+
+    async def _own_queue_gone(self, name: str) -> None:
+        """A publish to one of the bridge's own queues came back: the queue is gone. Declare it again; raise,
+        so that the message goes back to the spool and is sent again (it was not kept anywhere)."""
+        with contextlib.suppress(Exception):
+            await self._broker.restore_own_queues()
+        raise ConnectionError(f"queue {name} is gone; declared again, the message is sent again")
 
     async def drain(self, grace: float) -> int:
         """Wait for outstanding confirms; what is still unconfirmed stays in the spool.
