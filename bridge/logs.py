@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ _NOISE: tuple[tuple[str, str, str, str], ...] = (
     ("aio_pika.tools", "Callback %r error", "RobustChannel._on_close", "always"),
 )
 _REPEAT_WINDOW = 60.0
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 _SEEN_MAX = 256
 
 
@@ -91,7 +93,8 @@ class LibraryNoise(logging.Filter):
         if mode is None:
             return True
         if mode == "repeats":
-            text, now = record.getMessage(), record.created
+            # The same cause with another object address ("<Connection.Close object at 0x7f…>") is the same text.
+            text, now = _ADDRESS.sub("0x…", record.getMessage()), record.created
             if now - self._seen.get(text, float("-inf")) >= _REPEAT_WINDOW:
                 if len(self._seen) >= _SEEN_MAX:
                     self._seen.clear()

@@ -261,6 +261,8 @@ class Publisher:
         self._suspects: set[int] = set()  # in flight when the broker refused for good: resent alone
         self._condemned: dict[int, str] = {}  # poison, to quarantine when handed out again: why
         self._blocked_said = False  # a WARNING said RabbitMQ blocks the connection (since the last confirm)
+        self._nack_said_at = -_NACK_WARN_AFTER  # when the last "refused (nacked) … for a minute" line was logged
+        self._nack_unsaid = 0  # events refused that long since, not named in a line
         metrics.count_in_flight(self)
 
     @property
@@ -448,16 +450,25 @@ class Publisher:
     def _hold_nacked(self, item: Spooled) -> None:
         """Give a nacked message back to the spool later, each time later (see ``_NACK_RETRY_FIRST``)."""
         strikes = self._count_refusal(item.id)
-        refused_for = time.monotonic() - strikes.since
+        now = time.monotonic()
+        refused_for = now - strikes.since
         if refused_for >= _NACK_WARN_AFTER and not strikes.warned:
             strikes.warned = True
-            log.warning(
-                "RabbitMQ has refused (nacked) the event %s (message_id=%s) %d times over %.0f s: a queue bound to "
-                "it refuses it (full with x-overflow=reject-publish, or a quorum queue without a majority). It stays "
-                "in the spool and is retried every %.0f s; each retry reaches again the queues that took it (same "
-                "message_id)",
-                item.msg.routing_key, item.msg.message_id, strikes.count, refused_for, _NACK_RETRY_MAX,
-            )  # fmt: skip
+            # One line a minute at most, however many events a full queue refuses (it was one per event).
+            if now - self._nack_said_at >= _NACK_WARN_AFTER:
+                others, self._nack_unsaid = self._nack_unsaid, 0
+                self._nack_said_at = now
+                log.warning(
+                    "RabbitMQ has refused (nacked) the event %s (message_id=%s) %d times over %.0f s%s: a queue "
+                    "bound to it refuses it (full with x-overflow=reject-publish, or a quorum queue without a "
+                    "majority). It stays in the spool and is retried every %.0f s; each retry reaches again the "
+                    "queues that took it (same message_id)",
+                    item.msg.routing_key, item.msg.message_id, strikes.count, refused_for,
+                    f", and {others} more events for over a minute since the last such line" if others else "",
+                    _NACK_RETRY_MAX,
+                )  # fmt: skip
+            else:
+                self._nack_unsaid += 1
         delay = min(_NACK_RETRY_MAX, _NACK_RETRY_FIRST * 2 ** min(strikes.count - 1, 16))
         timer = asyncio.get_running_loop().call_later(delay, self._retry_held, item.id)
         self._held[item.id] = (timer, item)

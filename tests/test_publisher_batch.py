@@ -320,3 +320,35 @@ def test_in_flight_gauge_sums_every_publisher_of_the_process() -> None:
     del second
     gc.collect()
     assert gauge() == 0  # a publisher that is gone drops out
+
+
+async def test_a_queue_refusing_many_events_is_said_once_a_minute_not_once_per_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full reject-publish queue refused thousands of events: one WARNING per event once each had been refused
+    for a minute (444 lines in 9 s in a probe). Now one line a minute, which counts the others."""
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    class Source:
+        def __init__(self) -> None:
+            self.released: list[Spooled] = []
+
+        def release(self, items: object) -> None:
+            self.released.extend(items)  # type: ignore[call-overload]
+
+    settings = bridge_settings("ws://127.0.0.1:9", "test.nack-log")
+    metrics = Metrics(CollectorRegistry())
+    publisher = Publisher(settings, Source(), metrics, Broker(settings, metrics))  # type: ignore[arg-type]
+    items = [Spooled(n, _event(n)) for n in range(50)]
+    long_ago = time.monotonic() - 61
+    with caplog.at_level(logging.WARNING, logger="bridge.publisher"):
+        for item in items:
+            publisher._hold_nacked(item)  # first refusal
+            publisher._strikes[item.id].since = long_ago  # refused for over a minute
+        for item in items:
+            publisher._hold_nacked(item)
+    lines = [r.getMessage() for r in caplog.records if "refused (nacked)" in r.getMessage()]
+    assert len(lines) == 1, lines
+    publisher._release_held()
