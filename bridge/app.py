@@ -123,6 +123,9 @@ class Bridge:
             for lane in self.lanes.values()
         ]
         self.carry: list[str] = []  # spool files of earlier runs, published before anything else
+        self.carry_depth: dict[str, int] = {}  # events each carry file holds (live while it drains)
+        self._draining: dict[str, Spool] = {}
+        metrics.add_spool_source(self._carry_totals)
         self._recovered = asyncio.Event()
         self._stream_stop = asyncio.Event()
         self._publish_stop = asyncio.Event()
@@ -261,8 +264,8 @@ class Bridge:
         return {
             "ok": not bad,
             "reason": "; ".join(bad) if bad else "; ".join(dict.fromkeys(h.reason for h in healths)),
-            "depth": sum(spool.depth for spool in spools),
-            "bytes": sum(spool.bytes for spool in spools),
+            "depth": sum(spool.depth for spool in spools) + self._carry_totals()[0],
+            "bytes": sum(spool.bytes for spool in spools) + self._carry_totals()[1],
             "full": any(spool.full for spool in spools),
         }
 
@@ -391,12 +394,21 @@ class Bridge:
         finally:
             self._recovered.set()
 
+    def _carry_totals(self) -> tuple[int, int]:
+        """Events (and body bytes) waiting in the carry files: they count in ``spool_depth`` and /readyz."""
+        depth = sum(s.depth for s in self._draining.values())
+        depth += sum(n for path, n in self.carry_depth.items() if path not in self._draining)
+        return depth, sum(s.bytes for s in self._draining.values())
+
     async def _drain_file(self, path: str) -> None:
         spool = await Spool.open(path, max_bytes=self.settings.spool_max_bytes)
         log.info("publishing %d events kept by an earlier run in %s", spool.depth, path)
+        self._draining[path] = spool
         try:
             await self._publish_source(spool, lambda: spool.depth == 0)
         finally:
+            self._draining.pop(path, None)
+            self.carry_depth[path] = spool.depth
             report = await spool.close(give_up_after=self.settings.drain_timeout)
         if report.kept == 0 and report.lost == 0 and report.error is None:
             for suffix in ("", "-wal", "-shm"):
@@ -724,7 +736,8 @@ async def run_bridge(
         log.error("%s", exc)
         return exc.exit_code
     bridge = Bridge(settings, metrics, spools)
-    bridge.carry = carry
+    bridge.carry = list(carry)
+    bridge.carry_depth = dict(carry)
     try:
         return await bridge.run(stop)
     except BridgeError as exc:
@@ -735,15 +748,16 @@ async def run_bridge(
         return exc.exit_code
 
 
-async def _set_aside_earlier_runs(settings: Settings) -> list[str]:
-    """Move spool files that still hold events of an earlier run aside (``<file>.carry-<ms>``); return every carry file.
+async def _set_aside_earlier_runs(settings: Settings) -> dict[str, int]:
+    """Move spool files that still hold events of an earlier run aside (``<file>.carry-<ms>``); every carry
+    file, oldest first, with how many events it holds.
 
     Each realm then starts with a fresh spool (a standby's window must hold only what it received),
     and the bridge publishes the carry files first. This also covers a ``--spool PATH`` file written
     by a single-spool version with several realms: its events are published, never dropped.
     """
     if settings.spool == MEMORY:
-        return []
+        return {}
     found, existing, orphans = _earlier_files(settings)
     for path in existing:
         try:
@@ -767,7 +781,18 @@ async def _set_aside_earlier_runs(settings: Settings) -> list[str]:
             "spool %s holds %d events from an earlier run; publishing them first (moved to %s)", path, depth, carry
         )
         found.append(carry)
-    return sorted(set(found))
+    return {path: await _depth_of(path, settings) for path in sorted(set(found))}
+
+
+async def _depth_of(path: str, settings: Settings) -> int:
+    """Events a carry file holds (read at start, for the gauges); 0 if it cannot be read now."""
+    try:
+        spool = await Spool.open(path, max_bytes=settings.spool_max_bytes)
+    except SpoolError:
+        return 0
+    depth = spool.depth
+    await spool.close(give_up_after=settings.drain_timeout)
+    return depth
 
 
 def _move_spool_file(path: str, to: str) -> None:

@@ -219,6 +219,7 @@ class Metrics:
             f"{p}_publish_in_flight", "Messages published and awaiting a confirm.", registry=r
         )
         self._in_flight_sources: weakref.WeakSet[InFlightSource] = weakref.WeakSet()
+        self._spool_sources: list[Callable[[], tuple[int, int]]] = []
         self.publish_in_flight.set_function(self._in_flight_total)
         self.amqp_connected = Gauge(
             f"{p}_amqp_connected", "1 while the RabbitMQ connection and channel are open.", registry=r
@@ -364,8 +365,13 @@ class Metrics:
         writes nothing, so no commit (and no report) follows it; a pushed value kept counting it.
         """
         held = tuple(spools)
-        self.spool_depth.set_function(lambda: float(sum(s.depth for s in held)))
-        self.spool_bytes.set_function(lambda: float(sum(s.bytes for s in held)))
+        extra = self._spool_sources
+        self.spool_depth.set_function(lambda: float(sum(s.depth for s in held) + sum(f()[0] for f in extra)))
+        self.spool_bytes.set_function(lambda: float(sum(s.bytes for s in held) + sum(f()[1] for f in extra)))
+
+    def add_spool_source(self, totals: Callable[[], tuple[int, int]]) -> None:
+        """Count ``totals()`` (depth, bytes) in ``spool_depth``/``spool_bytes`` too: spool files of an earlier run."""
+        self._spool_sources.append(totals)
 
     def spool_full_now(self, full: bool) -> None:
         """Whether a spool is full (the spools' observer, called on every change)."""

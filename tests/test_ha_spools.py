@@ -138,6 +138,7 @@ async def test_realm_files_of_an_earlier_layout_are_carried_not_stranded(tmp_pat
     settings = bridge_settings("ws://127.0.0.1:9", "test.x", spool=str(tmp_path / "spool.db"))  # one realm: KEY
     carry = await _set_aside_earlier_runs(settings)
     assert len(carry) == 2, carry
+    assert sorted(carry.values()) == [3, 3]  # what each holds: counted in spool_depth until published
     assert all(".carry-" in c for c in carry)
     assert not any(Path(p).exists() for p in two.values())  # moved aside, to be published first
     assert (tmp_path / "spool.fp-notarealmfile.db").exists()
@@ -164,3 +165,23 @@ async def test_shutdown_names_the_realm_files_that_keep_events(
     line = next(r.getMessage() for r in caplog.records if "for the next start" in r.getMessage())
     for key in (KEY, KEY2):
         assert str(tmp_path / f"spool.{key_fingerprint(key)}.db") in line
+
+
+async def test_events_waiting_in_carry_files_count_in_spool_depth(tmp_path: Path) -> None:
+    """spool_depth said 0 while 1,529 events waited in carry files (broker unreachable, realms changed): an
+    operator deleting the spool "when spool_depth was 0 at the stop" would have lost them."""
+    from tests.helpers import free_port, running_bridge
+
+    two = spool_paths(str(tmp_path / "spool.db"), [key_fingerprint(KEY), key_fingerprint(KEY2)])
+    for label, path in zip(("test", "second"), two.values(), strict=True):
+        earlier = await Spool.open(path)
+        for n in range(1, 4):
+            await earlier.put(_legacy(n, label))
+        await earlier.flush()
+        assert (await earlier.close()).kept == 3
+    closed = free_port()  # nothing listens: the carry files cannot be published
+    settings = bridge_settings("ws://127.0.0.1:9", "test.x", spool=str(tmp_path / "spool.db"),
+                               amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/")  # fmt: skip
+    async with running_bridge(settings) as bridge:
+        assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_depth") == 6, 20)
+        assert await bridge.finish() == 0
