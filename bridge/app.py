@@ -472,6 +472,15 @@ class Bridge:
             label for label, lane in self.lanes.items()
             if not lane.leading and self.evidence.alive(lane.realm.fingerprint, now)
         }  # fmt: skip
+        for label, lane in self.lanes.items():
+            if lane.spool.full:
+                # Held back, the stream's frames wait in the socket: closing now would drop them.
+                log.warning(
+                    "realm %s: the spool is full at the stop; what the stream still holds is read into it beyond "
+                    "--spool-max-bytes, so that it is not lost (published at the next start)",
+                    label,
+                )
+                lane.spool.lift_bound()
         await self._stop_streams()
         await self._flush_spools()
         unconfirmed = await self._stop_publishing()

@@ -12,9 +12,21 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from bridge.spool import Spool
-from tests.helpers import PYTHON, ROOT, free_port, process_args, simulator, wait_until
+from tests.helpers import (
+    PYTHON,
+    ROOT,
+    bind_queue,
+    bridge_settings,
+    collect,
+    free_port,
+    process_args,
+    running_bridge,
+    simulator,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +134,34 @@ async def test_an_earlier_runs_events_survive_a_start_on_a_full_disk(tmp_path: P
         assert earlier.depth == 300
     finally:
         await earlier.close()
+
+
+async def test_a_stop_while_the_spool_is_full_keeps_what_the_stream_still_held(
+    amqp: AbstractRobustConnection, exchange_name: str, tmp_path: Path
+) -> None:
+    """A full spool holds the stream back: the server's frames wait in the socket buffers. A stop then closed
+    the link over them and said "stopped cleanly": 5,921 events gone in a probe. Now they are read into the
+    spool beyond its bound at the stop, and the next start publishes every one."""
+    spool = str(tmp_path / "spool.db")
+    closed = free_port()  # RabbitMQ unreachable: nothing is confirmed, the spool fills
+    async with simulator(rate=1000.0) as sim:
+        held = bridge_settings(sim.url, exchange_name, spool=spool, spool_max_bytes=64 * 1024,
+                               amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/")  # fmt: skip
+        async with running_bridge(held) as bridge:
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_full") == 1, 30)
+            await asyncio.sleep(3)  # the stream is held back meanwhile
+            assert await bridge.finish(timeout=60) == 0
+        sim.pause()
+        sent = {e.seq for e in sim.sent}
+    async with simulator(paused=True) as idle:
+        settings = bridge_settings(idle.url, exchange_name, spool=spool)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            got = await collect(queue, len(sent), timeout=60, settle=1.0)
+            assert await bridge.finish() == 0
+    missing = sent - seqs_of(got)
+    assert not missing, f"{len(missing)} of {len(sent)} events lost, e.g. {sorted(missing)[:5]}"
+
+
+def seqs_of(messages: list[AbstractIncomingMessage]) -> set[int]:
+    return {int(orjson.loads(m.body)["seq"]) for m in messages}

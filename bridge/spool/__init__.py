@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -267,6 +268,18 @@ class Spool:
             since = time.monotonic() - committer.disk_error_since
             return SpoolHealth(True, f"disk refuses writes for {since:.0f} s ({committer.disk_error}); puts paused")
         return SpoolHealth(True, "ok")
+
+    def lift_bound(self) -> None:
+        """Stop holding the stream back at ``max_bytes``, for a stop: what the stream still holds is taken in.
+
+        While the spool is full the stream is not read, and the server's frames wait in the socket
+        buffers (tens of MB on loopback). Closing the link then would drop them; taken in beyond the
+        bound (on disk), they are published at the next start. A disk that refuses writes stays full.
+        """
+        self._threshold.limit = sys.maxsize
+        self._update_full()
+        if self._ledger.room and not self._threshold.full:
+            self._space.set()
 
     async def put(self, msg: Outbound) -> None:
         """Buffer a message for the next group commit.
