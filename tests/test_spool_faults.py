@@ -245,16 +245,21 @@ async def test_full_disk_keeps_everything_once_space_returns(tmp_path: Path) -> 
     await spool.close()
 
 
-async def test_a_spool_truncated_at_a_page_boundary_is_salvaged_not_refused(tmp_path: Path) -> None:
-    """A spool cut short by whole pages ("database disk image is malformed") is set aside and a fresh one opens."""
+async def test_a_spool_truncated_at_a_page_boundary_is_salvaged_not_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool cut short by whole pages ("database disk image is malformed") is set aside and a fresh one opens;
+    an ERROR says what could not be saved (a truncated file gave "saved 0 readable events" and nothing more)."""
     path = tmp_path / "spool.db"
     await _fill_and_close(path, 1500, 200)
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - 4096)  # its last page gone
-    spool = await Spool.open(str(path))
+    with caplog.at_level(logging.ERROR):
+        spool = await Spool.open(str(path))
     saved = spool.depth
     assert 0 <= saved < 1500
+    assert "ids could not be read" in caplog.text or "nothing could be read from the damaged file" in caplog.text
     got = nums(await drain(spool))
     assert got == sorted(got) and len(got) == saved
     await spool.close()

@@ -340,14 +340,25 @@ class SqliteStore:
 
 def _readable_rows(conn: sqlite3.Connection, path: str) -> Iterator[tuple[Any, ...]]:
     """Every row of a damaged spool that SQLite can still read, in id order."""
-    high = 0
+    high, known = 0, False
     for sql in ("SELECT seq FROM sqlite_sequence WHERE name = 'spool'", "SELECT max(id) FROM spool"):
         try:
             row = conn.execute(sql).fetchone()
         except sqlite3.DatabaseError:
             continue
+        known = True
         if row is not None and row[0] is not None:
             high = max(high, int(row[0]))
+    if not known:
+        # Not even the highest id can be read (a truncated file, a damaged first page): how many events
+        # it held is unknown, and none is copied. Say so; the file stays where salvage() put it.
+        log.error(
+            "spool %s: nothing could be read from the damaged file, not even how many events it held (a "
+            "truncated or overwritten file?): none of them is in the fresh spool. The damaged file is kept "
+            "(.corrupt-*): `sqlite3 FILE .recover` may get some back; publish them by hand",
+            path,
+        )
+        return
     # Ranges of ids, split in halves when a range hits a damaged page, down to one id.
     pending = [(lo, min(lo + _SALVAGE_CHUNK - 1, high)) for lo in range(1, high + 1, _SALVAGE_CHUNK)]
     pending.reverse()
