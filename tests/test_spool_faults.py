@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from bridge.contract import KIND_EVENT, Outbound
 from bridge.errors import SpoolError, SpoolPathError
 from bridge.spool import Spool, Spooled
+from tests.helpers import PYTHON, ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -301,3 +303,25 @@ async def test_a_spool_path_that_can_never_be_a_spool_is_bad_configuration(tmp_p
     assert str(path) in str(info.value)
     if before is not None:
         assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is needed to drop root's override")
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("ro.db", "is not readable and writable by this process (a read-only file?)"),
+        ("locked/sub/spool.db", "does not exist and cannot be created by this process"),
+    ],
+)
+def test_a_spool_this_process_may_not_write_is_bad_configuration(tmp_path: Path, where: str, says: str) -> None:
+    """A read-only spool file said "disk I/O error" (exit 1), a missing directory it may not create
+    "[Errno 13]" (exit 1), where a directory it may not write in said so (exit 2): now all three say why, exit 2.
+    Run as root without the permission override (setpriv), as an unprivileged service would."""
+    (tmp_path / "ro.db").touch(mode=0o444)
+    (tmp_path / "locked").mkdir(mode=0o555)
+    script = f"import asyncio; from bridge.spool import Spool; asyncio.run(Spool.open({str(tmp_path / where)!r}))"
+    result = subprocess.run(
+        ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
+         PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "SpoolPathError" in result.stderr and says in result.stderr, result.stderr[-2000:]

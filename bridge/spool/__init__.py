@@ -641,6 +641,11 @@ def _bad_path(path: str, exc: BaseException) -> str | None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
         return f"the directory {folder} is not writable by this process (the spool needs its file, WAL and lock there)"
+    if isinstance(exc, PermissionError) and not os.path.isdir(folder):
+        # A missing directory this process may not create: the same cause as a directory it may not write.
+        return f"its directory {folder} does not exist and cannot be created by this process ({exc.strerror})"
+    if os.path.isfile(path) and not os.access(path, os.R_OK | os.W_OK):
+        return "is not readable and writable by this process (a read-only file?); the file is left as it is"
     if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
         return "is not an SQLite database, so not a spool; choose another --spool path (the file is left as it is)"
     return None
