@@ -105,6 +105,7 @@ async def test_the_exchange_deleted_while_running_is_said_and_the_bind_queues_ar
     assert {e.seq for e in after} <= _seqs(got)
 
 
+@pytest.mark.fault  # closes every connection of the broker
 async def test_a_bind_queue_deleted_is_declared_again_at_the_next_connect(
     amqp: AbstractRobustConnection, exchange_name: str
 ) -> None:

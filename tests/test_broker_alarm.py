@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 from tests.helpers import bind_queue, bridge_settings, collect, running_bridge, simulator, wait_until
 from tests.test_faults import broker_lock
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.fault]  # a broker-wide disk alarm
 
 
 def _rabbitmqctl(*args: str) -> str:

@@ -116,6 +116,7 @@ def _set_max_message_size(size: int) -> None:
     _ctl("eval", f"application:set_env(rabbit, max_message_size, {size}).")
 
 
+@pytest.mark.fault  # lowers the broker-wide max_message_size (restored in a finally)
 async def test_an_event_above_max_message_size_waits_in_the_spool_and_goes_out_once_the_limit_is_raised(
     amqp: AbstractRobustConnection, exchange_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
