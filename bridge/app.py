@@ -122,6 +122,8 @@ class Bridge:
             StreamClient(settings, lane.realm, self._sink(lane.spool), metrics, self.state)
             for lane in self.lanes.values()
         ]
+        # How long announced ids are worth keeping: while the events stay in a standby's window, and a margin.
+        self._announced_for = 2 * settings.standby_window + 30
         self.carry: list[str] = []  # spool files of earlier runs, published before anything else
         self.carry_depth: dict[str, int] = {}  # events each carry file holds (live while it drains)
         self._draining: dict[str, Spool] = {}
@@ -222,7 +224,7 @@ class Bridge:
             with contextlib.suppress(SpoolError):
                 await lane.spool.discard(ids, found=found)
             if len(found) < len(ids):
-                lane.early.add((i for i in ids if i not in found), now, 2 * self.settings.standby_window + 30)
+                lane.early.add((i for i in ids if i not in found), now, self._announced_for)
 
     async def _expire_windows(self, stop: asyncio.Event) -> None:
         """A standby keeps ``--standby-window`` seconds (and bytes), but only while its realm's leader is heard.
@@ -261,11 +263,12 @@ class Bridge:
         spools = [lane.spool for lane in self.lanes.values()]
         healths = [spool.health() for spool in spools]
         bad = [h.reason for h in healths if not h.ok]
+        carry_depth, carry_bytes = self._carry_totals()
         return {
             "ok": not bad,
             "reason": "; ".join(bad) if bad else "; ".join(dict.fromkeys(h.reason for h in healths)),
-            "depth": sum(spool.depth for spool in spools) + self._carry_totals()[0],
-            "bytes": sum(spool.bytes for spool in spools) + self._carry_totals()[1],
+            "depth": sum(spool.depth for spool in spools) + carry_depth,
+            "bytes": sum(spool.bytes for spool in spools) + carry_bytes,
             "full": any(spool.full for spool in spools),
         }
 
@@ -367,10 +370,9 @@ class Bridge:
         assert connection is not None
         exchange = self.settings.exchange
         self.announcer = Announcer(connection, exchange, leading=self._healthy_leading)
-        # The follower's queue keeps what was announced while this replica was cut off, for as long
-        # as those events stay in its window (and a margin): read after the reconnect, not republished.
-        keep_for = 2 * self.settings.standby_window + 30
-        follower = Follower(connection, exchange, self._on_announcement, keep_for=keep_for)
+        # The follower's queue keeps what was announced while this replica was cut off: read after the
+        # reconnect, not republished.
+        follower = Follower(connection, exchange, self._on_announcement, keep_for=self._announced_for)
 
         def up() -> bool:
             return self.broker.connected
@@ -470,7 +472,7 @@ class Bridge:
         # has (or had) those events: they are not this replica's to lose.
         covered = {
             label for label, lane in self.lanes.items()
-            if not lane.leading and self.evidence.alive(lane.realm.fingerprint, now)
+            if self.settings.spool == MEMORY and not lane.leading and self.evidence.alive(lane.realm.fingerprint, now)
         }  # fmt: skip
         for label, lane in self.lanes.items():
             if lane.spool.full:
@@ -492,21 +494,19 @@ class Bridge:
         await _bounded(self._leader_task, self.settings.drain_timeout + 2)
         await self.broker.close()
         reports = [await lane.spool.close(give_up_after=self.settings.drain_timeout) for lane in self.lanes.values()]
+        lost = 0
         for label, r in zip(self.lanes, reports, strict=True):
-            if label in covered and r.lost and self.settings.spool == MEMORY:
+            if label not in covered:
+                lost += r.lost
+            elif r.lost:
                 log.warning(
                     "realm %s: %d events of this standby's window were in memory only (--spool memory) and go with "
                     "it; the realm's leader, heard a moment ago, publishes them",
                     label, r.lost,
                 )  # fmt: skip
         report = CloseReport(
-            kept=sum(r.kept for r in reports),
-            lost=sum(
-                r.lost for label, r in zip(self.lanes, reports, strict=True)
-                if not (label in covered and self.settings.spool == MEMORY)
-            ),
-            error="; ".join(r.error for r in reports if r.error) or None,
-        )  # fmt: skip
+            kept=sum(r.kept for r in reports), lost=lost, error="; ".join(r.error for r in reports if r.error) or None
+        )
         self._lost = report.lost
         if self._http is not None:
             await self._http.cleanup()
@@ -607,7 +607,7 @@ async def _keep_running(
                 why = access_refused(exc, exchange) or f"{kind}: {describe_error(exc)}"
                 log.error("ha %s failed with the broker up, retrying every second: %s", name, why)
             else:
-                log.debug("ha %s stopped (%s); restarting", name, type(exc).__name__, exc_info=True)
+                log.debug("ha %s stopped (%s); restarting", name, kind, exc_info=True)
             await _wait(stop, 1.0)
 
 
@@ -768,6 +768,7 @@ async def _set_aside_earlier_runs(settings: Settings) -> dict[str, int]:
     if settings.spool == MEMORY:
         return {}
     found, existing, orphans = _earlier_files(settings)
+    depths: dict[str, int] = {}
     for path in existing:
         try:
             earlier = await Spool.open(path, max_bytes=settings.spool_max_bytes)
@@ -790,11 +791,12 @@ async def _set_aside_earlier_runs(settings: Settings) -> dict[str, int]:
             "spool %s holds %d events from an earlier run; publishing them first (moved to %s)", path, depth, carry
         )
         found.append(carry)
-    return {path: await _depth_of(path, settings) for path in sorted(set(found))}
+        depths[carry] = depth
+    return {path: depths[path] if path in depths else await _depth_of(path, settings) for path in sorted(set(found))}
 
 
 async def _depth_of(path: str, settings: Settings) -> int:
-    """Events a carry file holds (read at start, for the gauges); 0 if it cannot be read now."""
+    """Events a carry file of an earlier start holds (read at start, for the gauges); 0 if it cannot be read now."""
     try:
         spool = await Spool.open(path, max_bytes=settings.spool_max_bytes)
     except SpoolError:

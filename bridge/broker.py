@@ -17,7 +17,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,7 +37,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 from bridge.backoff import Backoff, Verdict, classify
 from bridge.bindings import declare_bindings
 from bridge.config import Settings
-from bridge.contract import APP_ID, ORIGINAL_ROUTING_KEY, Topology
+from bridge.contract import APP_ID, ORIGINAL_ROUTING_KEY, Topology, header_text
 from bridge.errors import TopologyError
 from bridge.metrics import Metrics
 from bridge.nodes import NoNodeAvailable, connect_robust_nodes, node_in_use, node_of, with_default_heartbeat
@@ -53,6 +53,7 @@ __all__ = [
     "connection_blocked",
     "declare_topology",
     "describe_error",
+    "message_copy",
     "permissions_needed",
 ]
 
@@ -123,6 +124,36 @@ def _reply_text(exc: BaseException) -> str:
     """The broker's words in a channel or connection error (``PRECONDITION_FAILED - …``), shortened."""
     text = str(exc.args[1] if len(exc.args) > 1 else exc)
     return text[:300]
+
+
+def message_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A received message with its body and every property, and ``headers``, to publish again."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=message.delivery_mode or aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        expiration=message.expiration,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        # user_id is left out: RabbitMQ refuses a user_id other than the connection's own user.
+    )
+
+
+def _in_background(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` as a task of its own, kept referenced until it ends."""
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+_BACKGROUND: set[asyncio.Future[None]] = set()
 
 
 def connection_blocked(connection: object) -> bool:
@@ -432,10 +463,7 @@ class Broker:
         async def count(message: AbstractIncomingMessage) -> None:
             # Every replica's tap sees every copy (and those of `reroute`): only the replica that leads
             # the event's realm counts it, so a standby does not raise the alert and the sum is right.
-            realm = (message.headers or {}).get("realm")
-            if isinstance(realm, bytes):
-                realm = realm.decode("utf-8", "replace")
-            if self.counts_realm(realm if isinstance(realm, str) else ""):
+            if self.counts_realm(header_text((message.headers or {}).get("realm"))):
                 metrics.unroutable()
                 self._guard.saw(message)
 
@@ -458,9 +486,7 @@ class Broker:
         connection = self._connection
         if self._settings.bindings and connection is not None:
             # "Each time the bridge connects": a --bind queue deleted meanwhile (or lost with a node) comes back.
-            task = asyncio.ensure_future(self._bind_again(connection))
-            _GUARD_TASKS.add(task)
-            task.add_done_callback(_GUARD_TASKS.discard)
+            _in_background(self._bind_again(connection))
 
     def exchange_gone(self, exc: BaseException) -> None:
         """A publish found no exchange: someone deleted it while the bridge ran (RabbitMQ says NOT_FOUND).
@@ -476,9 +502,7 @@ class Broker:
         )  # fmt: skip
         connection = self._connection
         if self._settings.bindings and connection is not None:
-            task = asyncio.ensure_future(self._bind_again(connection, delay=0.5))
-            _GUARD_TASKS.add(task)
-            task.add_done_callback(_GUARD_TASKS.discard)
+            _in_background(self._bind_again(connection, delay=0.5))
 
     async def _bind_again(self, connection: AbstractRobustConnection, delay: float = 0.0) -> None:
         for attempt in range(3):  # after an exchange was deleted, aio-pika's channel restore declares it first
@@ -511,14 +535,9 @@ class Broker:
                 headers = dict(copy.headers or {})
                 headers.setdefault(ORIGINAL_ROUTING_KEY, copy.routing_key or "")
                 await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        copy.body, headers=headers, content_type=copy.content_type,
-                        content_encoding=copy.content_encoding, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        message_id=copy.message_id, timestamp=copy.timestamp, type=copy.type, app_id=copy.app_id,
-                    ),
-                    routing_key=self.topology.unrouted,
+                    message_copy(copy, headers), routing_key=self.topology.unrouted,
                     timeout=self._settings.publish_timeout,
-                )  # fmt: skip
+                )
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -556,19 +575,20 @@ class Broker:
         declare goes to the aiormq channel underneath, so that the robust channel
         does not remember the queue and re-declare it after each reopen.
         """
-        connection = self._connection
-        if connection is None:
+        if self._connection is None:
             return
-        if self._poll_channel is None or self._poll_channel.is_closed:
-            self._poll_channel = await connection.channel()
-        for name in self.topology.own_queues:
-            if name == self.topology.unrouted and self._settings.unroutable != "keep":
-                continue
+        for name in self._kept_queues:
             depth = await self.queue_depth(name)
             if depth is None:  # deleted while the bridge runs: what goes there would be lost
                 await self.restore_own_queues()
                 depth = 0
             self._metrics.queue_depth(name.rsplit(".", 1)[1], depth)
+
+    @property
+    def _kept_queues(self) -> tuple[str, ...]:
+        """The bridge's own queues in use: the quarantine, and the unrouted queue unless ``--unroutable drop``."""
+        keep = self._settings.unroutable == "keep"
+        return tuple(name for name in self.topology.own_queues if keep or name != self.topology.unrouted)
 
     async def queue_depth(self, name: str) -> int | None:
         """Messages in one of the bridge's queues (a passive declare on the polling channel); None if it is gone.
@@ -606,9 +626,7 @@ class Broker:
             return []
         async with self._restoring:
             restored: list[str] = []
-            for name in self.topology.own_queues:
-                if name == self.topology.unrouted and self._settings.unroutable != "keep":
-                    continue
+            for name in self._kept_queues:
                 if await self.queue_depth(name) is not None:
                     continue
                 side = await connection.channel()
@@ -654,9 +672,7 @@ class _UnroutedGuard:
             asyncio.get_running_loop().call_later(delay, self._spawn)
 
     def _spawn(self) -> None:
-        task = asyncio.ensure_future(self._check())
-        _GUARD_TASKS.add(task)
-        task.add_done_callback(_GUARD_TASKS.discard)
+        _in_background(self._check())
 
     async def _check(self) -> None:
         self._last = time.monotonic()
@@ -679,7 +695,6 @@ class _UnroutedGuard:
 
 _GUARD_EVERY: Final = 1.0
 _GUARD_MAX: Final = 10_000  # the tap's own x-max-length
-_GUARD_TASKS: set[asyncio.Future[None]] = set()
 
 
 def describe_error(exc: BaseException | None) -> str:

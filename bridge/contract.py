@@ -35,6 +35,7 @@ __all__ = [
     "amqp_properties",
     "event_message",
     "header_frame_bytes",
+    "header_text",
     "message_id",
     "properties_bytes",
     "publish_frames",
@@ -163,12 +164,8 @@ def event_message(
             ``data``) is left out, as a header never carries a key (SECURITY.md).
     """
     headers: dict[str, str | int] = {"realm": realm, "received_at": int(received_at * 1000)}
-    entity = note.entity_id
-    if (
-        entity is not None
-        and len(entity.encode("utf-8", "surrogatepass")) <= MAX_ENTITY_ID_BYTES
-        and not holds_secret(entity, secrets)
-    ):
+    entity = _entity_header(note.entity_id, secrets)
+    if entity is not None:
         headers["entity_id"] = entity
     return Outbound(
         kind=KIND_EVENT,
@@ -247,6 +244,13 @@ def unpublishable_message(msg: Outbound, detail: str) -> Outbound:
     )
 
 
+def _entity_header(entity: str | None, secrets: tuple[str, ...]) -> str | None:
+    """The ``entity_id`` header's value, or None: only ids up to ``MAX_ENTITY_ID_BYTES``, never one holding a key."""
+    if entity is None or len(entity.encode("utf-8", "surrogatepass")) > MAX_ENTITY_ID_BYTES:
+        return None
+    return None if holds_secret(entity, secrets) else entity
+
+
 def refused_event(body: bytes, headers: Mapping[str, Any], message_id: str) -> Outbound:
     """An event kept in the quarantine as ``unpublishable``, rebuilt as the contract publishes it.
 
@@ -257,7 +261,7 @@ def refused_event(body: bytes, headers: Mapping[str, Any], message_id: str) -> O
     Raises:
         ValueError: the message is not such an event (another reason, no routing key, no message id).
     """
-    reason, key = _text(headers.get("reason")), _text(headers.get(ORIGINAL_ROUTING_KEY))
+    reason, key = header_text(headers.get("reason")), header_text(headers.get(ORIGINAL_ROUTING_KEY))
     if reason != UNPUBLISHABLE or not key or not message_id:
         raise ValueError(f"not an event RabbitMQ refused (reason {reason or 'none'})")
     try:
@@ -266,13 +270,13 @@ def refused_event(body: bytes, headers: Mapping[str, Any], message_id: str) -> O
         raise ValueError(f"its {ORIGINAL_ROUTING_KEY} is not a routing key: {exc.detail}") from None
     received = headers.get("received_at")
     received_ms = received if isinstance(received, int) and not isinstance(received, bool) else 0
-    rebuilt: dict[str, str | int] = {"realm": _text(headers.get("realm")), "received_at": received_ms}
+    rebuilt: dict[str, str | int] = {"realm": header_text(headers.get("realm")), "received_at": received_ms}
     try:
         note = parse_frame(body, max_bytes=len(body) + 1)
     except ProtocolError:
         note = None
-    entity = note.entity_id if isinstance(note, Notification) else None
-    if entity is not None and len(entity.encode("utf-8", "surrogatepass")) <= MAX_ENTITY_ID_BYTES:
+    entity = _entity_header(note.entity_id if isinstance(note, Notification) else None, ())
+    if entity is not None:
         rebuilt["entity_id"] = entity
     return Outbound(
         kind=KIND_EVENT,
@@ -285,8 +289,8 @@ def refused_event(body: bytes, headers: Mapping[str, Any], message_id: str) -> O
     )
 
 
-def _text(value: Any) -> str:
-    """A header value as text (AMQP long strings may arrive as bytes)."""
+def header_text(value: Any) -> str:
+    """A header value as text, "" when it is none (AMQP long strings may arrive as bytes)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value if isinstance(value, str) else ""

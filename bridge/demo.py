@@ -32,7 +32,7 @@ async def demo(settings: Settings, args: argparse.Namespace, stop: asyncio.Event
         return tail_task.result() or 1
     sim = Simulator(SimulatorConfig(port=0, realm_keys=(_DEMO_KEY,), rate=args.rate))
     await sim.start()
-    demo_settings = _demo_settings(settings, args, sim.url)
+    demo_settings = _demo_settings(settings, sim.url)
     print(
         f"demo: simulator on {sim.url}, bridge -> {settings.exchange} on the broker, spool {demo_settings.spool}, "
         + ("no metrics" if demo_settings.metrics_addr == "off" else f"metrics on http://{demo_settings.metrics_addr}/metrics")
@@ -66,10 +66,9 @@ async def _start_tail(settings: Settings, stop: asyncio.Event) -> asyncio.Task[i
     return task
 
 
-def _demo_settings(settings: Settings, args: argparse.Namespace, stream_url: str) -> Settings:
+def _demo_settings(settings: Settings, stream_url: str) -> Settings:
     """The bridge's settings for the demo: its own realm and stream; a spool file of its own and the metrics on
     loopback unless they were set (by a flag, the environment or the TOML file: anything but the default)."""
-    del args  # every source of a setting counts alike (flag > environment > TOML)
     spool = settings.spool
     if spool == _DEFAULTS.spool:
         spool = _demo_spool()

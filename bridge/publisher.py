@@ -470,8 +470,7 @@ class Publisher:
             else:
                 self._nack_unsaid += 1
         delay = min(_NACK_RETRY_MAX, _NACK_RETRY_FIRST * 2 ** min(strikes.count - 1, 16))
-        timer = asyncio.get_running_loop().call_later(delay, self._retry_held, item.id)
-        self._held[item.id] = (timer, item)
+        self._hold(item, delay)
 
     def _retry_held(self, spool_id: int, alone: bool = False) -> None:
         entry = self._held.pop(spool_id, None)
@@ -618,8 +617,17 @@ class Publisher:
             raise
         self._confirmed_one(item)
 
+    def _hold(self, item: Spooled, delay: float, *, alone: bool = False) -> None:
+        """Give ``item`` back to the spool in ``delay`` seconds (``alone``: to be sent on its own then)."""
+        timer = asyncio.get_running_loop().call_later(delay, self._retry_held, item.id, alone)
+        self._held[item.id] = (timer, item)
+
+    def _strikes_of(self, spool_id: int) -> _Strikes:
+        """The refusals noted for a spooled message (a fresh record at its first)."""
+        return self._strikes.setdefault(spool_id, _Strikes(0, time.monotonic()))
+
     def _count_refusal(self, spool_id: int) -> _Strikes:
-        strikes = self._strikes.setdefault(spool_id, _Strikes(0, time.monotonic()))
+        strikes = self._strikes_of(spool_id)
         strikes.count += 1
         return strikes
 
@@ -647,7 +655,7 @@ class Publisher:
             self._park(item, why, exc)
             return
         except (aiormq.exceptions.AMQPError, TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
-            strikes = self._strikes.setdefault(item.id, _Strikes(0, time.monotonic()))
+            strikes = self._strikes_of(item.id)
             if not strikes.move_warned:  # once per event: a channel reopening after each refusal says it again
                 strikes.move_warned = True
                 log.warning(
@@ -655,8 +663,7 @@ class Publisher:
                     msg.message_id, str(exc) or type(exc).__name__,
                 )  # fmt: skip
             self._condemned[item.id] = why
-            timer = asyncio.get_running_loop().call_later(_NACK_RETRY_FIRST, self._retry_held, item.id)
-            self._held[item.id] = (timer, item)  # not at once: the link is down or the channel reopening
+            self._hold(item, _NACK_RETRY_FIRST)  # not at once: the link is down or the channel reopening
             return
         self._strikes.pop(item.id, None)
         self._suspects.discard(item.id)
@@ -677,7 +684,7 @@ class Publisher:
         self._failure_pause = 0.0  # the cause is found and set aside: the events behind it go now
         self._suspects.discard(item.id)
         self._condemned.pop(item.id, None)
-        strikes = self._strikes.setdefault(item.id, _Strikes(0, time.monotonic()))
+        strikes = self._strikes_of(item.id)
         strikes.parked += 1
         delay = min(_PARK_MAX, _PARK_FIRST * 2 ** min(strikes.parked - 1, 16))
         now = time.monotonic()
@@ -691,8 +698,7 @@ class Publisher:
                 "next try",
                 msg.routing_key, msg.message_id, len(msg.body), why, str(exc) or type(exc).__name__, delay, _PARK_MAX,
             )  # fmt: skip
-        timer = asyncio.get_running_loop().call_later(delay, self._retry_held, item.id, True)
-        self._held[item.id] = (timer, item)
+        self._hold(item, delay, alone=True)
 
     async def _send(self, raw: RawChannel | None, msg: Outbound) -> None:
         """Publish and wait for the confirm; raises when it was not confirmed.

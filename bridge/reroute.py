@@ -44,9 +44,9 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from bridge.broker import connect_for_command
+from bridge.broker import connect_for_command, message_copy
 from bridge.config import Settings
-from bridge.contract import ORIGINAL_ROUTING_KEY, Outbound, Topology, amqp_properties, refused_event
+from bridge.contract import ORIGINAL_ROUTING_KEY, Outbound, Topology, amqp_properties, header_text, refused_event
 from bridge.progress import Progress
 
 __all__ = ["Outcome", "RerouteResult", "reroute", "routing_key_of"]
@@ -62,18 +62,12 @@ _SETTLE_TIMEOUT: Final = 5.0
 
 def routing_key_of(message: AbstractIncomingMessage) -> str:
     """The event name: the routing key kept by the alternate exchange, or the header the bridge set."""
-    original = (message.headers or {}).get(ORIGINAL_ROUTING_KEY)
-    if isinstance(original, bytes):
-        original = original.decode("utf-8", "replace")
-    return original if isinstance(original, str) and original else message.routing_key or ""
+    return header_text((message.headers or {}).get(ORIGINAL_ROUTING_KEY)) or message.routing_key or ""
 
 
 def _reason(message: AbstractIncomingMessage) -> str:
     """The ``reason`` header of a quarantined message."""
-    reason = (message.headers or {}).get("reason")
-    if isinstance(reason, bytes):
-        reason = reason.decode("utf-8", "replace")
-    return reason if isinstance(reason, str) and reason else "no reason"
+    return header_text((message.headers or {}).get("reason")) or "no reason"
 
 
 def _contract(event: Outbound) -> aio_pika.Message:
@@ -89,26 +83,6 @@ def _contract(event: Outbound) -> aio_pika.Message:
         timestamp=props.timestamp,
         type=props.message_type,
         app_id=props.app_id,
-    )
-
-
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """The message with its body and every property, and ``headers``."""
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=message.delivery_mode or aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        expiration=message.expiration,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-        # user_id is left out: RabbitMQ refuses a user_id other than the connection's own user.
     )
 
 
@@ -301,7 +275,7 @@ class _Mover:
         if not self._refused:
             headers = dict(message.headers or {})
             headers.pop(ORIGINAL_ROUTING_KEY, None)
-            return routing_key_of(message), _copy(message, headers)
+            return routing_key_of(message), message_copy(message, headers)
         try:
             event = refused_event(message.body, message.headers or {}, message.message_id or "")
         except ValueError:
@@ -341,7 +315,7 @@ class _Mover:
             headers[ORIGINAL_ROUTING_KEY] = key
         try:
             await self._channel.default_exchange.publish(
-                _copy(message, headers), routing_key=self._kept, mandatory=True, timeout=self.confirm_timeout
+                message_copy(message, headers), routing_key=self._kept, mandatory=True, timeout=self.confirm_timeout
             )
         except Exception:
             return False

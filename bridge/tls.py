@@ -128,11 +128,11 @@ def check_files(settings: Settings) -> None:
         ConfigError: a file cannot be read or is not valid PEM.
     """
     if settings.ca_file or settings.amqp_client_cert or settings.amqp_client_key:
-        stream_ssl_context(settings)
-        amqp_ssl_context(settings)
-        # Also when no URL uses TLS yet: a file given is checked at start, not at the first amqps:// node.
+        # Every file given, whether a URL uses TLS yet or not (the stream's context loads a subset of these);
+        # then the broker's own context, which may take files named in an amqps:// URL too.
         _context(settings, cafile=settings.ca_file, certfile=settings.amqp_client_cert,
                  keyfile=settings.amqp_client_key)  # fmt: skip
+        amqp_ssl_context(settings)
 
 
 def amqp_connect_kwargs(settings: Settings) -> dict[str, Any]:

@@ -123,10 +123,8 @@ async def test_legacy_spool_of_several_realms_is_published_first(
             await connection.close()
 
 
-async def test_realm_files_of_an_earlier_layout_are_carried_not_stranded(tmp_path: Path) -> None:
-    """Two realms before, one now: both realm files next to --spool are set aside and published first."""
-    from bridge.app import _set_aside_earlier_runs
-
+async def _two_realm_files(tmp_path: Path) -> dict[str, str]:
+    """The realm files an earlier run with two realms (KEY, KEY2) left next to ``spool.db``, 3 events each."""
     two = spool_paths(str(tmp_path / "spool.db"), [key_fingerprint(KEY), key_fingerprint(KEY2)])
     for label, path in zip(("test", "second"), two.values(), strict=True):
         earlier = await Spool.open(path)
@@ -134,6 +132,14 @@ async def test_realm_files_of_an_earlier_layout_are_carried_not_stranded(tmp_pat
             await earlier.put(_legacy(n, label))
         await earlier.flush()
         assert (await earlier.close()).kept == 3
+    return two
+
+
+async def test_realm_files_of_an_earlier_layout_are_carried_not_stranded(tmp_path: Path) -> None:
+    """Two realms before, one now: both realm files next to --spool are set aside and published first."""
+    from bridge.app import _set_aside_earlier_runs
+
+    two = await _two_realm_files(tmp_path)
     (tmp_path / "spool.fp-notarealmfile.db").write_bytes(b"not matched: the fingerprint is not 12 hex digits")
     settings = bridge_settings("ws://127.0.0.1:9", "test.x", spool=str(tmp_path / "spool.db"))  # one realm: KEY
     carry = await _set_aside_earlier_runs(settings)
@@ -172,13 +178,7 @@ async def test_events_waiting_in_carry_files_count_in_spool_depth(tmp_path: Path
     operator deleting the spool "when spool_depth was 0 at the stop" would have lost them."""
     from tests.helpers import free_port, running_bridge
 
-    two = spool_paths(str(tmp_path / "spool.db"), [key_fingerprint(KEY), key_fingerprint(KEY2)])
-    for label, path in zip(("test", "second"), two.values(), strict=True):
-        earlier = await Spool.open(path)
-        for n in range(1, 4):
-            await earlier.put(_legacy(n, label))
-        await earlier.flush()
-        assert (await earlier.close()).kept == 3
+    await _two_realm_files(tmp_path)
     closed = free_port()  # nothing listens: the carry files cannot be published
     settings = bridge_settings("ws://127.0.0.1:9", "test.x", spool=str(tmp_path / "spool.db"),
                                amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/")  # fmt: skip
