@@ -75,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     reroute.add_argument(
         "--limit", type=_count, default=0, metavar="N", help="handle at most N events [0 = all there at the start]"
     )
-    add_arguments(reroute, only=tuple(name for name in _BROKER_ONLY if name != "unroutable"))  # declares nothing
+    # Declares nothing; the realm keys only keep a key out of the entity_id of a --refused event rebuilt.
+    add_arguments(
+        reroute, only=(*(name for name in _BROKER_ONLY if name != "unroutable"), "realms", "realm_key_file")
+    )
 
     events = sub.add_parser("events", help="list the documented events and example binding patterns")
     events.add_argument("--infobip", action="store_true", help="only events that need the Infobip extension")

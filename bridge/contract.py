@@ -251,12 +251,15 @@ def _entity_header(entity: str | None, secrets: tuple[str, ...]) -> str | None:
     return None if holds_secret(entity, secrets) else entity
 
 
-def refused_event(body: bytes, headers: Mapping[str, Any], message_id: str) -> Outbound:
+def refused_event(
+    body: bytes, headers: Mapping[str, Any], message_id: str, secrets: tuple[str, ...] = ()
+) -> Outbound:
     """An event kept in the quarantine as ``unpublishable``, rebuilt as the contract publishes it.
 
     The quarantine copy keeps the body, the ``message_id``, the ``realm``, ``received_at`` and the
     ``original_routing_key``; the ``entity_id`` header is read from the body again (the copy left it out
-    with every other header, bounded or not), so the event goes out exactly as a new one would.
+    with every other header, bounded or not), so the event goes out exactly as a new one would: an
+    ``entity_id`` holding one of ``secrets`` (the realm keys) is left out, as ``event_message`` does.
 
     Raises:
         ValueError: the message is not such an event (another reason, no routing key, no message id).
@@ -275,7 +278,7 @@ def refused_event(body: bytes, headers: Mapping[str, Any], message_id: str) -> O
         note = parse_frame(body, max_bytes=len(body) + 1)
     except ProtocolError:
         note = None
-    entity = _entity_header(note.entity_id if isinstance(note, Notification) else None, ())
+    entity = _entity_header(note.entity_id if isinstance(note, Notification) else None, secrets)
     if entity is not None:
         rebuilt["entity_id"] = entity
     return Outbound(

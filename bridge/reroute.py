@@ -19,7 +19,8 @@ place of the events behind it. Nothing is declared: a mistyped ``--exchange`` is
 with ``reason=unpublishable`` (a poison message: say a body above the broker's ``max_message_size``),
 once the cause is fixed: each is rebuilt as the contract publishes it (``contract.refused_event``: the
 body, ``message_id``, ``realm`` and ``received_at`` it was kept with, ``entity_id`` read from the body
-again) and published to its original routing key. The frames quarantined because they were not valid
+again and left out when it holds a realm key given in the settings, as ``run`` does) and published to its
+original routing key. The frames quarantined because they were not valid
 notifications are not events: they go back to the end of the quarantine unchanged.
 """
 
@@ -164,13 +165,21 @@ async def reroute(
         if total == 0:
             print(f"reroute: {kept} is empty: nothing to move")
             return 0
+        if refused and not dry_run and not settings.realm_keys:
+            print(
+                "reroute --refused: no realm key is configured, so an entity_id read again from a body is not "
+                "checked for one (give the run command's --realm-key-file or ORANGEPILL_REALM_KEY)",
+                file=sys.stderr,
+            )
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=False)
         exchange = await publisher.get_exchange(names.exchange, ensure=False)  # checked to exist by _open
         result = RerouteResult(at_start, total)
         verb = "reroute --refused" if refused else "reroute"
         progress = progress or Progress(f"{verb} --dry-run" if dry_run else verb, total)
         try:
-            mover = None if dry_run else _Mover(publisher, exchange, kept, settings.publish_timeout, result, refused)
+            mover = None if dry_run else _Mover(
+                publisher, exchange, kept, settings.publish_timeout, result, refused, settings.realm_keys
+            )
             tap = None if mover is None else await _tap(connection, names.unrouted, mover.came_back)
             await _take(queue, publisher, stop, result, progress, mover, refused)
             if tap is not None and mover is not None and not result.lost_link:
@@ -253,13 +262,14 @@ class _Mover:
     """Publishes one taken event to the exchange, or back to the end of its queue, and settles it."""
 
     def __init__(self, channel: AbstractChannel, exchange: AbstractExchange, kept: str, confirm_timeout: float,
-                 result: RerouteResult, refused: bool) -> None:  # fmt: skip
+                 result: RerouteResult, refused: bool, secrets: tuple[str, ...] = ()) -> None:  # fmt: skip
         self._channel = channel
         self._exchange = exchange
         self._kept = kept
         self.confirm_timeout = confirm_timeout
         self._result = result
         self._refused = refused
+        self._secrets = secrets  # an entity_id read again from a refused event's body never carries a realm key
         self.tracked: collections.Counter[str] = collections.Counter()  # message ids published, not yet seen back
         self.track = True
 
@@ -277,7 +287,7 @@ class _Mover:
             headers.pop(ORIGINAL_ROUTING_KEY, None)
             return routing_key_of(message), message_copy(message, headers)
         try:
-            event = refused_event(message.body, message.headers or {}, message.message_id or "")
+            event = refused_event(message.body, message.headers or {}, message.message_id or "", self._secrets)
         except ValueError:
             return None
         return event.routing_key, _contract(event)

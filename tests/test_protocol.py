@@ -419,6 +419,11 @@ def test_a_refused_event_is_rebuilt_as_the_contract_published_it() -> None:
     rebuilt = refused_event(kept.body, read_back, kept.message_id)
     assert rebuilt == original
 
+    # An entity_id holding a realm key is left out, as event_message leaves it out.
+    keyed = frame.replace('"id":77', '"id":"the-realm-key-0123456789"').encode()
+    assert "entity_id" in refused_event(keyed, read_back, kept.message_id).headers
+    assert "entity_id" not in refused_event(keyed, read_back, kept.message_id, ("the-realm-key-0123456789",)).headers
+
     with pytest.raises(ValueError, match="not an event RabbitMQ refused"):
         refused_event(b"{", {"reason": "bad_json"}, "some-id")
     with pytest.raises(ValueError, match="not a routing key"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from bridge.reroute import reroute
 from bridge.spool import Spool
 from tests.helpers import (
     AMQP_URL,
+    KEY,
     bind_queue,
     bridge_settings,
     collect,
@@ -358,3 +360,39 @@ async def test_refused_republishes_the_events_rabbitmq_refused_and_leaves_the_qu
     assert await _depth(amqp, names.quarantine) == 2
     assert await _depth(amqp, queue.name) == 0
 
+
+
+async def test_refused_leaves_out_an_entity_id_that_holds_a_configured_realm_key(
+    amqp: AbstractRobustConnection, exchange_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The entity_id of a refused event is read from its body again: with the realm keys configured (the run
+    command's settings) one holding a key is left out, as run leaves it out; without them it is published and
+    reroute says the check could not be made."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(str(path))
+    body = orjson.dumps({"type": "notification", "event": "deposit.received", "data": KEY, "timestamp": "1"})
+    for mid in ("id-no-keys", "id-keys"):
+        await spool.put(Outbound(KIND_EVENT, "deposit.received", mid, body,
+                                 {"realm": "test", "received_at": 1764150000987, "huge": "h" * 200_000},
+                                 1764150000.987))  # fmt: skip
+    assert (await spool.close()).lost == 0
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name, spool=str(path))
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            quarantined = "orangepill_bridge_events_quarantined_total"
+            assert await wait_until(lambda: bridge.metric(quarantined, {"reason": "unpublishable"}) == 2, 30)
+            assert await bridge.finish() == 0
+    queue = await bind_queue(amqp, settings, "deposit.#")
+    capsys.readouterr()
+
+    assert await reroute(replace(settings, realms=()), asyncio.Event(), refused=True, limit=1) == 0
+    (first,) = await collect(queue, 1, timeout=15, settle=0.3)
+    assert first.message_id == "id-no-keys" and (first.headers or {}).get("entity_id") == KEY
+    assert "no realm key is configured" in capsys.readouterr().err
+
+    assert await reroute(settings, asyncio.Event(), refused=True) == 0
+    (second,) = await collect(queue, 1, timeout=15, settle=0.3)
+    assert second.message_id == "id-keys" and second.body == body
+    assert set(second.headers or {}) == {"realm", "received_at"}, second.headers
+    assert "no realm key" not in capsys.readouterr().err
