@@ -18,7 +18,7 @@ from bridge.backlog import watch_backlog
 from bridge.broker import Broker, access_refused, describe_error
 from bridge.config import Realm, Settings
 from bridge.contract import KIND_EVENT, Outbound
-from bridge.errors import BridgeError, ConfigError, SpoolError
+from bridge.errors import BridgeError, ConfigError, RealmRejected, SpoolError
 from bridge.explorer.hub import ExplorerHub
 from bridge.ha import Announcer, Follower, LeaderEvidence, realm_spool_glob, spool_paths
 from bridge.http import start_http
@@ -134,6 +134,7 @@ class Bridge:
         self._coord_stop = asyncio.Event()
         self._lock_stop = asyncio.Event()
         self._streams: list[asyncio.Task[None]] = []
+        self.rejected: dict[str, str] = {}  # realm label -> why the stream refused its key (not retried)
         self._coordinator: asyncio.Task[None] | None = None
         self._leader_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -281,7 +282,9 @@ class Bridge:
         lock = self.leadership.health()
         reasons: list[str] = []
         for realm, subscribed in stream.subscribed.items():
-            if not subscribed:
+            if realm in self.rejected:
+                reasons.append(f"realm {realm} stopped: the stream rejected its key (not retried; fix it and restart)")
+            elif not subscribed:
                 why = "awaiting answer" if stream.connected.get(realm) else "stream disconnected"
                 reasons.append(f"realm {realm} not subscribed ({why})")
         if not broker.connected:
@@ -454,13 +457,30 @@ class Bridge:
                 if self._fatal in done:
                     return self._fatal.result()
                 for task in done - {stop_wait}:
-                    if not task.cancelled() and task.exception() is not None:
-                        return task.exception()
+                    exc = None if task.cancelled() else task.exception()
+                    if isinstance(exc, RealmRejected) and task in self._streams and set(self._streams) & watched:
+                        self._realm_rejected(task, exc)  # the other realms go on
+                    elif exc is not None:
+                        return exc
                 if not set(self._streams) & watched:
                     break
             return None
         finally:
             stop_wait.cancel()
+
+    def _realm_rejected(self, task: asyncio.Task[None], exc: RealmRejected) -> None:
+        """One realm's key was refused while other realms still run: that realm stops, the others go on.
+
+        Exiting (code 2, as with a single realm) would stop the events of every realm over one key, and the
+        stream has no replay. The realm is not retried; its spool is still published; /readyz answers 503,
+        ``realm_rejected`` is 1 and the alert ``OrangepillRealmKeyRejected`` fires. Exit code 2 comes when
+        no realm is left.
+        """
+        label = self.clients[self._streams.index(task)].realm.label
+        self.rejected[label] = str(exc)
+        self.state.retire(label)
+        left = sum(1 for t in self._streams if not t.done())
+        log.error("%s; the bridge goes on with its other %d realm(s)", exc, left)
 
     # -- shutdown, in order -------------------------------------------------------------
 
@@ -553,13 +573,22 @@ class Bridge:
             log.info("%d events stay in the spool %s for the next start", report.kept, spool)
 
     def _exit_code(self, fatal: BaseException | None) -> int:
+        handled = {self._streams[i] for i, c in enumerate(self.clients) if c.realm.label in self.rejected}
         for task in [*self._streams, *(t for t in (self._coordinator,) if t is not None)]:
-            if fatal is None and task.done() and not task.cancelled() and task.exception() is not None:
-                fatal = task.exception()
+            if not task.done() or task.cancelled():
+                continue
+            exc = task.exception()  # read for each, so that asyncio does not warn of one never retrieved
+            # A realm whose key was rejected while others ran was said then: not fatal now.
+            if fatal is None and exc is not None and task not in handled:
+                fatal = exc
         if fatal is None and self._lost:
             return 1
         if fatal is None:
-            log.info("stopped cleanly")
+            if self.rejected:
+                log.info("stopped cleanly; realm(s) %s had stopped earlier: the stream rejected the key",
+                         ", ".join(self.rejected))  # fmt: skip
+            else:
+                log.info("stopped cleanly")
             return 0
         if isinstance(fatal, BridgeError):
             log.error("%s", fatal)

@@ -475,7 +475,10 @@ class Broker:
             log.warning("broker down: %s; aio-pika reconnects every %gs", error, _RECONNECT_INTERVAL)
             self._set_state(LinkState.DOWN, error)
         elif self._state is not LinkState.CLOSED:
-            self._set_state(LinkState.DOWN)
+            # aio-pika calls this for each reconnect attempt that fails too: /readyz says why the latest
+            # failed (the node refuses connections now), not why the link went minutes ago.
+            node = getattr(self._connection, "closed_node", "") or self.node or "?"
+            self._set_state(LinkState.DOWN, f"broker unreachable at {node}: {describe_error(exc)}" if exc else "")
 
     def _on_reconnected(self, _sender: object) -> None:
         self._metrics.amqp_connect()

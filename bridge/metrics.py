@@ -125,6 +125,7 @@ class Metrics:
         self._other = _Children(self.frames_other, ("text", "unknown_type"))
         self._subscribed = _Children(self.subscribed_gauge)
         self._reconnect_delay = _Children(self.stream_reconnect_delay)
+        self._realm_rejected = _Children(self.realm_rejected_gauge)
         self._queue_depth = _Children(self.queue_depth_gauge)
         self._leader = _Children(self.leader_gauge)
         self._leader_changes = _Children(self.leader_changes)
@@ -147,6 +148,12 @@ class Metrics:
         )
         self.subscribed_gauge = Gauge(
             f"{p}_subscribed", "1 while the realm's subscription is confirmed.", ["realm"], registry=r
+        )
+        self.realm_rejected_gauge = Gauge(
+            f"{p}_realm_rejected",
+            "1 once the stream rejected the realm's key: that realm stopped (not retried), the other realms go on.",
+            ["realm"],
+            registry=r,
         )
         self.stream_reconnect_delay = Gauge(
             f"{p}_stream_reconnect_delay_seconds",
@@ -279,6 +286,10 @@ class Metrics:
     def subscribed(self, realm: str, subscribed: bool) -> None:
         """Whether a realm's subscription is confirmed now."""
         self._subscribed(realm).set(1 if subscribed else 0)
+
+    def realm_rejected(self, realm: str, rejected: bool = True) -> None:
+        """The stream rejected a realm's key (1), or has not (0, set for every realm at start)."""
+        self._realm_rejected(realm).set(1 if rejected else 0)
 
     def reconnect_delay(self, realm: str, seconds: float) -> None:
         """The backoff before a realm's next connect attempt (0 while connected)."""

@@ -113,6 +113,7 @@ class _RotatingRobustConnection(RobustConnection):
         self._node_urls: list[URL] = [URL(u) for u in urls]
         start: int = kwargs.pop("node_start", 0)
         self._node_index = start % len(self._node_urls)
+        self.closed_node = ""  # host:port of the node whose connection (or attempt) closed last
         super().__init__(url=self._node_urls[self._node_index], loop=loop, **kwargs)
 
     @property
@@ -138,6 +139,7 @@ class _RotatingRobustConnection(RobustConnection):
         log.info("AMQP connected to node %s", self.node)
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        self.closed_node = self.node  # the close callbacks' error is this node's, not the next one's
         if not (self._close_called or self.is_closed):
             self._rotate("connection closed or refused")
         await super()._on_connection_close(closing)

@@ -136,8 +136,10 @@ class StreamState:
         self._metrics = metrics
         self.connected: dict[str, bool] = {realm.label: False for realm in realms}
         self.subscribed: dict[str, bool] = {realm.label: False for realm in realms}
+        self._retired: set[str] = set()  # realms whose key the stream rejected: no link is expected for them
         for realm in realms:
             metrics.subscribed(realm.label, False)
+            metrics.realm_rejected(realm.label, False)
         metrics.stream_links(False)
 
     def set(self, realm: str, *, connected: bool, subscribed: bool) -> None:
@@ -145,7 +147,17 @@ class StreamState:
         self.connected[realm] = connected
         self.subscribed[realm] = subscribed
         self._metrics.subscribed(realm, subscribed)
-        self._metrics.stream_links(all(self.connected.values()))
+        self._links()
+
+    def retire(self, realm: str) -> None:
+        """The stream rejected this realm's key (not retried): ``stream_connected`` speaks of the other realms."""
+        self._retired.add(realm)
+        self._metrics.realm_rejected(realm)
+        self._links()
+
+    def _links(self) -> None:
+        live = [up for realm, up in self.connected.items() if realm not in self._retired]
+        self._metrics.stream_links(bool(live) and all(live))
 
     def health(self) -> StreamHealth:
         """Every realm's link and subscription, for /readyz."""

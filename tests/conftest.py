@@ -8,11 +8,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import aio_pika
+import hypothesis  # noqa: F401  (imported here, at collection: see below)
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from bridge.contract import Topology
 from tests.helpers import AMQP_URL
+
+# Hypothesis's pytest plugin imports hypothesis at the terminal summary when no test did; pytest's assertion
+# rewriting then parses it deep in the plugin stack, where CPython 3.11.7 fails with "SystemError: AST
+# constructor recursion depth mismatch" (a run of a few tests, -k, ended with that traceback after passing).
 
 
 @pytest.fixture

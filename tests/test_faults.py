@@ -159,6 +159,15 @@ async def test_broker_stopped_and_started_while_events_arrive(exchange_name: str
                 assert status == 503
                 assert any("broker" in str(r) for r in body["reasons"])  # type: ignore[attr-defined]
                 assert bridge.metric("orangepill_bridge_subscribed", {"realm": "test"}) == 1
+                # The link went with CONNECTION_FORCED; /readyz then says why the latest attempt fails.
+                for _ in range(50):
+                    error = str(body["broker"]["error"])  # type: ignore[index]
+                    if error.startswith("broker unreachable at 127.0.0.1:5672: "):
+                        break
+                    await asyncio.sleep(0.2)
+                    status, body = await readyz(port)
+                assert error.startswith("broker unreachable at 127.0.0.1:5672: "), body
+                assert "CONNECTION_FORCED" not in error, error
             sim.pause()
             sent = [e.seq for e in sim.sent]
             assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_depth") == 0, timeout=90)

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from bridge.app import run_bridge
 from bridge.catalog import metric_label
+from bridge.config import Realm
 from bridge.contract import message_id
 from bridge.secrets import key_fingerprint
 from bridge.spool import Spool
@@ -25,6 +26,7 @@ from tests.helpers import (
     bind_queue,
     bridge_settings,
     collect,
+    free_port,
     process_args,
     queue_of,
     running_bridge,
@@ -137,6 +139,64 @@ async def test_rejected_realm_key_exits_2_without_showing_the_key(exchange_name:
     assert "rejected the realm key" in out
     assert KEY not in out
     assert sim.connections == 1, "a rejected key must not be retried"
+
+
+async def test_a_rejected_key_stops_only_its_realm_while_the_others_go_on(
+    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With two realms and one key refused, the other realm's events keep flowing (exiting would stop them,
+    and the stream has no replay): the refused realm is not retried, realm_rejected is 1 for it and 0 for the
+    other, /readyz says why, the ERROR line never shows the key, and a stop exits 0."""
+    from tests.ha_support import KEY2
+    from tests.test_faults import readyz
+
+    port = free_port()
+    async with simulator(paused=True, realm_keys=(KEY,)) as sim:
+        settings = bridge_settings(
+            sim.url, exchange_name, realms=(Realm(label="good", key=KEY), Realm(label="revoked", key=KEY2)),
+            metrics_addr=f"127.0.0.1:{port}",
+        )
+        queue = await bind_queue(amqp, settings, "#")
+        with caplog.at_level(logging.INFO):
+            async with running_bridge(settings) as bridge:
+                rejected = "orangepill_bridge_realm_rejected"
+                assert await wait_until(lambda: bridge.metric(rejected, {"realm": "revoked"}) == 1, 15)
+                await sim.wait_subscribed(1)
+                for n in range(5):
+                    await sim.send_event("deposit.received", f"dep-{n}")
+                got = await collect(queue, 5, timeout=15)
+                assert sorted(orjson.loads(m.body)["data"] for m in got) == [f"dep-{n}" for n in range(5)]
+                assert {(m.headers or {}).get("realm") for m in got} == {"good"}
+                assert bridge.metric(rejected, {"realm": "good"}) == 0
+                assert bridge.metric("orangepill_bridge_subscribed", {"realm": "good"}) == 1
+                assert bridge.metric("orangepill_bridge_stream_connected") == 1  # the realms still expected
+                await asyncio.sleep(1.0)  # longer than reconnect_max: a retry would have come by now
+                assert sim.rejected == 1, "a rejected key must not be retried"
+                assert not bridge.task.done()
+                status, readiness = await readyz(port)
+                assert status == 503
+                assert readiness["reasons"] == [
+                    "realm revoked stopped: the stream rejected its key (not retried; fix it and restart)"
+                ]
+                assert await bridge.finish() == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(
+        "rejected the realm key of realm 'revoked'" in e and "goes on with its other 1 realm(s)" in e for e in errors
+    ), errors
+    assert KEY2 not in caplog.text
+
+
+async def test_when_every_realm_key_is_rejected_the_bridge_exits_2(exchange_name: str) -> None:
+    """The second realm refused after the first: nothing is left to bridge, so run ends with exit code 2."""
+    from tests.ha_support import KEY2
+
+    async with simulator(realm_keys=("some-other-key",)) as sim:
+        settings = bridge_settings(
+            sim.url, exchange_name, realms=(Realm(label="a", key=KEY), Realm(label="b", key=KEY2))
+        )
+        code = await asyncio.wait_for(run_bridge(settings, asyncio.Event(), registry=CollectorRegistry()), 30)
+        assert sim.rejected == 2
+    assert code == 2
 
 
 async def test_reconnects_and_resubscribes_after_drops(amqp: AbstractRobustConnection, exchange_name: str) -> None:

@@ -161,6 +161,16 @@ SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]
         },
         [("5m", "OrangepillRealmNotSubscribed", [{"severity": "critical", "realm": "fp-a"}])],
     ),
+    (  # the key of fp-a is rejected at 2m: that realm stopped, fp-b goes on; the alert fires at once
+        {
+            f'orangepill_bridge_realm_rejected{{{L}, realm="fp-a"}}': "0 0 1x10",
+            f'orangepill_bridge_realm_rejected{{{L}, realm="fp-b"}}': "0x12",
+        },
+        [
+            ("1m", "OrangepillRealmKeyRejected", []),
+            ("2m", "OrangepillRealmKeyRejected", [{"severity": "critical", "realm": "fp-a"}]),
+        ],
+    ),
     (  # connected for 45 minutes and never an event: fires once 30 min + for: 5m have passed
         {
             f"orangepill_bridge_stream_connected{{{L}}}": "1x45",
