@@ -458,7 +458,7 @@ class Bridge:
                     return self._fatal.result()
                 for task in done - {stop_wait}:
                     exc = None if task.cancelled() else task.exception()
-                    if isinstance(exc, RealmRejected) and task in self._streams and set(self._streams) & watched:
+                    if isinstance(exc, RealmRejected) and self._revoked_while_others_run(task, watched):
                         self._realm_rejected(task, exc)  # the other realms go on
                     elif exc is not None:
                         return exc
@@ -468,15 +468,29 @@ class Bridge:
         finally:
             stop_wait.cancel()
 
-    def _realm_rejected(self, task: asyncio.Task[None], exc: RealmRejected) -> None:
-        """One realm's key was refused while other realms still run: that realm stops, the others go on.
+    def _revoked_while_others_run(self, task: asyncio.Future[Any], watched: set[asyncio.Future[Any]]) -> bool:
+        """A realm's stream ended with its key refused after it had been accepted (revoked while the bridge
+        ran), and another realm's stream still runs.
 
-        Exiting (code 2, as with a single realm) would stop the events of every realm over one key, and the
-        stream has no replay. The realm is not retried; its spool is still published; /readyz answers 503,
-        ``realm_rejected`` is 1 and the alert ``OrangepillRealmKeyRejected`` fires. Exit code 2 comes when
-        no realm is left.
+        A key refused from the first answer is bad configuration: exit 2 at once, as the contract says, so
+        that a deploy with a mistyped key fails where it is seen.
         """
-        label = self.clients[self._streams.index(task)].realm.label
+        if task not in self._streams or not set(self._streams) & watched:
+            return False
+        return self._client_of(task).accepted_once
+
+    def _client_of(self, task: asyncio.Future[Any]) -> StreamClient:
+        return next(client for client, stream in zip(self.clients, self._streams, strict=True) if stream is task)
+
+    def _realm_rejected(self, task: asyncio.Future[Any], exc: RealmRejected) -> None:
+        """One realm's key was revoked while other realms still run: that realm stops, the others go on.
+
+        Exiting (code 2, as for a key refused at the first answer) would stop the events of every realm over
+        one revoked key, and the stream has no replay. The realm is not retried; its spool is still
+        published; /readyz answers 503, ``realm_rejected`` is 1 and the alert ``OrangepillRealmKeyRejected``
+        fires. Exit code 2 comes when no realm is left.
+        """
+        label = self._client_of(task).realm.label
         self.rejected[label] = str(exc)
         self.state.retire(label)
         left = sum(1 for t in self._streams if not t.done())

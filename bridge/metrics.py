@@ -151,7 +151,7 @@ class Metrics:
         )
         self.realm_rejected_gauge = Gauge(
             f"{p}_realm_rejected",
-            "1 once the stream rejected the realm's key: that realm stopped (not retried), the other realms go on.",
+            "1 once the stream refused the realm's key after accepting it: that realm stopped, the other realms go on.",
             ["realm"],
             registry=r,
         )

@@ -206,6 +206,7 @@ class StreamClient:
         self._liveness = self._new_liveness()
         self._stopping = False
         self._unsubscribed = asyncio.Event()
+        self.accepted_once = False  # the stream accepted this realm's key at least once in this process
         self._warned_reasons: set[str] = set()
         self._error_log_at = -math.inf
         self._errors_unlogged = 0
@@ -325,6 +326,7 @@ class StreamClient:
             raise _Closed(DisconnectReason.ERROR, f"the server answered subscribe with an error: {detail}")
         now = time.monotonic()
         self._state.set(self._name, connected=True, subscribed=True)
+        self.accepted_once = True
         log.info("stream subscribed realm=%s", self._name)
         self._liveness = self._new_liveness()
         return now

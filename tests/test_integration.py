@@ -141,17 +141,18 @@ async def test_rejected_realm_key_exits_2_without_showing_the_key(exchange_name:
     assert sim.connections == 1, "a rejected key must not be retried"
 
 
-async def test_a_rejected_key_stops_only_its_realm_while_the_others_go_on(
+async def test_a_key_revoked_while_running_stops_only_its_realm_while_the_others_go_on(
     amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With two realms and one key refused, the other realm's events keep flowing (exiting would stop them,
-    and the stream has no replay): the refused realm is not retried, realm_rejected is 1 for it and 0 for the
+    """With two realms, one key revoked while the bridge runs (accepted, then refused after a reconnect): the
+    other realm's events keep flowing (exiting would stop them, and the stream has no replay), the revoked
+    realm is not retried and what it received before is published; realm_rejected is 1 for it and 0 for the
     other, /readyz says why, the ERROR line never shows the key, and a stop exits 0."""
     from tests.ha_support import KEY2
     from tests.test_faults import readyz
 
     port = free_port()
-    async with simulator(paused=True, realm_keys=(KEY,)) as sim:
+    async with simulator(paused=True, realm_keys=(KEY, KEY2)) as sim:
         settings = bridge_settings(
             sim.url, exchange_name, realms=(Realm(label="good", key=KEY), Realm(label="revoked", key=KEY2)),
             metrics_addr=f"127.0.0.1:{port}",
@@ -159,11 +160,15 @@ async def test_a_rejected_key_stops_only_its_realm_while_the_others_go_on(
         queue = await bind_queue(amqp, settings, "#")
         with caplog.at_level(logging.INFO):
             async with running_bridge(settings) as bridge:
+                await sim.wait_subscribed(2)
+                for n in range(3):
+                    await sim.send_event("deposit.received", f"before-{n}", realm=KEY2)
+                assert len(await collect(queue, 3, timeout=15)) == 3
+                assert sim.revoke(KEY2) == 1
                 rejected = "orangepill_bridge_realm_rejected"
                 assert await wait_until(lambda: bridge.metric(rejected, {"realm": "revoked"}) == 1, 15)
-                await sim.wait_subscribed(1)
                 for n in range(5):
-                    await sim.send_event("deposit.received", f"dep-{n}")
+                    await sim.send_event("deposit.received", f"dep-{n}", realm=KEY)
                 got = await collect(queue, 5, timeout=15)
                 assert sorted(orjson.loads(m.body)["data"] for m in got) == [f"dep-{n}" for n in range(5)]
                 assert {(m.headers or {}).get("realm") for m in got} == {"good"}
@@ -184,6 +189,22 @@ async def test_a_rejected_key_stops_only_its_realm_while_the_others_go_on(
         "rejected the realm key of realm 'revoked'" in e and "goes on with its other 1 realm(s)" in e for e in errors
     ), errors
     assert KEY2 not in caplog.text
+
+
+async def test_a_key_refused_at_the_first_answer_is_bad_configuration_even_beside_good_ones(
+    exchange_name: str,
+) -> None:
+    """A key the stream never accepted is a mistyped key: run exits 2 at once, as with a single realm, so that a
+    deploy with it fails where it is seen, even while another realm's key works."""
+    from tests.ha_support import KEY2
+
+    async with simulator(realm_keys=(KEY,)) as sim:
+        settings = bridge_settings(
+            sim.url, exchange_name, realms=(Realm(label="good", key=KEY), Realm(label="typo", key=KEY2))
+        )
+        code = await asyncio.wait_for(run_bridge(settings, asyncio.Event(), registry=CollectorRegistry()), 30)
+        assert sim.rejected == 1
+    assert code == 2
 
 
 async def test_when_every_realm_key_is_rejected_the_bridge_exits_2(exchange_name: str) -> None:

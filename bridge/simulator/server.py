@@ -439,6 +439,22 @@ class Simulator:
         self._rejects.arm(n, text, key_error=key_error)
         log.info("simulator: the next %d subscribe(s) will be refused", n)
 
+    def revoke(self, key: str) -> int:
+        """Revoke a realm key, as Orangepill's console does: its subscribers are dropped, and each subscribe with it
+        from now on is refused as an unknown key (``info`` NONE, then the error).
+
+        Returns:
+            How many connections subscribed to it were dropped.
+        """
+        realm = self._realms.pop(key, None)
+        if realm is None:
+            return 0
+        dropped = list(realm.subscribers)
+        for conn in dropped:
+            self._drop(conn, "revoked key")
+        log.info("simulator: realm %s revoked; %d connection(s) dropped", realm.fp, len(dropped))
+        return len(dropped)
+
     async def send_malformed(self, n: int, kind: str | None = None) -> int:
         """Send ``n`` malformed frames (of ``kind``, else random kinds) to every subscribed connection.
 
