@@ -271,6 +271,8 @@ class Bridge:
             "depth": sum(spool.depth for spool in spools) + carry_depth,
             "bytes": sum(spool.bytes for spool in spools) + carry_bytes,
             "full": any(spool.full for spool in spools),
+            # SQLite's level in use, read back from the file's connection: "normal", "full", or "memory".
+            "sync": spools[0].synchronous.lower() if spools else MEMORY,
         }
 
     def readiness(self) -> dict[str, Any]:
@@ -406,7 +408,9 @@ class Bridge:
         return depth, sum(s.bytes for s in self._draining.values())
 
     async def _drain_file(self, path: str) -> None:
-        spool = await Spool.open(path, max_bytes=self.settings.spool_max_bytes)
+        spool = await Spool.open(
+            path, max_bytes=self.settings.spool_max_bytes, synchronous=self.settings.spool_sync
+        )
         log.info("publishing %d events kept by an earlier run in %s", spool.depth, path)
         self._draining[path] = spool
         try:
@@ -814,7 +818,7 @@ async def _set_aside_earlier_runs(settings: Settings) -> dict[str, int]:
     depths: dict[str, int] = {}
     for path in existing:
         try:
-            earlier = await Spool.open(path, max_bytes=settings.spool_max_bytes)
+            earlier = await Spool.open(path, max_bytes=settings.spool_max_bytes, synchronous=settings.spool_sync)
         except SpoolError as exc:
             if path not in orphans:
                 raise
@@ -841,7 +845,7 @@ async def _set_aside_earlier_runs(settings: Settings) -> dict[str, int]:
 async def _depth_of(path: str, settings: Settings) -> int:
     """Events a carry file of an earlier start holds (read at start, for the gauges); 0 if it cannot be read now."""
     try:
-        spool = await Spool.open(path, max_bytes=settings.spool_max_bytes)
+        spool = await Spool.open(path, max_bytes=settings.spool_max_bytes, synchronous=settings.spool_sync)
     except SpoolError:
         return 0
     depth = spool.depth
@@ -894,7 +898,9 @@ async def _open_spools(settings: Settings, metrics: Metrics) -> dict[str, Spool]
     share = max(1, settings.spool_max_bytes // max(1, len(settings.realms)))
     try:
         for realm in settings.realms:
-            spools[realm.label] = await Spool.open(paths[realm.fingerprint], max_bytes=share, on_stats=report)
+            spools[realm.label] = await Spool.open(
+                paths[realm.fingerprint], max_bytes=share, on_stats=report, synchronous=settings.spool_sync
+            )
     except BaseException:
         for spool in spools.values():
             with contextlib.suppress(Exception):

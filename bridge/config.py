@@ -81,6 +81,7 @@ class Settings:
     exchange: str = "orangepill.events"
     spool: str = "./bridge-spool.db"
     spool_max_bytes: int = 2 * 1024**3
+    spool_sync: str = "normal"
     metrics_addr: str = "0.0.0.0:9180"
     ping_interval: float = 10.0
     idle_timeout: float = 30.0
@@ -664,6 +665,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("spool", "--spool", "BRIDGE_SPOOL", _spool, "spool file, or 'memory' for no disk"),
     Setting("spool_max_bytes", "--spool-max-bytes", "BRIDGE_SPOOL_MAX_BYTES", _size,
             "spool bound; when full the stream is not read (back-pressure)"),
+    Setting("spool_sync", "--spool-sync", "BRIDGE_SPOOL_SYNC", choice("normal", "full"),
+            "normal: a commit survives a crash of the process; full: an fsync per group commit, so it survives "
+            "a crash of the host (power loss, kernel panic) too"),
     Setting("metrics_addr", "--metrics-addr", "BRIDGE_METRICS_ADDR", _addr,
             "HOST:PORT for /metrics, /healthz, /readyz, or 'off'"),
     Setting("ping_interval", "--ping-interval", "BRIDGE_PING_INTERVAL", _positive_float,

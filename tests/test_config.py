@@ -83,6 +83,7 @@ def test_missing_realm_key_names_the_setting() -> None:
         ({"BRIDGE_SPOOL_MAX_BYTES": "lots"}, "BRIDGE_SPOOL_MAX_BYTES"),
         ({"BRIDGE_CONFIRM_WINDOW": "0"}, "BRIDGE_CONFIRM_WINDOW"),
         ({"BRIDGE_UNROUTABLE": "maybe"}, "BRIDGE_UNROUTABLE"),
+        ({"BRIDGE_SPOOL_SYNC": "sometimes"}, "BRIDGE_SPOOL_SYNC"),
         ({"BRIDGE_CONFIG": "/nonexistent/bridge.toml"}, "--config"),
     ],
 )
@@ -191,3 +192,10 @@ def test_a_realm_label_problem_names_the_label_setting() -> None:
         load_settings(_args("--realm-key", KEY, "--realm-label", "bad label!"), {})
     with pytest.raises(ConfigError, match=r"two realms share the label 'eu'"):
         load_settings(_args("--realm-key", f"eu={KEY}", "--realm-key", "eu=" + KEY.replace("c", "d")), {})
+
+
+def test_spool_sync_is_normal_unless_full_is_asked() -> None:
+    """--spool-sync / BRIDGE_SPOOL_SYNC: normal by default, full on request (any case)."""
+    assert load_settings(None, {"ORANGEPILL_REALM_KEY": KEY}).spool_sync == "normal"
+    assert load_settings(None, {"ORANGEPILL_REALM_KEY": KEY, "BRIDGE_SPOOL_SYNC": "full"}).spool_sync == "full"
+    assert load_settings(_args("--realm-key", KEY, "--spool-sync", "full"), {}).spool_sync == "full"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
@@ -457,3 +458,28 @@ async def test_unroutable_drop_counts_and_lets_go(amqp: AbstractRobustConnection
     channel = await amqp.channel()
     with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
         await channel.declare_exchange(f"{exchange_name}.unrouted", passive=True)
+
+
+async def test_spool_sync_full_publishes_everything_and_readyz_says_the_level(
+    amqp: AbstractRobustConnection, exchange_names: Callable[[str], str], tmp_path: Path
+) -> None:
+    """--spool-sync full (an fsync per group commit, for a crash of the host): events flow as usual, and
+    /readyz reports the level SQLite applies to the spool file ("normal" by default)."""
+    from tests.test_faults import readyz
+
+    for level in ("full", "normal"):
+        port = free_port()
+        async with simulator(rate=400, count=300) as sim:
+            settings = bridge_settings(
+                sim.url, exchange_names(f"sync-{level}"), spool=str(tmp_path / f"{level}.db"),
+                metrics_addr=f"127.0.0.1:{port}", **({"spool_sync": level} if level == "full" else {}),
+            )
+            queue = await bind_queue(amqp, settings, "#")
+            async with running_bridge(settings) as bridge:
+                got = await collect(queue, 300, timeout=30)
+                status, body = await readyz(port)
+                assert status == 200, body
+                assert body["spool"]["sync"] == level  # type: ignore[index]
+                assert await bridge.finish() == 0
+        assert sorted(seqs(got)) == list(range(1, 301))
+        await queue.delete(if_unused=False, if_empty=False)

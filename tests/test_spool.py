@@ -240,6 +240,30 @@ async def test_idle_spool_commits_at_once(db: str) -> None:
     await spool.close()
 
 
+@pytest.mark.parametrize(("sync", "on_loop"), [("normal", True), ("full", False)])
+async def test_a_spool_that_fsyncs_never_commits_on_the_loop_thread(db: str, sync: str, on_loop: bool) -> None:
+    """synchronous=FULL makes each commit wait for an fsync: those commits run on the spool's thread, where
+    small NORMAL ones run on the loop's thread (no hand-off); SQLite reports the level it applies."""
+    spool = await Spool.open(db, synchronous=sync)
+    assert spool.synchronous == sync.upper()
+    store = spool._committer.store
+    assert store is not None
+    threads: list[int] = []
+    write = store.write
+
+    def recording_write(*args: object) -> None:
+        threads.append(threading.get_ident())
+        write(*args)  # type: ignore[arg-type]
+
+    store.write = recording_write  # type: ignore[method-assign]
+    for n in range(5):
+        await spool.put(msg(n))
+        await spool.flush()
+    assert threads and all((t == threading.get_ident()) is on_loop for t in threads), threads
+    assert nums(await drain(spool)) == list(range(5))
+    await spool.close()
+
+
 async def test_get_batch_waits_for_a_later_put(db: str) -> None:
     """A waiting get_batch wakes up when a message is committed."""
     spool = await Spool.open(db)

@@ -231,6 +231,12 @@ class Spool:
         return self._path
 
     @property
+    def synchronous(self) -> str:
+        """SQLite's ``synchronous`` level in use, as SQLite reports it (``NORMAL``, ``FULL``), or ``memory``."""
+        store = self._committer.store
+        return MEMORY if store is None else store.synchronous
+
+    @property
     def depth(self) -> int:
         """Messages put and not yet acked (buffered and committed)."""
         return self._ledger.depth

@@ -86,6 +86,8 @@ class Committer:
         self._last_commit = 0.0
         self._last_rows = 0
         self._inline_from = 0.0  # steps may run on the loop's thread from this time
+        # FULL and EXTRA fsync at each commit: never on the loop's thread, where it would stall the stream.
+        self._inline_writes = store is None or store.synchronous in ("OFF", "NORMAL")
         self._read_failing = False
         self._wake = asyncio.Event()  # there is work
         self._now = asyncio.Event()  # commit now, do not wait for the interval
@@ -257,7 +259,7 @@ class Committer:
         loop = asyncio.get_running_loop()
         now = loop.time()
         small = len(rows) + len(deletes) <= _INLINE_MAX_ROWS and sum(len(r.msg.body) for r in rows) <= _INLINE_MAX_BYTES
-        if small and now >= self._inline_from:
+        if small and self._inline_writes and now >= self._inline_from:
             store.write(rows, deletes)
             self.usage = store.usage()
             took = loop.time() - now

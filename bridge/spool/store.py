@@ -240,6 +240,8 @@ class SqliteStore:
         if str(mode).lower() != "wal":
             raise SpoolError(f"spool {self.path}: cannot switch to WAL mode (journal_mode={mode})")
         conn.execute(f"PRAGMA synchronous={synchronous}")
+        # Read back: the level SQLite applies (0-3), which decides whether a commit waits for an fsync.
+        self.synchronous = SYNCHRONOUS[int(conn.execute("PRAGMA synchronous").fetchone()[0])]
         # Checkpoints fsync and can take tens of milliseconds: the committer runs them on
         # the spool thread (never inside a commit made on the loop's thread).
         conn.execute("PRAGMA wal_autocheckpoint=0")
