@@ -323,9 +323,22 @@ class Bridge:
         fatal: BaseException | None = None
         try:
             fatal = await self._watch(stop)
+            if isinstance(fatal, RealmRejected):
+                await self._other_answers()
         finally:
             await self._shutdown()
         return self._exit_code(fatal)
+
+    async def _other_answers(self, wait: float = 2.0) -> None:
+        """Before exiting on a refused key, let the realms still awaiting their first answer have it (at most
+        ``wait`` s): every refused key is then named in the log, not only the first, so that one restart
+        after fixing them is enough."""
+        pending = [
+            task for client, task in zip(self.clients, self._streams, strict=True)
+            if not task.done() and not client.accepted_once
+        ]  # fmt: skip
+        if pending:  # a realm that subscribes meanwhile runs on until the timeout: at most ``wait`` s
+            await asyncio.wait(pending, timeout=wait)
 
     async def _start_http(self) -> None:
         hostport = self.settings.metrics_host_port
@@ -357,8 +370,10 @@ class Bridge:
         ]
 
     def _leads(self, label: str) -> bool:
+        """Whether this replica counts an unroutable event of the realm: it leads it, or, for a realm no longer
+        configured (events of an earlier run's spool file, which no replica leads), it publishes such files now."""
         lane = self.lanes.get(label)
-        return lane is not None and lane.leading
+        return lane.leading if lane is not None else bool(self._draining)
 
     def _led_depth(self) -> int:
         """Events in the spools of the realms this replica leads (what it has to publish)."""
@@ -498,7 +513,21 @@ class Bridge:
         self.rejected[label] = str(exc)
         self.state.retire(label)
         left = sum(1 for t in self._streams if not t.done())
-        log.error("%s; the bridge goes on with its other %d realm(s)", exc, left)
+        log.error("%s; the bridge goes on with its other %d realm(s)", str(exc).rstrip("."), left)
+        self._background.append(asyncio.create_task(self._resign_when_drained(label), name=f"resign-{label}"))
+
+    async def _resign_when_drained(self, label: str) -> None:
+        """Give a rejected realm's lock up once this replica has published what it had read of it.
+
+        Another replica whose subscription still works then leads it at once (its spool's events go out
+        first), instead of publishing them only as its standby window's tail. Published first, so that
+        nothing this replica read is left to a standby that never had it; a lone replica keeps nothing.
+        """
+        lane = self.lanes[label]
+        while lane.leading and (lane.spool.depth or lane.publisher.in_flight):
+            if await _wait(self._coord_stop, 0.5):
+                return
+        self.leadership.resign(label, "the stream rejected its key on this replica")
 
     # -- shutdown, in order -------------------------------------------------------------
 
@@ -599,6 +628,8 @@ class Bridge:
             # A realm whose key was rejected while others ran was said then: not fatal now.
             if fatal is None and exc is not None and task not in handled:
                 fatal = exc
+            elif isinstance(exc, RealmRejected) and exc is not fatal and task not in handled:
+                log.error("%s", exc)  # every refused key named, not only the one that ended the run
         if fatal is None and self._lost:
             return 1
         if fatal is None:

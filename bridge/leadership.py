@@ -117,6 +117,8 @@ class Leadership:
         self._lost = asyncio.Event()
         self._raw: aiormq.abc.AbstractConnection | None = None  # the lock connection, for tests
         self._refused_said = ""  # the last ACCESS_REFUSED logged (once, not at every attempt)
+        self._resigned: dict[str, str] = {}  # realm label -> why this replica gives it up for good
+        self._resign_now = asyncio.Event()  # a resignation waits for the lock loop
 
     # -- public API --
 
@@ -127,6 +129,16 @@ class Leadership:
     def is_leader(self, realm_label: str) -> bool:
         """Whether this replica leads the realm now."""
         return self._roles.get(realm_label) is Role.LEADER
+
+    def resign(self, label: str, why: str) -> None:
+        """Give up the realm for the rest of this process: release its lock if held, never compete again.
+
+        For a realm whose key the stream refused: this replica can no longer read it, so another replica
+        whose subscription still works should lead it at once, not after its standby window.
+        """
+        if label in self._roles and label not in self._resigned:
+            self._resigned[label] = why
+            self._resign_now.set()
 
     def roles(self) -> dict[str, Role]:
         """The role per realm label."""
@@ -186,9 +198,14 @@ class Leadership:
         probe = asyncio.create_task(self._probe(raw, lost))
         try:
             while not stop.is_set() and not lost.is_set():
+                self._resign_now.clear()
                 for realm in self._realms:
                     if stop.is_set() or lost.is_set():
                         break
+                    if realm.label in self._resigned:
+                        if self._roles[realm.label] is Role.LEADER:
+                            channel = await self._release(raw, channel, realm, lost)
+                        continue
                     if self._roles[realm.label] is Role.LEADER:
                         continue
                     led = self._leading()
@@ -214,7 +231,7 @@ class Leadership:
                         continue
                     if not lost.is_set():
                         self._set(realm.label, Role.LEADER, f"holds the lock on node {self._node}")
-                await _wait_any(stop, lost, self._poll)
+                await _wait_any(stop, lost, self._poll, self._resign_now)
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             refused = access_refused(exc, self._exchange)
             if refused is not None:
@@ -228,6 +245,21 @@ class Leadership:
             probe.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await probe
+
+    async def _release(
+        self,
+        raw: aiormq.abc.AbstractConnection,
+        channel: aiormq.abc.AbstractChannel | None,
+        realm: RealmLock,
+        lost: asyncio.Event,
+    ) -> aiormq.abc.AbstractChannel:
+        """Delete a resigned realm's lock queue (this connection owns it): another replica may take it now."""
+        self._set(realm.label, Role.STANDBY, f"resigned: {self._resigned[realm.label]}")  # stop publishing first
+        if channel is None or channel.is_closed:
+            channel = await self._rpc(raw.channel(), lost)
+        await self._rpc(channel.queue_delete(lock_queue_name(self._exchange, realm.fingerprint)), lost)
+        log.info("leadership: realm %s lock released for another replica", realm.label)
+        return channel
 
     async def _rpc(self, call: Awaitable[_T], lost: asyncio.Event) -> _T:
         """Await one RPC on the lock connection, but not past a lost link or ``heartbeat`` seconds.
@@ -308,10 +340,11 @@ async def _wait(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
-async def _wait_any(a: asyncio.Event, b: asyncio.Event, seconds: float) -> bool:
-    """Wait until either event is set or ``seconds`` pass; True if one was set."""
+async def _wait_any(a: asyncio.Event, b: asyncio.Event, seconds: float, also: asyncio.Event | None = None) -> bool:
+    """Wait until either event (or ``also``) is set or ``seconds`` pass; True if ``a`` or ``b`` was set."""
     deadline = time.monotonic() + seconds
-    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    events = (a, b) if also is None else (a, b, also)
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(e.wait()) for e in events]
     try:
         await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
     finally:

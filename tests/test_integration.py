@@ -176,6 +176,11 @@ async def test_a_key_revoked_while_running_stops_only_its_realm_while_the_others
                 assert bridge.metric(rejected, {"realm": "good"}) == 0
                 assert bridge.metric("orangepill_bridge_subscribed", {"realm": "good"}) == 1
                 assert bridge.metric("orangepill_bridge_stream_connected") == 1  # the realms still expected
+                # Its spool published, the replica gives the realm's lock up (another replica whose
+                # subscription works would lead it at once) and keeps leading the other realm.
+                leader = "orangepill_bridge_leader"
+                assert await wait_until(lambda: bridge.metric(leader, {"realm": "revoked"}) == 0, 10)
+                assert bridge.metric(leader, {"realm": "good"}) == 1
                 await asyncio.sleep(1.0)  # longer than reconnect_max: a retry would have come by now
                 assert sim.rejected == 1, "a rejected key must not be retried"
                 assert not bridge.task.done()
@@ -187,8 +192,10 @@ async def test_a_key_revoked_while_running_stops_only_its_realm_while_the_others
                 assert await bridge.finish() == 0
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(
-        "rejected the realm key of realm 'revoked'" in e and "goes on with its other 1 realm(s)" in e for e in errors
+        "rejected the realm key of realm 'revoked'" in e and "refuses; the bridge goes on with its other 1 realm(s)" in e
+        for e in errors
     ), errors
+    assert "leadership: realm revoked lock released for another replica" in caplog.text
     assert KEY2 not in caplog.text
 
 
@@ -208,17 +215,25 @@ async def test_a_key_refused_at_the_first_answer_is_bad_configuration_even_besid
     assert code == 2
 
 
-async def test_when_every_realm_key_is_rejected_the_bridge_exits_2(exchange_name: str) -> None:
-    """The second realm refused after the first: nothing is left to bridge, so run ends with exit code 2."""
+async def test_when_every_realm_key_is_rejected_the_bridge_exits_2_naming_each(
+    exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every key refused: run ends with exit code 2, and the log names each refused realm (not only the first),
+    so that one restart after fixing them is enough."""
     from tests.ha_support import KEY2
 
+    key3 = "test-realm-key-third-5c83d0"
     async with simulator(realm_keys=("some-other-key",)) as sim:
-        settings = bridge_settings(
-            sim.url, exchange_name, realms=(Realm(label="a", key=KEY), Realm(label="b", key=KEY2))
-        )
-        code = await asyncio.wait_for(run_bridge(settings, asyncio.Event(), registry=CollectorRegistry()), 30)
-        assert sim.rejected == 2
+        settings = bridge_settings(sim.url, exchange_name, realms=(
+            Realm(label="a", key=KEY), Realm(label="b", key=KEY2), Realm(label="c", key=key3)
+        ))  # fmt: skip
+        with caplog.at_level(logging.INFO):
+            code = await asyncio.wait_for(run_bridge(settings, asyncio.Event(), registry=CollectorRegistry()), 30)
+        assert sim.rejected == 3
     assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for label in "abc":
+        assert any(f"rejected the realm key of realm '{label}'" in e for e in errors), errors
 
 
 async def test_reconnects_and_resubscribes_after_drops(amqp: AbstractRobustConnection, exchange_name: str) -> None:

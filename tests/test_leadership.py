@@ -78,6 +78,25 @@ async def test_two_contenders_one_leader_and_takeover() -> None:
     assert ("one", "a", Role.LEADER) in changes or ("two", "a", Role.LEADER) in changes
 
 
+async def test_a_resigned_realm_is_released_at_once_and_never_taken_again() -> None:
+    """resign(): the leader lets the lock go within a moment (not after a poll), keeps its other realms, and never
+    competes for the resigned one again, so the other contender leads it and keeps it."""
+    ex, a, b = f"test.{uuid.uuid4().hex[:8]}", realm("a"), realm("b")
+    async with contender(ex, [a, b]) as (one, _):
+        assert await wait_until(lambda: one.is_leader("a") and one.is_leader("b"), timeout=15)
+        async with contender(ex, [a, b]) as (two, _):
+            await asyncio.sleep(0.5)
+            assert not two.is_leader("a") and not two.is_leader("b")
+            t0 = time.monotonic()
+            one.resign("a", "its key was refused")
+            assert await wait_until(lambda: two.is_leader("a"), timeout=10, interval=0.01)
+            print(f"takeover after resign: {time.monotonic() - t0:.3f}s (poll 0.2s)")
+            assert not one.is_leader("a") and one.is_leader("b") and not two.is_leader("b")
+            await two._raw.close()  # type: ignore[union-attr]  # the new leader goes: the lock is free again
+            await asyncio.sleep(1.5)  # several polls of `one`, which must not take "a" back
+            assert not one.is_leader("a") and one.is_leader("b")
+
+
 async def test_sigkill_of_lock_holder_frees_the_lock() -> None:
     """A process holding the lock is SIGKILLed: the broker frees the queue and the standby leads within poll + margin."""
     ex, r = f"test.{uuid.uuid4().hex[:8]}", realm("a")

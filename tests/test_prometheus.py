@@ -161,14 +161,21 @@ SCENARIOS: list[tuple[dict[str, str], list[tuple[str, str, list[dict[str, str]]]
         },
         [("5m", "OrangepillRealmNotSubscribed", [{"severity": "critical", "realm": "fp-a"}])],
     ),
-    (  # the key of fp-a is rejected at 2m: that realm stopped, fp-b goes on; the alert fires at once
+    (  # the key of fp-a is rejected at 2m: that realm stopped, fp-b goes on; the alert fires at once, and
+        # the rejected realm raises neither "not subscribed" nor "without leader" (its lock was given up)
         {
             f'orangepill_bridge_realm_rejected{{{L}, realm="fp-a"}}': "0 0 1x10",
             f'orangepill_bridge_realm_rejected{{{L}, realm="fp-b"}}': "0x12",
+            f'orangepill_bridge_subscribed{{{L}, realm="fp-a"}}': "1 1 0x10",
+            f'orangepill_bridge_subscribed{{{L}, realm="fp-b"}}': "1x12",
+            f'orangepill_bridge_leader{{{L}, realm="fp-a"}}': "1 1 0x10",
+            f'orangepill_bridge_leader{{{L}, realm="fp-b"}}': "1x12",
         },
         [
             ("1m", "OrangepillRealmKeyRejected", []),
             ("2m", "OrangepillRealmKeyRejected", [{"severity": "critical", "realm": "fp-a"}]),
+            ("8m", "OrangepillRealmNotSubscribed", []),
+            ("8m", "OrangepillRealmWithoutLeader", []),
         ],
     ),
     (  # connected for 45 minutes and never an event: fires once 30 min + for: 5m have passed
