@@ -185,3 +185,17 @@ async def test_events_waiting_in_carry_files_count_in_spool_depth(tmp_path: Path
     async with running_bridge(settings) as bridge:
         assert await wait_until(lambda: bridge.metric("orangepill_bridge_spool_depth") == 6, 20)
         assert await bridge.finish() == 0
+
+
+async def test_unroutable_events_of_a_realm_no_longer_configured_are_counted(
+    tmp_path: Path, exchange_names: Callable[[str], str]
+) -> None:
+    """Events of a carry file whose realm was removed from the configuration, published with no queue bound for
+    them: no replica leads that realm, so the replica publishing the file counts them (it counted none)."""
+    await _two_realm_files(tmp_path)  # realms "test" (KEY, still configured) and "second" (removed now)
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_names("ha.gone"), spool=str(tmp_path / "spool.db"))
+        async with running_bridge(settings) as bridge:
+            unroutable = "orangepill_bridge_events_unroutable_total"
+            assert await wait_until(lambda: bridge.metric(unroutable) == 6, 20), bridge.metric(unroutable)
+            assert await bridge.finish() == 0
