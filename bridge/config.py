@@ -637,7 +637,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("stream_url", "--stream-url", "ORANGEPILL_STREAM_URL", _ws_url, "Orangepill stream URL"),
     Setting("realms", "--realm-key", "ORANGEPILL_REALM_KEY", str,
             "realm key, KEY or LABEL=KEY (repeatable; env: comma-separated); prefer --realm-key-file",
-            item="realm key", secret=True, file_keys=("realm_keys",), shown_default="required for run",
+            item="realm key", secret=True, file_keys=("realm_keys",), shown_default="required for run and check",
             convert=_raw_items),
     Setting("realm_key_file", "--realm-key-file", "ORANGEPILL_REALM_KEY_FILE", _file_path,
             "file of realm keys, one KEY or LABEL=KEY per line, '#' comment lines (a Docker or Kubernetes secret)",

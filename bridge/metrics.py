@@ -53,7 +53,6 @@ class PublishFailure(enum.StrEnum):
     NACK = "nack"
     TIMEOUT = "timeout"
     CHANNEL = "channel"  # channel or connection closed, broker down
-    RETURNED = "returned"  # unroutable and not taken by the alternate exchange
     REFUSED = "refused"  # refused for good, and its quarantine copy too: kept in the spool, retried later
 
 
