@@ -122,6 +122,10 @@ class Bridge:
             StreamClient(settings, lane.realm, self._sink(lane.spool), metrics, self.state)
             for lane in self.lanes.values()
         ]
+        self.accepted = AcceptedKeys(settings.spool)
+        for client in self.clients:
+            fp = client.realm.fingerprint
+            client.on_first_accept = lambda fp=fp: self.accepted.add(fp)
         # How long announced ids are worth keeping: while the events stay in a standby's window, and a margin.
         self._announced_for = 2 * settings.standby_window + 30
         self.carry: list[str] = []  # spool files of earlier runs, published before anything else
@@ -496,7 +500,8 @@ class Bridge:
         """
         if task not in self._streams or not set(self._streams) & watched:
             return False
-        return self._client_of(task).accepted_once
+        client = self._client_of(task)
+        return client.accepted_once or client.realm.fingerprint in self.accepted
 
     def _client_of(self, task: asyncio.Future[Any]) -> StreamClient:
         return next(client for client, stream in zip(self.clients, self._streams, strict=True) if stream is task)
@@ -895,6 +900,40 @@ def _move_spool_file(path: str, to: str) -> None:
         os.replace(path + "-wal", to + "-wal")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path + "-shm")
+
+
+class AcceptedKeys:
+    """The fingerprints of the realm keys the stream has accepted, kept next to the spool (``<spool>.accepted``).
+
+    A key refused at its first answer of a run is bad configuration (exit 2), unless it was accepted in an
+    earlier run: then it was revoked, and a restart (a crash, a reboot, a deploy) must not stop the other
+    realms over it. Fingerprints only, never a key; nothing is kept with ``--spool memory``.
+    """
+
+    def __init__(self, spool: str) -> None:
+        self.path = None if spool == MEMORY else spool + ".accepted"
+        self._known: set[str] = set()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    with open(self.path, encoding="ascii") as f:
+                        self._known = {line.strip() for line in f if line.strip().startswith("fp-")}
+                except (OSError, UnicodeDecodeError) as exc:
+                    log.warning("%s cannot be read (%s): every refused key is taken for a new one", self.path, exc)
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._known
+
+    def add(self, fingerprint: str) -> None:
+        """Remember a key the stream accepted (a line appended, once per key)."""
+        if fingerprint in self._known or self.path is None:
+            return
+        self._known.add(fingerprint)
+        try:
+            with open(self.path, "a", encoding="ascii") as f:
+                f.write(fingerprint + "\n")
+        except OSError as exc:
+            log.warning("%s cannot be written (%s): a restart after this key is revoked exits 2", self.path, exc)
 
 
 def _earlier_files(settings: Settings) -> tuple[list[str], list[str], set[str]]:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -207,6 +208,7 @@ class StreamClient:
         self._stopping = False
         self._unsubscribed = asyncio.Event()
         self.accepted_once = False  # the stream accepted this realm's key at least once in this process
+        self.on_first_accept: Callable[[], None] | None = None  # called once, at the first accepted subscribe
         self._warned_reasons: set[str] = set()
         self._error_log_at = -math.inf
         self._errors_unlogged = 0
@@ -326,7 +328,10 @@ class StreamClient:
             raise _Closed(DisconnectReason.ERROR, f"the server answered subscribe with an error: {detail}")
         now = time.monotonic()
         self._state.set(self._name, connected=True, subscribed=True)
-        self.accepted_once = True
+        if not self.accepted_once:
+            self.accepted_once = True
+            if self.on_first_accept is not None:
+                self.on_first_accept()
         log.info("stream subscribed realm=%s", self._name)
         self._liveness = self._new_liveness()
         return now

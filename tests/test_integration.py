@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import aio_pika
@@ -498,3 +499,42 @@ async def test_spool_sync_full_publishes_everything_and_readyz_says_the_level(
                 assert await bridge.finish() == 0
         assert sorted(seqs(got)) == list(range(1, 301))
         await queue.delete(if_unused=False, if_empty=False)
+
+
+async def test_a_key_revoked_before_a_restart_stops_only_its_realm_at_the_next_start(
+    amqp: AbstractRobustConnection, exchange_name: str, tmp_path: Path
+) -> None:
+    """A key the stream accepted in an earlier run and refuses now was revoked, not mistyped: a restart (a crash,
+    a reboot, a deploy) must not stop the other realms over it. The fingerprints of accepted keys are kept next to
+    the spool (never a key); a key refused at its first answer and never accepted still exits 2."""
+    from tests.ha_support import KEY2
+
+    realms = (Realm(label="good", key=KEY), Realm(label="revoked", key=KEY2))
+    async with simulator(paused=True, realm_keys=(KEY, KEY2)) as sim:
+        settings = bridge_settings(sim.url, exchange_name, spool=str(tmp_path / "spool.db"), realms=realms)
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(2)
+            assert await bridge.finish() == 0
+    accepted = (tmp_path / "spool.db.accepted").read_text()
+    assert sorted(accepted.split()) == sorted([key_fingerprint(KEY), key_fingerprint(KEY2)])
+    assert KEY not in accepted and KEY2 not in accepted
+
+    async with simulator(paused=True, realm_keys=(KEY,)) as sim:  # KEY2 revoked while the bridge was down
+        queue = await bind_queue(amqp, settings, "#")
+        settings = replace(settings, stream_url=sim.url)
+        async with running_bridge(settings) as bridge:
+            rejected = "orangepill_bridge_realm_rejected"
+            assert await wait_until(lambda: bridge.metric(rejected, {"realm": "revoked"}) == 1, 15)
+            await sim.wait_subscribed(1)
+            await sim.send_event("deposit.received", "after-restart", realm=KEY)
+            (got,) = await collect(queue, 1, timeout=15)
+            assert (got.headers or {}).get("realm") == "good"
+            assert not bridge.task.done()
+            assert await bridge.finish() == 0
+
+    (tmp_path / "spool.db.accepted").unlink()  # a key never accepted here: a mistyped one, bad configuration
+    async with simulator(realm_keys=(KEY,)) as sim:
+        code = await asyncio.wait_for(
+            run_bridge(replace(settings, stream_url=sim.url), asyncio.Event(), registry=CollectorRegistry()), 30
+        )
+    assert code == 2
