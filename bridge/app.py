@@ -7,7 +7,9 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
@@ -123,6 +125,7 @@ class Bridge:
             for lane in self.lanes.values()
         ]
         self.accepted = AcceptedKeys(settings.spool)
+        self.replica_id = uuid.uuid4().hex[:12]  # marks this process's announcements, which its follower skips
         for client in self.clients:
             fp = client.realm.fingerprint
             client.on_first_accept = lambda fp=fp: self.accepted.add(fp)
@@ -393,10 +396,12 @@ class Bridge:
         connection = self.broker.connection
         assert connection is not None
         exchange = self.settings.exchange
-        self.announcer = Announcer(connection, exchange, leading=self._healthy_leading)
+        self.announcer = Announcer(connection, exchange, leading=self._healthy_leading, replica=self.replica_id)
         # The follower's queue keeps what was announced while this replica was cut off: read after the
         # reconnect, not republished.
-        follower = Follower(connection, exchange, self._on_announcement, keep_for=self._announced_for)
+        follower = Follower(
+            connection, exchange, self._on_announcement, keep_for=self._announced_for, replica=self.replica_id
+        )
 
         def up() -> bool:
             return self.broker.connected
@@ -529,7 +534,13 @@ class Bridge:
         nothing this replica read is left to a standby that never had it; a lone replica keeps nothing.
         """
         lane = self.lanes[label]
-        while lane.leading and (lane.spool.depth or lane.publisher.in_flight):
+        fp = lane.realm.fingerprint
+        # Not while it holds events to publish and no other replica leads the realm: a lock lost meanwhile
+        # (a broker outage demotes every realm) must come back to this replica, or they would wait until
+        # the next start. A standby whose realm another replica leads keeps only its window: it goes at once.
+        while (lane.spool.depth or lane.publisher.in_flight) and (
+            lane.leading or not self.evidence.alive(fp, time.monotonic())
+        ):
             if await _wait(self._coord_stop, 0.5):
                 return
         self.leadership.resign(label, "the stream rejected its key on this replica")
@@ -902,6 +913,9 @@ def _move_spool_file(path: str, to: str) -> None:
         os.unlink(path + "-shm")
 
 
+_FINGERPRINT: Final = re.compile(r"fp-[0-9a-f]{12}")
+
+
 class AcceptedKeys:
     """The fingerprints of the realm keys the stream has accepted, kept next to the spool (``<spool>.accepted``).
 
@@ -913,26 +927,36 @@ class AcceptedKeys:
     def __init__(self, spool: str) -> None:
         self.path = None if spool == MEMORY else spool + ".accepted"
         self._known: set[str] = set()
-        if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                try:
-                    with open(self.path, encoding="ascii") as f:
-                        self._known = {line.strip() for line in f if line.strip().startswith("fp-")}
-                except (OSError, UnicodeDecodeError) as exc:
-                    log.warning("%s cannot be read (%s): every refused key is taken for a new one", self.path, exc)
+        if self.path is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read(1024**2).decode("ascii", "replace").splitlines()
+        except FileNotFoundError:
+            return  # a first start: no key accepted yet
+        except OSError as exc:
+            log.warning("%s cannot be read (%s): every refused key is taken for a new one", self.path, exc)
+            return
+        # Only whole fingerprint lines count: a torn or foreign line is skipped (and left out at the next write).
+        self._known = {line.strip() for line in lines if _FINGERPRINT.fullmatch(line.strip())}
 
     def __contains__(self, fingerprint: object) -> bool:
         return fingerprint in self._known
 
     def add(self, fingerprint: str) -> None:
-        """Remember a key the stream accepted (a line appended, once per key)."""
-        if fingerprint in self._known or self.path is None:
+        """Remember a key the stream accepted: the file is written again, whole, when the key is new to it or
+        the file is gone (deleted while the bridge ran); a temporary file renamed over it, never a torn line."""
+        if self.path is None or (fingerprint in self._known and os.path.exists(self.path)):
             return
         self._known.add(fingerprint)
+        temporary = f"{self.path}.tmp-{os.getpid()}"
         try:
-            with open(self.path, "a", encoding="ascii") as f:
-                f.write(fingerprint + "\n")
+            with open(temporary, "w", encoding="ascii") as f:
+                f.write("".join(f"{fp}\n" for fp in sorted(self._known)))
+            os.replace(temporary, self.path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
             log.warning("%s cannot be written (%s): a restart after this key is revoked exits 2", self.path, exc)
 
 

@@ -106,6 +106,10 @@ def _realm_file(path: str, fp: str) -> str:
     return f"{head}{sep}{stem}.{fp}{'.' + suffix if suffix else ''}"
 
 
+REPLICA_HEADER: Final = "replica"
+"""Header of an announcement: the random id of the process that sent it (not a secret; for its own follower)."""
+
+
 def ha_exchange_name(exchange: str) -> str:
     """The bridge's coordination exchange: ``<exchange>.ha`` (fanout), ``Topology.ha``."""
     return Topology(exchange).ha
@@ -156,8 +160,10 @@ class Announcer:
         interval: float = 0.1,
         leading: Callable[[], Iterable[str]] = tuple,
         heartbeat: float = HEARTBEAT,
+        replica: str = "",
     ) -> None:
         self._connection = connection
+        self._headers: dict[str, Any] = {REPLICA_HEADER: replica} if replica else {}
         self._exchange = exchange
         self._interval = interval
         self._pending: dict[str, list[str]] = {}
@@ -230,13 +236,13 @@ class Announcer:
                     continue
                 self.announced += len(chunk)
 
-    @staticmethod
-    def _message(fingerprint: str, ids: list[str]) -> aio_pika.Message:
+    def _message(self, fingerprint: str, ids: list[str]) -> aio_pika.Message:
         return aio_pika.Message(
             pack_ids(fingerprint, ids),
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             content_type="application/json",
             app_id="orangepill-bridge",
+            headers=self._headers or None,
         )
 
 
@@ -257,9 +263,17 @@ class Follower:
     """
 
     def __init__(
-        self, connection: AbstractConnection, exchange: str, on_ids: IdsCallback, keep_for: float = 60.0
+        self,
+        connection: AbstractConnection,
+        exchange: str,
+        on_ids: IdsCallback,
+        keep_for: float = 60.0,
+        replica: str = "",
     ) -> None:
         self._connection = connection
+        # This process's own announcements are not evidence of another leader: read after a demotion (still in
+        # the queue when the lock went), they made a replica believe its realm was led elsewhere.
+        self._replica = replica
         self._exchange = exchange
         self._on_ids = on_ids
         # Named under the exchange, as everything of the bridge's: one permission pattern covers it.
@@ -298,6 +312,8 @@ class Follower:
         # Acknowledged once handled: an announcement on its way when the link dropped is delivered again
         # after the reconnect (with automatic acks RabbitMQ counted it delivered, and it was gone).
         try:
+            if self._replica and (message.headers or {}).get(REPLICA_HEADER) in (self._replica, self._replica.encode()):
+                return
             try:
                 fp, ids = unpack_ids(message.body)
             except ProtocolError as exc:

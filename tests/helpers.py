@@ -359,6 +359,17 @@ class FreezableProxy:
         for go, _, _ in self._links:
             go.clear()
 
+    async def cut(self) -> None:
+        """RabbitMQ unreachable through the proxy: every link closed, new connections refused (``restore``)."""
+        await self.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        self._links = []
+
+    async def restore(self) -> None:
+        """Accept connections again, on the same port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -52,6 +52,34 @@ def test_leader_evidence_expires() -> None:
 
 
 @pytest.mark.broker
+async def test_a_follower_skips_the_announcements_of_its_own_process(exchange_names: Callable[[str], str]) -> None:
+    """Announcements carry the sending process's replica id; that process's follower skips them (read after a
+    demotion, they passed for another leader), while another replica's follower hears them."""
+    exchange = exchange_names("ha.self")
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    own: list[tuple[str, list[str]]] = []
+    other: list[tuple[str, list[str]]] = []
+    stop = asyncio.Event()
+    announcer = Announcer(connection, exchange, leading=lambda: ["fp-led"], heartbeat=0.2, replica="r-one")
+    followers = [
+        Follower(connection, exchange, lambda fp, ids: own.append((fp, ids)), replica="r-one"),
+        Follower(connection, exchange, lambda fp, ids: other.append((fp, ids)), replica="r-two"),
+    ]
+    tasks = [asyncio.create_task(f.run(stop)) for f in followers]
+    try:
+        for f in followers:
+            await asyncio.wait_for(f.ready.wait(), 10)
+        tasks.append(asyncio.create_task(announcer.run(stop)))
+        announcer.confirmed("fp-led", ["m1"])
+        assert await wait_until(lambda: ("fp-led", ["m1"]) in other and len(other) >= 3, timeout=10)
+        assert own == []
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await connection.close()
+
+
+@pytest.mark.broker
 async def test_announcer_sends_heartbeats_only_for_healthy_realms(exchange_names: Callable[[str], str]) -> None:
     """With no confirmed ids, the announcer still sends an empty announcement each second for the realms it leads."""
     exchange = exchange_names("ha.hb")

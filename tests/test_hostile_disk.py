@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import logging
 import resource
 import signal
 import subprocess
@@ -165,3 +166,32 @@ async def test_a_stop_while_the_spool_is_full_keeps_what_the_stream_still_held(
 
 def seqs_of(messages: list[AbstractIncomingMessage]) -> set[int]:
     return {int(orjson.loads(m.body)["seq"]) for m in messages}
+
+
+def test_the_accepted_keys_record_survives_torn_foreign_and_deleted_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """<spool>.accepted: no WARNING when it does not exist yet (a first start); a torn last line, foreign bytes or
+    non-ASCII lines do not hide the whole lines, and the next write leaves only whole fingerprint lines (appending
+    merged a new fingerprint into a torn line); a file deleted while the bridge runs is written again at the next
+    accepted subscribe."""
+    from bridge.app import AcceptedKeys
+
+    spool = str(tmp_path / "spool.db")
+    record = tmp_path / "spool.db.accepted"
+    with caplog.at_level(logging.WARNING):
+        assert "fp-3c2282e7a8b7" not in AcceptedKeys(spool)
+    assert caplog.records == []
+
+    record.write_bytes(b"\x00\xff\xfegarbage\nfp-3c2282e7a8b7\nfp-zzzz\nfp-0561\x00\x00")
+    keys = AcceptedKeys(spool)
+    assert "fp-3c2282e7a8b7" in keys and "fp-0561" not in keys
+    keys.add("fp-0561731fb201")
+    assert record.read_text() == "fp-0561731fb201\nfp-3c2282e7a8b7\n"
+    assert "fp-0561731fb201" in AcceptedKeys(spool) and "fp-3c2282e7a8b7" in AcceptedKeys(spool)
+
+    record.unlink()  # deleted while the bridge runs
+    keys.add("fp-0561731fb201")  # a known key accepted again
+    assert record.read_text() == "fp-0561731fb201\nfp-3c2282e7a8b7\n"
+    assert not list(tmp_path.glob("*.tmp-*"))
+    assert AcceptedKeys("memory").path is None
