@@ -140,7 +140,7 @@ class Bridge:
         self._publish_stop = asyncio.Event()
         self._coord_stop = asyncio.Event()
         self._lock_stop = asyncio.Event()
-        self._streams: list[asyncio.Task[None]] = []
+        self._streams: dict[asyncio.Future[Any], StreamClient] = {}  # each realm's stream task, and its client
         self.rejected: dict[str, str] = {}  # realm label -> why the stream refused its key (not retried)
         self._coordinator: asyncio.Task[None] | None = None
         self._leader_task: asyncio.Task[None] | None = None
@@ -340,10 +340,7 @@ class Bridge:
         """Before exiting on a refused key, let the realms still awaiting their first answer have it (at most
         ``wait`` s): every refused key is then named in the log, not only the first, so that one restart
         after fixing them is enough."""
-        pending = [
-            task for client, task in zip(self.clients, self._streams, strict=True)
-            if not task.done() and not client.accepted_once
-        ]  # fmt: skip
+        pending = [task for task, client in self._streams.items() if not task.done() and not client.accepted_once]
         if pending:  # a realm that subscribes meanwhile runs on until the timeout: at most ``wait`` s
             await asyncio.wait(pending, timeout=wait)
 
@@ -361,9 +358,9 @@ class Bridge:
             ) from None
 
     def _start_tasks(self) -> None:
-        self._streams = [
-            asyncio.create_task(c.run(self._stream_stop), name=f"stream-{c.realm.label}") for c in self.clients
-        ]
+        self._streams = {
+            asyncio.create_task(c.run(self._stream_stop), name=f"stream-{c.realm.label}"): c for c in self.clients
+        }
         self._coordinator = asyncio.create_task(self._coordinate(), name="broker")
         self._leader_task = asyncio.create_task(self.leadership.run(self._lock_stop), name="leadership")
         self._background = [
@@ -503,13 +500,10 @@ class Bridge:
         A key refused from the first answer is bad configuration: exit 2 at once, as the contract says, so
         that a deploy with a mistyped key fails where it is seen.
         """
-        if task not in self._streams or not set(self._streams) & watched:
+        client = self._streams.get(task)
+        if client is None or not set(self._streams) & watched:
             return False
-        client = self._client_of(task)
         return client.accepted_once or client.realm.fingerprint in self.accepted
-
-    def _client_of(self, task: asyncio.Future[Any]) -> StreamClient:
-        return next(client for client, stream in zip(self.clients, self._streams, strict=True) if stream is task)
 
     def _realm_rejected(self, task: asyncio.Future[Any], exc: RealmRejected) -> None:
         """One realm's key was revoked while other realms still run: that realm stops, the others go on.
@@ -519,7 +513,7 @@ class Bridge:
         published; /readyz answers 503, ``realm_rejected`` is 1 and the alert ``OrangepillRealmKeyRejected``
         fires. Exit code 2 comes when no realm is left.
         """
-        label = self._client_of(task).realm.label
+        label = self._streams[task].realm.label
         self.rejected[label] = str(exc)
         self.state.retire(label)
         left = sum(1 for t in self._streams if not t.done())
@@ -636,7 +630,7 @@ class Bridge:
             log.info("%d events stay in the spool %s for the next start", report.kept, spool)
 
     def _exit_code(self, fatal: BaseException | None) -> int:
-        handled = {self._streams[i] for i, c in enumerate(self.clients) if c.realm.label in self.rejected}
+        handled = {task for task, client in self._streams.items() if client.realm.label in self.rejected}
         for task in [*self._streams, *(t for t in (self._coordinator,) if t is not None)]:
             if not task.done() or task.cancelled():
                 continue

@@ -30,7 +30,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from bridge.contract import Topology
+from bridge.contract import Topology, header_text
 from bridge.errors import ProtocolError
 
 __all__ = [
@@ -312,7 +312,7 @@ class Follower:
         # Acknowledged once handled: an announcement on its way when the link dropped is delivered again
         # after the reconnect (with automatic acks RabbitMQ counted it delivered, and it was gone).
         try:
-            if self._replica and (message.headers or {}).get(REPLICA_HEADER) in (self._replica, self._replica.encode()):
+            if self._replica and header_text((message.headers or {}).get(REPLICA_HEADER)) == self._replica:
                 return
             try:
                 fp, ids = unpack_ids(message.body)
