@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,13 +19,15 @@ from prometheus_client import CollectorRegistry
 
 from bridge.app import run_bridge
 from bridge.catalog import metric_label
-from bridge.config import Realm
+from bridge.config import Realm, Settings
 from bridge.contract import message_id
 from bridge.secrets import key_fingerprint
+from bridge.simulator import Simulator
 from bridge.spool import Spool
 from tests.helpers import (
     KEY,
     BridgeProcess,
+    RunningBridge,
     bind_queue,
     bridge_settings,
     collect,
@@ -286,6 +289,23 @@ async def test_unroutable_event_is_kept(amqp: AbstractRobustConnection, exchange
     assert orjson.loads(kept[0].body)["data"] == "c0ffee00c0ffee00c0ffee00"
 
 
+@contextlib.asynccontextmanager
+async def _leader_then_standby(
+    sim: Simulator, settings: Settings, settle: float
+) -> AsyncIterator[tuple[RunningBridge, RunningBridge]]:
+    """Two in-process replicas of one realm ("test"): the first leads, the second subscribed and standby after
+    ``settle`` seconds."""
+    leader_of = "orangepill_bridge_leader"
+    async with running_bridge(settings) as leader:
+        await sim.wait_subscribed(1)
+        assert await wait_until(lambda: leader.metric(leader_of, {"realm": "test"}) == 1, 20)
+        async with running_bridge(settings) as standby:
+            await sim.wait_subscribed(2)
+            await asyncio.sleep(settle)
+            assert standby.metric(leader_of, {"realm": "test"}) == 0
+            yield leader, standby
+
+
 async def test_only_the_replica_that_leads_the_realm_counts_its_unroutable_events(
     amqp: AbstractRobustConnection, exchange_name: str
 ) -> None:
@@ -295,19 +315,13 @@ async def test_only_the_replica_that_leads_the_realm_counts_its_unroutable_event
     async with simulator(paused=True) as sim:
         settings = bridge_settings(sim.url, exchange_name)
         await bind_queue(amqp, settings, "deposit.#")
-        async with running_bridge(settings) as leader:
-            await sim.wait_subscribed(1)
-            assert await wait_until(lambda: leader.metric("orangepill_bridge_leader", {"realm": "test"}) == 1, 20)
-            async with running_bridge(settings) as standby:
-                await sim.wait_subscribed(2)
-                await asyncio.sleep(1.5)  # the standby's tap is bound
-                assert standby.metric("orangepill_bridge_leader", {"realm": "test"}) == 0
-                for n in range(5):
-                    await sim.send_event("currency.issued", f"{n:024x}")
-                assert await wait_until(lambda: leader.metric(unroutable) == 5, 20)
-                await asyncio.sleep(1)
-                assert standby.metric(unroutable) == 0
-                assert await standby.finish() == 0
+        async with _leader_then_standby(sim, settings, settle=1.5) as (leader, standby):  # the standby's tap bound
+            for n in range(5):
+                await sim.send_event("currency.issued", f"{n:024x}")
+            assert await wait_until(lambda: leader.metric(unroutable) == 5, 20)
+            await asyncio.sleep(1)
+            assert standby.metric(unroutable) == 0
+            assert await standby.finish() == 0
             assert await leader.finish() == 0
 
 
@@ -319,15 +333,9 @@ async def test_a_standby_with_a_memory_spool_stops_cleanly_while_its_leader_is_h
     async with simulator(rate=200.0) as sim:
         settings = bridge_settings(sim.url, exchange_name, spool="memory")
         await bind_queue(amqp, settings, "#")
-        async with running_bridge(settings) as leader:
-            await sim.wait_subscribed(1)
-            assert await wait_until(lambda: leader.metric("orangepill_bridge_leader", {"realm": "test"}) == 1, 20)
-            async with running_bridge(settings) as standby:
-                await sim.wait_subscribed(2)
-                await asyncio.sleep(2)
-                assert standby.metric("orangepill_bridge_leader", {"realm": "test"}) == 0
-                with caplog.at_level(logging.INFO):
-                    assert await standby.finish() == 0
+        async with _leader_then_standby(sim, settings, settle=2) as (leader, standby):
+            with caplog.at_level(logging.INFO):
+                assert await standby.finish() == 0
             assert await leader.finish() == 0
     said = [r.getMessage() for r in caplog.records if r.name == "bridge.app"]
     assert not [m for m in said if "accepted events are lost" in m], said
