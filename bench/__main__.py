@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="outage: 100,000 events instead of 1,000,000")
     parser.add_argument("-n", "--count", type=int, help="events per full-speed run (default: sized for >= 10 s)")
     parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
-    parser.add_argument("--only", action="append", choices=("ceiling", "naive", "node", "bridge"), help="rows to run")
+    parser.add_argument("--only", action="append", choices=("ceiling", "naive", "node", "pypeer", "bridge"),
+                        help="rows to run (pypeer only when named)")
     parser.add_argument("--loop", action="append", choices=("uvloop", "asyncio"), help="loops to run")
     parser.add_argument("--pairs", type=int, help="alternating node/bridge full-speed pairs after the table "
                         "(default 3; --smoke 1; 0: none)")

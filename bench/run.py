@@ -6,7 +6,9 @@ simulator (its own process) and the subject (the ceiling publisher, the naive br
 ``orangepill-bridge run``, or the Node.js peer ``bench/node-peer/peer.js``). CPU is read
 from ``/proc/<pid>/stat`` (utime + stime) of the subject and of the broker's ``beam.smp``;
 RSS from the subject only. The Node peer runs once, on Node's own loop (``loop`` = ``node``);
-if ``node`` or the npm registry is missing, the bench says so and skips it.
+if ``node`` or the npm registry is missing, the bench says so and skips it. ``--only pypeer``
+adds the Node peer's 40 lines written in Python with the same libraries as the bridge
+(websockets + aiormq): what that stack reaches before any of the bridge's own work.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from bench import common
 from bench.common import KEY, BridgeProcess, RssSampler, Worker
 from bench.floor import relay_floor
 from bench.shapes import consumer_cost
-from bench.workers import ceiling_main, consumer_main, naive_main, node_main, simulator_main
+from bench.workers import ceiling_main, consumer_main, naive_main, node_main, pypeer_main, simulator_main
 
 SUBJECTS = ("ceiling", "naive", "node", "bridge")
 NODE_LOOP = "node"
@@ -38,7 +40,7 @@ WINDOW = 256
 MIN_SECONDS = 10.0
 
 # Throughput phases size N from a short pilot so that the main run lasts >= 10 s.
-_PILOT = {"ceiling": 4000, "naive": 2000, "node": 4000, "bridge": 4000}
+_PILOT = {"ceiling": 4000, "naive": 2000, "node": 4000, "pypeer": 4000, "bridge": 4000}
 _N_MIN, _N_MAX = 10_000, 400_000
 
 
@@ -89,6 +91,11 @@ def _measure(
             url = f"ws://127.0.0.1:{port}"
             if subject == "naive":
                 pub = Worker("naive", naive_main, url, KEY, exchange, count, uv)
+                workers.append(pub)
+                pub.expect("ready", 30)
+                pid = pub.pid
+            elif subject == "pypeer":
+                pub = Worker("pypeer", pypeer_main, url, KEY, exchange, count, uv)
                 workers.append(pub)
                 pub.expect("ready", 30)
                 pid = pub.pid
@@ -270,6 +277,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "bridge_over_naive": _ratio(b["events_per_s"], n["events_per_s"]) if n else None,
             "bridge_over_node": _ratio(b["events_per_s"], node["events_per_s"]) if node else None,
         }
+        if (py := by.get(("pypeer", loop))) is not None:
+            # The Node peer's 40 lines in Python with the same libraries: what the stack itself reaches.
+            ratios[loop]["pypeer_over_node"] = _ratio(py["events_per_s"], node["events_per_s"]) if node else None
+            ratios[loop]["bridge_over_pypeer"] = _ratio(b["events_per_s"], py["events_per_s"])
         r_node = ratios[loop]["bridge_over_node"]
         cpu_ev = b.get("cpu_us_per_event")
         broker_ev, node_broker_ev = b.get("broker_cpu_us_per_event"), (node or {}).get("broker_cpu_us_per_event")
@@ -349,6 +360,12 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"{loop:<8} bridge/ceiling = {_fmt(ratio['bridge_over_ceiling'], '.2f')}   "
             f"bridge/naive = {_fmt(ratio['bridge_over_naive'], '.2f')}   "
             f"bridge/node = {_fmt(ratio['bridge_over_node'], '.2f')}"
+            + (
+                f"   pypeer/node = {_fmt(ratio['pypeer_over_node'], '.2f')}   "
+                f"bridge/pypeer = {_fmt(ratio['bridge_over_pypeer'], '.2f')}"
+                if "bridge_over_pypeer" in ratio
+                else ""
+            )
         )
     for loop, t in summary["targets"].items():
         marks = []
@@ -425,7 +442,7 @@ def main(*, smoke: bool = False, results_dir: Path | None = None, only: list[str
             _log(f"  {subject:<8} {loop:<8} {rate:,.0f}/s over {t['seconds_first_to_last']:.1f}s; latency ...")
             lat = latency(subject, loop, smoke)
             row = merge(t, lat)
-            if subject in ("bridge", "node") or (subject == "ceiling" and loop == "uvloop"):
+            if subject in ("bridge", "node", "pypeer") or (subject == "ceiling" and loop == "uvloop"):
                 # The Node peer and raw aio-pika at 100/s are the reference for the bridge's low-rate cost.
                 low = low_rate(subject, loop, smoke)
                 row["cpu_percent_at_100_per_s"] = low["cpu_percent_of_core"]

@@ -350,6 +350,77 @@ async def _naive(conn: Connection, url: str, key: str, exchange_name: str, count
     await connection.close()
 
 
+# -- pypeer: the Node peer's 40 lines in Python, with the design card's libraries -------------
+
+
+def pypeer_main(conn: Connection, url: str, key: str, exchange: str, count: int, uvloop_on: bool) -> None:
+    """``bench/node-peer/peer.js`` line for line in Python: websockets + an aiormq confirm channel.
+
+    At most 256 unconfirmed publishes, persistent, the peer's four properties, no headers,
+    no spool, no mandatory flag; the reader stops while 256 frames wait (the peer's
+    ``ws.pause()``). What this stack costs per event before any of the bridge's work.
+    """
+    _run(_pypeer, conn, url, key, exchange, count, uvloop_on=uvloop_on)
+
+
+async def _pypeer(conn: Connection, url: str, key: str, exchange: str, count: int) -> None:
+    import aiormq
+    from pamqp.commands import Basic
+    from websockets.asyncio.client import connect
+
+    cmds = _Commands(conn)
+    amqp = await aiormq.connect(AMQP_URL)
+    channel = await amqp.channel(publisher_confirms=True)
+    window = asyncio.Semaphore(256)
+    published = failed = 0
+    done = asyncio.Event()
+
+    async def publish(raw: bytes, event: str) -> None:
+        nonlocal failed, published
+        props = Basic.Properties(
+            delivery_mode=2, content_type="application/json", app_id="orangepill-python-peer",
+            message_id=hashlib.sha256(raw).hexdigest()[:32],
+        )  # fmt: skip
+        try:
+            confirm = await channel.basic_publish(raw, exchange=exchange, routing_key=event, properties=props)
+            failed += not isinstance(confirm, Basic.Ack)
+        except Exception:
+            failed += 1
+        finally:
+            window.release()
+            published += 1
+            if published >= count:
+                done.set()
+
+    tasks: set[asyncio.Task[None]] = set()
+    created = 0
+    async with connect(url, ping_interval=None, compression=None, max_queue=256) as ws:
+        await ws.send(orjson.dumps({"type": "subscribe", "realm": key}).decode())
+        cmds.send(kind="ready", pid=os.getpid())
+        async for text in ws:
+            raw = text.encode() if isinstance(text, str) else text
+            try:
+                frame = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue  # the text PING keepalive, junk
+            if not isinstance(frame, dict) or frame.get("type") != "notification":
+                continue
+            event = frame.get("event") or (frame.get("data") or {}).get("event")
+            if not event:
+                continue
+            await window.acquire()  # 256 in flight: stop reading, as the peer's ws.pause()
+            task = asyncio.create_task(publish(raw, event))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            created += 1
+            if created >= count:
+                break
+        await done.wait()
+    cmds.send(kind="published", published=published, failed=failed)
+    await cmds.stop.wait()
+    await amqp.close()
+
+
 # -- node: the 40-line Node.js peer (ws + amqplib confirm channel) ------------------------
 
 

@@ -150,3 +150,28 @@ def test_consumer_cost_shapes_are_the_contract_and_the_peer() -> None:
     assert ours.message_type == "deposit.received" and ours.app_id == "orangepill-bridge"
     assert peer.headers is None and peer.timestamp is None
     assert len(ours.marshal()) > len(peer.marshal())
+
+
+def test_bench_python_peer_alone(tmp_path: Path) -> None:
+    """The Node peer's 40 lines in Python (websockets + aiormq) republish every simulator event, beside the bridge."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "pypeer", "--only", "bridge", "--loop", "uvloop",
+         "--pairs", "0", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "smoke-latest.json").read_text())
+    rows = {(r["subject"], r["loop"]): r for r in report["rows"]}
+    assert set(rows) == {("pypeer", "uvloop"), ("bridge", "uvloop")}
+    row = rows[("pypeer", "uvloop")]
+    for run in (row["throughput_run"], row["latency_run"]):
+        assert run["complete"] and run["missing"] == 0 and run["distinct"] == run["count"], run
+    assert row["cpu_us_per_event"] > 0 and row["low_rate_run"]["complete"], row
+    ratio = report["ratios"]["uvloop"]
+    assert ratio["bridge_over_pypeer"] == pytest.approx(
+        rows[("bridge", "uvloop")]["events_per_s"] / row["events_per_s"], 1e-2
+    )
+    assert "bridge/pypeer" in report["table"]
