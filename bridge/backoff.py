@@ -9,10 +9,16 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Final
 
 from bridge.errors import BridgeError, StreamError
 
-__all__ = ["Backoff", "Verdict", "classify"]
+__all__ = ["RETRY_AFTER_CAP", "Backoff", "Verdict", "classify", "retry_after_seconds"]
+
+RETRY_AFTER_CAP: Final = 300.0
+"""Longest ``Retry-After`` honoured, seconds: the stream has no replay, so a server's wish to be left
+alone is bounded (an hour-long value would be an hour of lost events)."""
 
 
 class Backoff:
@@ -85,3 +91,27 @@ def _is_library_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, InvalidURI):
         return False
     return isinstance(exc, (aiormq.exceptions.AMQPError, ConnectionClosed, InvalidHandshake))
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks the client to wait (RFC 9110 10.2.3), capped; None if absent or unreadable.
+
+    Args:
+        value: the header's value: delay-seconds (``"20"``) or an HTTP-date.
+        now: the current time, unix seconds (for an HTTP-date).
+
+    Returns:
+        The wait, between 0 and ``RETRY_AFTER_CAP``; None for a missing or malformed value.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return min(float(text), RETRY_AFTER_CAP)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110: an HTTP-date is UTC
+        return None
+    return min(max(0.0, when.timestamp() - now), RETRY_AFTER_CAP)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, SecurityError
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, SecurityError
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from bridge import __version__
-from bridge.backoff import Backoff
+from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import Realm, Settings
 from bridge.contract import DETAIL_LIMIT, KIND_EVENT, Outbound, event_message, quarantine_message
 from bridge.errors import ProtocolError, RealmRejected, StreamError
@@ -180,6 +180,7 @@ class _Ended:
     reason: DisconnectReason
     detail: str
     subscribed_at: float | None
+    retry_after: float | None = None  # seconds a 429/503 answer to the handshake asked us to wait
 
 
 class StreamClient:
@@ -242,10 +243,15 @@ class StreamClient:
                 return
             stayed = None if ended.subscribed_at is None else time.monotonic() - ended.subscribed_at
             delay = self._backoff.next_delay(stayed)
+            asked = ""
+            if ended.retry_after is not None and ended.retry_after > delay:
+                # The server is shedding load: redialling sooner would only be refused again.
+                delay = ended.retry_after
+                asked = " (the server's Retry-After)"
             self._metrics.reconnect_delay(self._name, delay)
             log.warning(
-                "stream disconnected realm=%s reason=%s detail=%s reconnect_in=%.2fs",
-                self._name, ended.reason.value, ended.detail, delay,
+                "stream disconnected realm=%s reason=%s detail=%s reconnect_in=%.2fs%s",
+                self._name, ended.reason.value, ended.detail, delay, asked,
             )  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
@@ -272,7 +278,18 @@ class StreamClient:
             return _Ended(DisconnectReason.CLOSED, redact(_close_detail(exc), self._secrets), subscribed_at)
         except (OSError, InvalidHandshake, TimeoutError, StreamError) as exc:
             reason = DisconnectReason.ERROR if handshake_done else DisconnectReason.CONNECT_FAILED
-            return _Ended(reason, redact(f"{type(exc).__name__}: {exc}", self._secrets), subscribed_at)
+            detail = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, InvalidHandshake) and exc.__cause__ is not None:
+                # "did not receive a valid HTTP response" says nothing of why: a reset, an EOF, a timeout.
+                cause = exc.__cause__
+                detail += f" ({type(cause).__name__}{': ' + str(cause) if str(cause) else ''})"
+            retry_after = None
+            if isinstance(exc, InvalidStatus) and exc.response.status_code in (429, 503):
+                header = exc.response.headers.get("Retry-After")
+                retry_after = retry_after_seconds(header, time.time())
+                if retry_after is not None:
+                    detail += f", Retry-After {header.strip() if header else ''}"
+            return _Ended(reason, redact(detail, self._secrets), subscribed_at, retry_after)
         except UnicodeError:  # the IDNA codec refuses the host name ("a..b"): retried like a DNS failure
             return _Ended(DisconnectReason.CONNECT_FAILED, "invalid host name in the stream URL", subscribed_at)
         except InvalidURI as exc:  # pragma: no cover - config validation catches it first

@@ -72,6 +72,7 @@ _NONE_REALM: Final = "NONE"
 _MAX_ROUTING_KEY_BYTES: Final = 255
 # A bare token such as PONG or OK is a keepalive reply, not a broken notification.
 _TEXT_TOKEN = re.compile(r"^[A-Za-z]{1,16}$")
+_JSON_LITERALS: Final = frozenset({"null", "true", "false"})
 _BAD_KEY_CHARS = re.compile(r"[\s*#\x00-\x1f\x7f]")
 _ENVELOPE_KEYS: Final = ("type", "event", "data", "timestamp")
 
@@ -386,7 +387,8 @@ def _as_token(raw: str | bytes) -> str | None:
         return None
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     text = text.strip()
-    return text if _TEXT_TOKEN.match(text) else None
+    # null, true and false are JSON values, not keepalive words: a frame of one is not_object.
+    return text if _TEXT_TOKEN.match(text) and text not in _JSON_LITERALS else None
 
 
 def _short(text: str, limit: int = 120) -> str:

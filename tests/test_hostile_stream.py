@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import re
+import socket
+import struct
 
 import orjson
 import pytest
@@ -95,3 +100,83 @@ async def test_error_frames_are_all_counted_but_logged_at_most_once_a_second(
             assert await bridge.finish() == 0
     lines = [r for r in caplog.records if "stream error frame" in r.getMessage()]
     assert 1 <= len(lines) <= elapsed + 2
+
+
+async def _refusing_server(answer: bytes) -> tuple[asyncio.Server, list[float]]:
+    """A TCP server that answers every WebSocket upgrade with ``answer`` and closes; it notes each attempt's time."""
+    attempts: list[float] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(asyncio.get_running_loop().time())
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, attempts
+
+
+@pytest.mark.parametrize("status", ["429 Too Many Requests", "503 Service Unavailable"])
+async def test_a_refused_handshake_with_retry_after_is_redialled_no_sooner(
+    exchange_name: str, status: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade answered 429/503 with Retry-After: 2 is redialled after 2 s, not on the (0.05 s) backoff, and the log says why."""
+    server, attempts = await _refusing_server(
+        f"HTTP/1.1 {status}\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+    )
+    port = server.sockets[0].getsockname()[1]
+    settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, reconnect_min=0.05, reconnect_max=0.5)
+    try:
+        async with running_bridge(settings) as bridge:
+            await asyncio.sleep(4.5)
+            assert await bridge.finish() == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+    # Without Retry-After the 0.05-0.5 s backoff would have made about ten attempts in 4.5 s.
+    assert 2 <= len(attempts) <= 3, attempts
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert all(gap >= 1.9 for gap in gaps), gaps
+    assert "Retry-After 2" in caplog.text and "(the server's Retry-After)" in caplog.text
+
+
+async def test_a_handshake_answered_without_retry_after_keeps_the_backoff(exchange_name: str) -> None:
+    """A 503 without Retry-After (or with a malformed one) is redialled on the usual backoff: several attempts in 2 s."""
+    server, attempts = await _refusing_server(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: soon\r\nContent-Length: 0\r\n\r\n"
+    )
+    port = server.sockets[0].getsockname()[1]
+    settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, reconnect_min=0.05, reconnect_max=0.2)
+    try:
+        async with running_bridge(settings) as bridge:
+            await asyncio.sleep(2.0)
+            assert await bridge.finish() == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(attempts) >= 5, attempts
+
+
+async def test_a_connection_dropped_before_the_http_answer_is_named(exchange_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that resets the connection instead of answering the upgrade: the log names why, not only "no valid HTTP response"."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, reconnect_min=0.2, reconnect_max=0.5)
+    try:
+        async with running_bridge(settings) as bridge:
+            said = re.compile(r"did not receive a valid HTTP response \((EOFError|ConnectionResetError)")
+            assert await wait_until(lambda: said.search(caplog.text) is not None, timeout=5), caplog.text[-2000:]
+            assert await bridge.finish() == 0
+    finally:
+        server.close()
+        await server.wait_closed()

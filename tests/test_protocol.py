@@ -181,6 +181,10 @@ def test_the_type_is_read_without_case(kind: str) -> None:
         ("not json at all", "bad_json"),
         ('["notification"]', "not_object"),
         ("42", "not_object"),
+        # JSON literals are values, not keepalive words like PONG: quarantined, never dropped unseen.
+        ("null", "not_object"),
+        (" true ", "not_object"),
+        ("false", "not_object"),
         ('{"type":"notification","data":"x"}', "missing_event"),
         ('{"type":"notification","event":"","data":"x"}', "missing_event"),
         ('{"type":"notification","event":7,"data":"x"}', "missing_event"),

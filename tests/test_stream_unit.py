@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bridge.backoff import Backoff
+import pytest
+
+from bridge.backoff import Backoff, retry_after_seconds
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
@@ -43,3 +45,23 @@ def test_network_errors_are_retried_and_bridge_errors_are_not() -> None:
     assert classify(RealmRejected("no")) is Verdict.GIVE_UP
     assert classify(TopologyError("no")) is Verdict.GIVE_UP
     assert classify(KeyError("bug")) is Verdict.GIVE_UP
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("20", 20.0),
+        (" 0 ", 0.0),
+        ("86400", 300.0),  # capped: the stream has no replay
+        ("Thu, 01 Jan 1970 00:01:40 GMT", 60.0),  # an HTTP-date 60 s after "now" (40 s)
+        ("Thu, 01 Jan 1970 00:00:10 GMT", 0.0),  # in the past: no wait
+        (None, None),
+        ("soon", None),
+        ("-5", None),
+        ("1.5", None),  # delay-seconds is a whole number
+        ("Thu, 01 Jan 1970 00:01:40", None),  # no zone: not an HTTP-date
+    ],
+)
+def test_retry_after_seconds(value: str | None, expected: float | None) -> None:
+    """Retry-After as delay-seconds or an HTTP-date, capped at RETRY_AFTER_CAP; anything else is ignored."""
+    assert retry_after_seconds(value, now=40.0) == expected
