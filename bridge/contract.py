@@ -7,6 +7,7 @@ same contract for people; this module is it for code, tests and benchmarks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from pamqp.encode import field_table, short_string, table_integer
 
 from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
-from bridge.secrets import clip, holds_secret, redact
+from bridge.secrets import clip, holds_secret, key_fingerprint, redact
 from bridge.wire import REJECT_REASONS, Notification, Timestamp, dumps_exact, parse_frame, validate_routing_key
 
 __all__ = [
@@ -125,6 +126,7 @@ class Outbound:
     headers: dict[str, str | int] = field(default_factory=dict)
     received_at: float = 0.0
     metric_kind: str = "other"
+    key_removed: bool = False  # a realm key in the body was replaced by its fingerprint (not stored, not sent)
 
 
 def _norm_ts(value: Timestamp) -> str | None:
@@ -167,15 +169,45 @@ def event_message(
     entity = _entity_header(note.entity_id, secrets)
     if entity is not None:
         headers["entity_id"] = entity
+    body, removed = _without_keys(note.body, secrets)
     return Outbound(
         kind=KIND_EVENT,
         routing_key=note.event,
+        # Of the values as received: a copy of this event whose key was not removed has the same id.
         message_id=message_id(realm_fp, note.event, note.data, note.timestamp, note.extra),
-        body=note.body,
+        body=body,
         headers=headers,
         received_at=received_at,
         metric_kind=metric_label(note.event),
+        key_removed=removed,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _key_forms(secrets: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """Each realm key as it reads inside a body the bridge encoded (orjson's escaping), and its mark."""
+    return tuple(
+        (dumps_exact(key)[1:-1], f"<realm-key {key_fingerprint(key)}>".encode()) for key in secrets if key
+    )
+
+
+def _without_keys(body: bytes, secrets: tuple[str, ...]) -> tuple[bytes, bool]:
+    """The body with every realm key replaced by ``<realm-key fp-…>``; True if one was there.
+
+    An upstream that echoes the realm key in an event (``data``, an extra field) would otherwise
+    hand the key to every consumer of the exchange. The body is the bridge's own encoding, so the
+    key reads there exactly as orjson writes it; the mark needs no JSON escaping, and the body stays
+    valid JSON. A whole key is looked for (a ``bytes`` search, well under a microsecond); pieces of
+    one are left, as the body keeps the values as received otherwise.
+    """
+    if not secrets:
+        return body, False
+    removed = False
+    for form, mark in _key_forms(secrets):
+        if form in body:
+            body = body.replace(form, mark)
+            removed = True
+    return body, removed
 
 
 DETAIL_LIMIT: Final = 200

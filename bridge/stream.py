@@ -63,6 +63,7 @@ _CLOSE_TOO_BIG = 1009
 _CLOSE_BAD_DATA = 1007  # websockets' answer to a text frame that is not UTF-8
 # error frames: at most one log line per this many seconds (every one is counted).
 _ERROR_LOG_EVERY = 1.0
+_KEY_IN_BODY_LOG_EVERY = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +213,7 @@ class StreamClient:
         self.on_first_accept: Callable[[], None] | None = None  # called once, at the first accepted subscribe
         self._warned_reasons: set[str] = set()
         self._error_log_at = -math.inf
+        self._key_in_body_at = -math.inf
         self._errors_unlogged = 0
 
     @property
@@ -456,12 +458,27 @@ class StreamClient:
             await self._sink.put(msg)
             if msg.kind == KIND_EVENT:
                 self._metrics.event_received(msg.metric_kind, now)
+                if msg.key_removed:
+                    self._warn_key_in_body(msg.routing_key)
         for frame in result.frames:
             if isinstance(frame, Other):
                 self._metrics.frame_other(frame.kind)
             elif isinstance(frame, ErrorFrame) and self._state.subscribed.get(self._name):
                 self._error_frame(frame)
         return result.frames
+
+    def _warn_key_in_body(self, event: str) -> None:
+        """The upstream echoed the realm key in an event: say so, at most once every ``_KEY_IN_BODY_LOG_EVERY``."""
+        now = time.monotonic()
+        if now - self._key_in_body_at < _KEY_IN_BODY_LOG_EVERY:
+            return
+        self._key_in_body_at = now
+        log.warning(
+            "stream realm=%s: a %s event carried the realm key in its body; it is published with the key "
+            "replaced by its fingerprint (the upstream echoes the key: tell Orangepill, and rotate the key "
+            "if consumers saw it before this bridge)",
+            self._name, event,
+        )  # fmt: skip
 
     def _error_frame(self, frame: ErrorFrame) -> None:
         """Count every error frame; log at most one line a second, with how many were not logged."""

@@ -14,7 +14,8 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from tests.helpers import bind_queue, bridge_settings, collect, running_bridge, seqs, simulator, wait_until
+from bridge.secrets import key_fingerprint
+from tests.helpers import KEY, bind_queue, bridge_settings, collect, running_bridge, seqs, simulator, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -180,3 +181,23 @@ async def test_a_connection_dropped_before_the_http_answer_is_named(exchange_nam
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_an_upstream_that_echoes_the_realm_key_never_hands_it_to_consumers(
+    amqp: AbstractRobustConnection, exchange_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data = the realm key: the consumer gets the event, its body holding the key's fingerprint; one WARNING says why."""
+    async with simulator(paused=True) as sim:
+        settings = bridge_settings(sim.url, exchange_name)
+        queue = await bind_queue(amqp, settings, "#")
+        async with running_bridge(settings) as bridge:
+            await sim.wait_subscribed(1)
+            sent = [await sim.send_event("deposit.received", KEY), await sim.send_event("deposit.received", "d-2")]
+            got = await collect(queue, 2, timeout=20, settle=0.3)
+            assert await bridge.finish() == 0
+    assert seqs(got) == [e.seq for e in sent]
+    echoed, plain = (orjson.loads(m.body) for m in got)
+    assert echoed["data"] == f"<realm-key {key_fingerprint(KEY)}>" and plain["data"] == "d-2"
+    assert all(KEY.encode() not in m.body for m in got) and "entity_id" not in got[0].headers
+    assert caplog.text.count("carried the realm key in its body") == 1
+    assert KEY not in caplog.text

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.config import Secret, Settings, add_arguments, load_settings, parse_realm
-from bridge.contract import quarantine_message
+from bridge.contract import KIND_EVENT, quarantine_message
 from bridge.errors import ConfigError, ProtocolError
 from bridge.secrets import LogScrubber, clip, host_port, key_fingerprint, redact, redact_url
 from bridge.wire import ErrorFrame, parse_frame, parse_frames
@@ -373,3 +373,55 @@ def test_an_ordinary_entity_id_is_kept_and_the_check_is_exact() -> None:
     assert holds_secret("x" + KEY[5:17] + "y", (KEY,))
     assert not holds_secret(KEY[5:16], (KEY,))  # 11 characters: shorter than a piece
     assert not holds_secret(KEY, ())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"data": KEY}, {"data": {"id": KEY, "n": 1}}, {"data": "63967141191e9023f356df9f", "echo": ["x", KEY]}],
+    ids=["data is the key", "data.id is the key", "an extra field holds it"],
+)
+@pytest.mark.parametrize("ascii_escapes", [False, True], ids=["raw", "json-escaped"])
+def test_a_realm_key_in_an_event_body_is_replaced_by_its_fingerprint(fields: dict[str, object], ascii_escapes: bool) -> None:
+    """An upstream that echoes the key: the published body holds its fingerprint instead, stays JSON, keeps its id."""
+    from bridge.stream import frame_messages
+
+    event = {"type": "notification", "event": "transaction.done", **fields, "timestamp": "5"}
+    frame = json.dumps(event, ensure_ascii=ascii_escapes)
+
+    def message(secrets: tuple[str, ...]) -> object:
+        result = frame_messages(frame, realm="eu", realm_fp=key_fingerprint(KEY), secrets=secrets, max_bytes=1 << 20,
+                                received_at=1.0)  # fmt: skip
+        (msg,) = result.messages
+        return msg
+
+    msg, unguarded = message((KEY, "another-realm-key-0000")), message(())
+    assert msg.kind == unguarded.kind == KIND_EVENT and msg.key_removed and not unguarded.key_removed
+    assert KEY in _strings(json.loads(unguarded.body))  # the key would have gone out
+    body = json.loads(msg.body)  # still JSON
+    assert not any(_leaks(text, KEY) for text in _strings(body)) and not _leaks(msg.body.decode(), KEY)
+    assert f"<realm-key {key_fingerprint(KEY)}>" in msg.body.decode()
+    assert body["event"] == "transaction.done" and body["timestamp"] == "5"
+    assert msg.message_id == unguarded.message_id  # the id is of the values as received
+
+
+def _strings(value: object) -> list[str]:
+    """Every string in a decoded JSON value, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+def test_a_body_without_a_key_is_published_byte_for_byte() -> None:
+    """No key in the event: the body is the one built without the check (and no flag is set)."""
+    from bridge.stream import frame_messages
+
+    frame = json.dumps({"type": "notification", "event": "a.b", "data": KEY[:11], "x": "S3cr3t/Realm"})
+    guarded, plain = (
+        frame_messages(frame, realm="eu", realm_fp="fp", secrets=s, max_bytes=1 << 20, received_at=1.0).messages[0]
+        for s in ((KEY,), ())
+    )
+    assert guarded.body == plain.body and not guarded.key_removed
