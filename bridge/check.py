@@ -33,6 +33,8 @@ class KeyCheck(enum.Enum):
     REJECTED = "rejected"
     UNREACHABLE = "unreachable"  # the stream could not be asked
     NO_ANSWER = "no_answer"  # connected and subscribed, but the server said nothing in time
+    SERVER_ERROR = "server_error"  # the server answered subscribe with an error that is not about the key
+    CLOSED = "closed"  # the server closed the link before it answered subscribe
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,10 @@ async def check_realm(settings: Settings, realm: Realm) -> RealmCheck:
         return RealmCheck(KeyCheck.REJECTED, clip(redact(handshake.detail, settings.secrets), DETAIL_LIMIT))
     if outcome is SubscribeOutcome.NO_ANSWER:
         return RealmCheck(KeyCheck.NO_ANSWER, f"no answer to subscribe within {settings.subscribe_timeout:g}s")
-    return RealmCheck(KeyCheck.UNREACHABLE, handshake.detail)
+    detail = clip(redact(handshake.detail, settings.secrets), DETAIL_LIMIT)
+    if outcome is SubscribeOutcome.SERVER_ERROR:
+        return RealmCheck(KeyCheck.SERVER_ERROR, detail)
+    return RealmCheck(KeyCheck.CLOSED, detail)
 
 
 async def _await_answer(ws: ClientConnection, handshake: Handshake, settings: Settings) -> SubscribeOutcome:
@@ -99,6 +104,14 @@ async def _check_stream(settings: Settings) -> int:
         check = await check_realm(settings, realm)
         if check.result is KeyCheck.UNREACHABLE:
             _say(False, f"stream {url} realm {realm.label}: unreachable ({check.detail})")
+            code = max(code, 1)
+        elif check.result is KeyCheck.SERVER_ERROR:
+            _say(False, f"stream {url} realm {realm.label}: connected, but the server answered subscribe with an "
+                        f"error not about the key ({check.detail}); the bridge retries such answers")  # fmt: skip
+            code = max(code, 1)
+        elif check.result is KeyCheck.CLOSED:
+            _say(False, f"stream {url} realm {realm.label}: connected, but the server closed the link before it "
+                        f"answered subscribe ({check.detail})")  # fmt: skip
             code = max(code, 1)
         elif check.result is KeyCheck.NO_ANSWER:
             _say(False, f"stream {url} realm {realm.label}: connected, but {check.detail} "

@@ -251,7 +251,20 @@ def _loads(raw: str | bytes) -> Any:
         # The stdlib decoder recurses; orjson stops at 1,024 levels, before our own depth walk.
         if isinstance(exc, RecursionError) or str(exc).startswith("depth limit exceeded"):
             raise ProtocolError("too_deep", "frame is nested too deeply to parse") from None
+        if isinstance(raw, bytes) and (where := _bad_utf8_at(raw)) is not None:
+            # orjson says "str is not valid UTF-8: surrogates not allowed" for any bad byte of a binary frame.
+            detail = f"binary frame is not valid UTF-8 (byte 0x{raw[where]:02x} at offset {where})"
+            raise ProtocolError("bad_json", detail) from None
         raise ProtocolError("bad_json", f"frame is not valid JSON ({_short(str(exc))})") from None
+
+
+def _bad_utf8_at(raw: bytes) -> int | None:
+    """Offset of the first byte that is not UTF-8, or None when ``raw`` is UTF-8."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return None
 
 
 def _check_depth(obj: Any) -> None:

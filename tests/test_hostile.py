@@ -161,6 +161,8 @@ def test_invalid_utf8_binary_frame_keeps_its_bytes_in_quarantine() -> None:
     body = result.messages[0].body
     assert SECRET.encode() not in body
     assert body.startswith(b'{"event":"a.b","data":"\xff\xfe\x80", "k":"<realm-key fp-')
+    # The detail names the byte, not orjson's "str is not valid UTF-8: surrogates not allowed".
+    assert result.rejected.detail == "binary frame is not valid UTF-8 (byte 0xff at offset 23)"
 
 
 def test_entity_id_header_only_for_short_ids() -> None:

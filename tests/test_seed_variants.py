@@ -251,3 +251,29 @@ async def test_a_redirect_to_another_path_of_the_same_origin_is_followed_with_a_
             assert await bridge.finish() == 0
     assert json.loads(msg.body)["seq"] == 1
     assert any("redirected the handshake to" in r.getMessage() and "/new" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("answers", "result", "says"),
+    [
+        ([{"type": "error", "realm": "Service temporarily unavailable.", "timestamp": 1}], KeyCheck.SERVER_ERROR,
+         "Service temporarily unavailable"),
+        ([], KeyCheck.CLOSED, "closed"),
+    ],
+    ids=["an error not about the key", "closed unanswered"],
+)
+async def test_check_tells_a_server_error_and_a_close_from_an_unreachable_stream(
+    answers: list[dict[str, object]], result: KeyCheck, says: str
+) -> None:
+    """`check` reached the server: a service error or a close before any answer is said as such, not "unreachable"."""
+
+    async def on_subscribe(ws: ServerConnection, realm: str) -> None:
+        for answer in answers:
+            await ws.send(json.dumps(answer))
+        await ws.close()
+
+    async with documented_server(on_subscribe) as url:
+        settings = bridge_settings(url, "x")
+        check = await check_realm(settings, settings.realms[0])
+    assert check.result is result, check
+    assert says in check.detail, check
