@@ -208,6 +208,7 @@ class StreamClient:
         )
         self._liveness = self._new_liveness()
         self._stopping = False
+        self._dialing = False  # between the TCP dial and the end of the WebSocket opening handshake
         self._unsubscribed = asyncio.Event()
         self.accepted_once = False  # the stream accepted this realm's key at least once in this process
         self.on_first_accept: Callable[[], None] | None = None  # called once, at the first accepted subscribe
@@ -236,7 +237,7 @@ class StreamClient:
         """
         while not stop.is_set():
             try:
-                ended = await self._connection(stop)
+                ended = await self._connection_until_stop(stop)
             finally:
                 self._state.set(self._name, connected=False, subscribed=False)
             self._metrics.disconnected(ended.reason)
@@ -259,13 +260,38 @@ class StreamClient:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
         self._metrics.reconnect_delay(self._name, 0)
 
+    async def _connection_until_stop(self, stop: asyncio.Event) -> _Ended:
+        """``_connection``, given up at once if the bridge stops while the link is still being dialled.
+
+        A server that accepts TCP and never answers the upgrade holds the dial for up to
+        ``--subscribe-timeout``: nothing was read yet and there is nothing to unsubscribe, so a stop
+        need not wait for it. Once connected, a stop unsubscribes and closes (``_keepalive``).
+        """
+        connection = asyncio.ensure_future(self._connection(stop))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not connection.done() and self._dialing:
+                connection.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connection
+                log.info("stream realm=%s: stopped while connecting (the server had not answered the handshake)",
+                         self._name)  # fmt: skip
+                return _Ended(DisconnectReason.SHUTDOWN, "stopped while connecting", None)
+            return await connection
+        finally:
+            stopping.cancel()
+            if not connection.done():  # this task itself was cancelled
+                connection.cancel()
+
     async def _connection(self, stop: asyncio.Event) -> _Ended:
         """One connection from dial to close; says how it ended (raises only RealmRejected)."""
         handshake_done = False  # the WebSocket opening handshake, not the subscribe
         subscribed_at: float | None = None
+        self._dialing = True
         try:
             async with self._dial() as ws:
-                handshake_done = True
+                self._dialing, handshake_done = False, True
                 self._metrics.stream_opened()
                 self._state.set(self._name, connected=True, subscribed=False)
                 self._metrics.reconnect_delay(self._name, 0)
@@ -296,6 +322,8 @@ class StreamClient:
             return _Ended(DisconnectReason.CONNECT_FAILED, "invalid host name in the stream URL", subscribed_at)
         except InvalidURI as exc:  # pragma: no cover - config validation catches it first
             raise StreamError(f"invalid stream URL: {exc}") from None
+        finally:
+            self._dialing = False
 
     def _dial(self) -> connect:
         return StreamDial(

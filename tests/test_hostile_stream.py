@@ -201,3 +201,30 @@ async def test_an_upstream_that_echoes_the_realm_key_never_hands_it_to_consumers
     assert all(KEY.encode() not in m.body for m in got) and "entity_id" not in got[0].headers
     assert caplog.text.count("carried the realm key in its body") == 1
     assert KEY not in caplog.text
+
+
+async def test_a_stop_while_the_handshake_hangs_does_not_wait_for_it(exchange_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that accepts TCP and never answers the upgrade: SIGTERM's stop ends the dial at once and says so."""
+    caplog.set_level(logging.INFO, logger="bridge.stream")
+    held: list[asyncio.StreamWriter] = []
+
+    async def handle(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never answers
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, subscribe_timeout=20.0)
+    try:
+        async with running_bridge(settings) as bridge:
+            assert await wait_until(lambda: bool(held), timeout=5)
+            await asyncio.sleep(0.3)
+            started = asyncio.get_running_loop().time()
+            assert await bridge.finish() == 0
+            took = asyncio.get_running_loop().time() - started
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert took < 2.0, took  # the stream's stop grace (5 s) and the 20 s dial were not waited out
+    assert "stopped while connecting" in caplog.text
