@@ -295,7 +295,10 @@ class Metrics:
         self._reconnect_delay(realm).set(seconds)
 
     def frame_other(self, kind: str) -> None:
-        """A frame that is neither an event nor an answer (``text``, ``unknown_type``)."""
+        """A frame that is not an event: ``text``, ``unknown_type``, or ``answer``.
+
+        ``answer``: an info, subscribe or unsubscribe frame once the subscription stands.
+        """
         self._other(kind).inc()
 
     def error_frame(self) -> None:

@@ -41,6 +41,7 @@ from bridge.wire import (
     Liveness,
     Notification,
     Other,
+    Subscribed,
     SubscribeOutcome,
     Unsubscribed,
     parse_frames,
@@ -493,6 +494,9 @@ class StreamClient:
                 self._metrics.frame_other(frame.kind)
             elif isinstance(frame, ErrorFrame) and self._state.subscribed.get(self._name):
                 self._error_frame(frame)
+            elif isinstance(frame, (Info, Subscribed, Unsubscribed)) and self._state.subscribed.get(self._name):
+                # An info/subscribe/unsubscribe answer once subscribed (a server that answers each PING with info).
+                self._metrics.frame_other("answer")
         return result.frames
 
     def _warn_key_in_body(self, event: str) -> None:

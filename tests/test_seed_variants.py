@@ -277,3 +277,28 @@ async def test_check_tells_a_server_error_and_a_close_from_an_unreachable_stream
         check = await check_realm(settings, settings.realms[0])
     assert check.result is result, check
     assert says in check.detail, check
+
+
+async def test_info_answers_to_each_ping_are_counted_as_answers(amqp: AbstractRobustConnection, exchange_name: str) -> None:
+    """A server that answers every text PING with an info frame: counted (frames_other_total{kind="answer"}), events flow."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in ws:
+                if raw == "PING":
+                    await ws.send(json.dumps({"type": "info", "realm": "x", "timestamp": 1}))
+                elif json.loads(raw).get("type") == "subscribe":
+                    await ws.send(json.dumps({"type": "info", "realm": json.loads(raw)["realm"], "timestamp": 1}))
+                    await ws.send(notification(1))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, ping_interval=0.2, idle_timeout=2.0)
+        queue = await bind_queue(amqp, settings, "deposit.#")
+        async with running_bridge(settings) as bridge:
+            (msg,) = await collect(queue, 1, timeout=15)
+            answers = {"kind": "answer"}
+            assert await wait_until(lambda: bridge.metric("orangepill_bridge_frames_other_total", answers) >= 3)
+            assert bridge.metric("orangepill_bridge_stream_disconnects_total", {"reason": "error"}) == 0
+            assert await bridge.finish() == 0
+    assert json.loads(msg.body)["seq"] == 1
