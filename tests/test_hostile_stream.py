@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import struct
+from typing import Any
 
 import orjson
 import pytest
@@ -119,6 +120,19 @@ async def _refusing_server(answer: bytes) -> tuple[asyncio.Server, list[float]]:
     return server, attempts
 
 
+async def _run_against(server: asyncio.Server, exchange_name: str, seconds: float, **overrides: Any) -> None:
+    """Run the bridge against ``server`` for ``seconds``, stop it (it must exit 0), then close the server."""
+    port = server.sockets[0].getsockname()[1]
+    settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, **overrides)
+    try:
+        async with running_bridge(settings) as bridge:
+            await asyncio.sleep(seconds)
+            assert await bridge.finish() == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("status", ["429 Too Many Requests", "503 Service Unavailable"])
 async def test_a_refused_handshake_with_retry_after_is_redialled_no_sooner(
     exchange_name: str, status: str, caplog: pytest.LogCaptureFixture
@@ -127,15 +141,7 @@ async def test_a_refused_handshake_with_retry_after_is_redialled_no_sooner(
     server, attempts = await _refusing_server(
         f"HTTP/1.1 {status}\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
     )
-    port = server.sockets[0].getsockname()[1]
-    settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, reconnect_min=0.05, reconnect_max=0.5)
-    try:
-        async with running_bridge(settings) as bridge:
-            await asyncio.sleep(4.5)
-            assert await bridge.finish() == 0
-    finally:
-        server.close()
-        await server.wait_closed()
+    await _run_against(server, exchange_name, 4.5, reconnect_min=0.05, reconnect_max=0.5)
     # Without Retry-After the 0.05-0.5 s backoff would have made about ten attempts in 4.5 s.
     assert 2 <= len(attempts) <= 3, attempts
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
@@ -148,15 +154,7 @@ async def test_a_handshake_answered_without_retry_after_keeps_the_backoff(exchan
     server, attempts = await _refusing_server(
         b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: soon\r\nContent-Length: 0\r\n\r\n"
     )
-    port = server.sockets[0].getsockname()[1]
-    settings = bridge_settings(f"ws://127.0.0.1:{port}", exchange_name, reconnect_min=0.05, reconnect_max=0.2)
-    try:
-        async with running_bridge(settings) as bridge:
-            await asyncio.sleep(2.0)
-            assert await bridge.finish() == 0
-    finally:
-        server.close()
-        await server.wait_closed()
+    await _run_against(server, exchange_name, 2.0, reconnect_min=0.05, reconnect_max=0.2)
     assert len(attempts) >= 5, attempts
 
 
