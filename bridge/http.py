@@ -5,13 +5,19 @@ Hardened for a port that may face an untrusted network:
 - a connection must deliver a complete request head within ``header_timeout``
   seconds (aiohttp's keep-alive timer, which runs from the first byte and is
   not extended by partial data), so slow partial requests are closed;
-- at most ``max_connections`` connections are open at once. Beyond that a
+- at most ``max_connections`` connections are open at once. At the cap a new
+  connection takes the place of the oldest idle one (nothing or part of a head
+  sent, or waiting between requests), which is closed; a connection with a
+  request in a handler (an Explorer stream) is never closed for room. So a
+  flood of held connections does not fail the supervisor's liveness probe,
+  which would restart the bridge and drop the stream. When none is idle, a
   reserve of ``PROBE_RESERVE`` more answers only ``/healthz``, ``/readyz`` and
-  ``/metrics``, one request each, and is closed after ``PROBE_LIFETIME`` seconds
-  whatever happens (so a flood of held connections does not fail the
-  supervisor's liveness probe, which would restart the bridge and drop the
-  stream); more still are answered 503 and closed at accept time, so file
-  descriptors stay for the broker and the stream;
+  ``/metrics``, one request each, and is closed after ``PROBE_LIFETIME``
+  seconds whatever happens; more still are answered 503 and closed at accept
+  time, so file descriptors stay for the broker and the stream;
+- an Explorer page whose writes stay blocked ``_SSE_WRITE_TIMEOUT`` seconds is
+  dropped at once (reset, unsent data discarded), not closed gracefully, which
+  would hold its socket until it reads again;
 - malformed requests (a 9 KB URL, bad headers) get their 4xx from aiohttp but
   log at most one WARNING line per ``_BAD_REQUEST_LOG_EVERY`` seconds, never a
   traceback.
@@ -22,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -31,6 +39,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from bridge.catalog import CATALOG, KNOWN_CHANNELS
@@ -111,15 +120,44 @@ class _ServerLogger(logging.Logger):
 
 
 class _CappedSite(web.TCPSite):
-    """A TCP site with a cap on connections, a small reserve for probes beyond it, and refusal beyond that."""
+    """A TCP site with a cap on connections: at the cap, a new connection takes the place of the oldest idle one;
+    when none is idle, a small reserve beyond the cap answers probes; beyond that, refusal."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int,
-                 reserve: set[asyncio.Protocol]) -> None:  # fmt: skip
+                 reserve: set[asyncio.Protocol], busy: set[asyncio.Protocol]) -> None:  # fmt: skip
         super().__init__(runner, host, port, reuse_address=True)
         self.max_connections = max_connections
         self.refused = 0
+        self.evicted = 0
         self.reserve = reserve  # connections accepted beyond the cap: probes only (see _probes_only)
+        self.busy = busy  # connections with a request in a handler (see _track_busy)
+        self._accepting: set[RequestHandler] = set()  # made, not yet told of their connection (not listed yet)
         self._warn = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
+        self._warn_evict = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
+
+    def _idle(self, handler: RequestHandler) -> bool:
+        """No request in a handler or parsed and waiting for one, and the connection still open.
+
+        That is: a connection that has not yet sent a whole request head (nothing, or part of one), one that
+        waits between requests, or one whose handler is done but whose client does not read the answer.
+        ``busy`` alone is not enough: a request is parsed in one turn of the event loop and reaches the
+        handlers (and ``busy``) in a later one. So two of aiohttp's private fields are read too: its count of
+        requests parsed on the connection, and the future ``start()`` awaits for the next one (the test its
+        keep-alive timer closes idle connections on). Should a later aiohttp rename them, nothing is idle:
+        no eviction (tests/test_http.py fails), never a request cut.
+        """
+        if handler in self.busy or handler.transport is None:
+            return False
+        if getattr(handler, "_request_count", None) == 0:
+            return True
+        waiter = getattr(handler, "_waiter", None)
+        return (isinstance(waiter, asyncio.Future) and not waiter.done()) or handler.writing_paused
+
+    def _evict(self, handler: RequestHandler, n: int) -> None:
+        self.evicted += 1
+        self._warn_evict("http: %d connections open, the cap; closing the oldest idle ones for new ones", n)
+        self.reserve.discard(handler)
+        _close_now(handler)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -128,28 +166,60 @@ class _CappedSite(web.TCPSite):
         cap = self.max_connections
         loop = asyncio.get_running_loop()
 
-        def expire(handler: Any) -> None:
+        def expire(handler: RequestHandler) -> None:
             self.reserve.discard(handler)
-            handler.force_close()
+            _close_now(handler)
 
-        def factory() -> asyncio.Protocol:
-            n = len(server.connections)
-            if n < cap:
-                return server()
-            if n >= cap + PROBE_RESERVE:
-                self.refused += 1
-                self._warn("http: %d connections open, the cap and its probe reserve; refusing more", n)
-                return _Refuse()
-            self._warn("http: %d connections open, the cap; answering only /healthz, /readyz and /metrics "
-                       "on up to %d more", cap, PROBE_RESERVE)  # fmt: skip
+        def accept() -> RequestHandler:
+            # aiohttp lists a connection once told of it (connection_made, scheduled just after this returns):
+            # count it meanwhile, or a burst of connections accepted in one turn of the loop all see room.
             handler = server()
+            self._accepting.add(handler)
+            loop.call_soon(self._accepting.discard, handler)
+            return handler
+
+        def reserved() -> asyncio.Protocol:
+            handler = accept()
             self.reserve.add(handler)
             loop.call_later(PROBE_LIFETIME, expire, handler)
             return handler
 
+        def factory() -> asyncio.Protocol:
+            # Oldest first (aiohttp keeps them in the order they connected). One being closed still
+            # holds its place until aiohttp forgets it, a turn or two later: not counted here.
+            conns = [h for h in server.connections if h.transport is not None]
+            n = len(conns) + len(self._accepting)
+            if n < cap:
+                return accept()
+            idle = [h for h in conns if self._idle(h)]
+            # An idle connection, oldest first, makes room: one that sent nothing, part of a head, or
+            # that waits between requests. So a flood of held connections cannot lock the probes out.
+            victim = next((h for h in idle if h not in self.reserve), None)
+            if victim is not None:
+                self._evict(victim, n)
+                return accept()
+            # All busy (Explorer streams, slow handlers): the reserve answers probes.
+            if n < cap + PROBE_RESERVE:
+                self._warn("http: %d connections open and busy, the cap; answering only /healthz, /readyz and "
+                           "/metrics on up to %d more", n, PROBE_RESERVE)  # fmt: skip
+                return reserved()
+            if idle:  # an idle reserve connection makes room for another
+                self._evict(idle[0], n)
+                return reserved()
+            self.refused += 1
+            self._warn("http: %d connections open and busy, the cap and its probe reserve; refusing more", n)
+            return _Refuse()
+
         self._server = await asyncio.get_running_loop().create_server(
             factory, self._host, self._port, reuse_address=True, backlog=self._backlog
         )
+
+
+def _close_now(handler: RequestHandler) -> None:
+    """Close a connection without waiting to flush what its client may never read."""
+    transport = handler.transport
+    handler.force_close()
+    _abort(transport)
 
 
 class _Refuse(asyncio.Protocol):
@@ -160,6 +230,23 @@ class _Refuse(asyncio.Protocol):
         if callable(write):
             write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         transport.close()
+
+
+def _track_busy(busy: set[asyncio.Protocol]) -> Middleware:
+    """Middleware: the connections with a request in a handler (an Explorer stream, a slow one) are never evicted."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        protocol = request.protocol
+        busy.add(protocol)
+        try:
+            return await handler(request)
+        finally:
+            busy.discard(protocol)
+
+    return middleware
 
 
 def _probes_only(reserve: set[asyncio.Protocol]) -> Middleware:
@@ -280,14 +367,35 @@ async def _sse(request: web.Request, hub: ExplorerHub) -> web.StreamResponse:
                 await send("status", {"status": hub.status(), "last": rates[-1] if rates else None})
                 next_status = loop.time() + _SSE_STATUS_EVERY
     except (ConnectionError, TimeoutError):
-        log.debug("explorer: a browser went away or stopped reading")
+        log.debug("explorer: a browser went away or stopped reading; closing its connection")
+        # Not a graceful close: that would wait (with no end) to flush megabytes to a peer that does not read,
+        # holding the socket, its file descriptor and the buffers. aiohttp then ends the response quietly
+        # (its write_eof meets a closed transport: a ConnectionError it ignores).
+        _abort(request.transport)
     finally:
         hub.unsubscribe(client)
     return response
 
 
+def _abort(transport: asyncio.Transport | None) -> None:
+    """Drop a connection at once: unsent data discarded, the peer reset, the file descriptor freed."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # Linger 0: the kernel drops its send queue and resets, instead of keeping an orphan socket
+        # with megabytes queued that it retries to a zero window.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 def _app(
-    registry: CollectorRegistry, readiness: Readiness, explorer: ExplorerHub | None, reserve: set[asyncio.Protocol]
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    explorer: ExplorerHub | None,
+    reserve: set[asyncio.Protocol],
+    busy: set[asyncio.Protocol],
 ) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -305,7 +413,7 @@ def _app(
         state = readiness()
         return web.json_response(state, status=200 if state.get("ready") else 503)
 
-    app = web.Application(middlewares=[_probes_only(reserve), _security_headers])
+    app = web.Application(middlewares=[_track_busy(busy), _probes_only(reserve), _security_headers])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -334,23 +442,28 @@ async def start_http(
         explorer: serve the Explorer page at ``/`` from this hub (None: no page).
         header_timeout: seconds a connection may take to send a complete request
             head, and to stay idle between requests.
-        max_connections: open connections at once; ``PROBE_RESERVE`` more answer only the
-            probes (one request each, for at most ``PROBE_LIFETIME`` s); more still are refused with 503.
+        max_connections: open connections at once; at the cap a new one closes the oldest idle one.
+            With none idle, ``PROBE_RESERVE`` more answer only the probes (one request each, for at most
+            ``PROBE_LIFETIME`` s); more still are refused with 503.
 
     Raises:
         OSError: the address cannot be bound (in use, not local).
     """
     reserve: set[asyncio.Protocol] = set()
+    busy: set[asyncio.Protocol] = set()
     runner = web.AppRunner(
-        _app(registry, readiness, explorer, reserve),
+        _app(registry, readiness, explorer, reserve, busy),
         access_log=None,
         handle_signals=False,
         keepalive_timeout=header_timeout,
+        # No handler reads a request body: after the answer, close rather than read on for up to 10 s
+        # (aiohttp's default), which made a connection that trickles a body unevictable that long.
+        lingering_time=0,
         logger=_ServerLogger(),
         shutdown_timeout=1.0,
     )
     await runner.setup()
-    site = _CappedSite(runner, host, port, max_connections, reserve)
+    site = _CappedSite(runner, host, port, max_connections, reserve, busy)
     try:
         await site.start()
     except OSError:

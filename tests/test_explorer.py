@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from bridge.app import Bridge
 from bridge.catalog import CATALOG
 from bridge.config import Settings
 from bridge.explorer.hub import ExplorerHub
+from bridge.http import start_http
 from bridge.metrics import Metrics
 from bridge.spool import Spool
 from tests.helpers import KEY, ROOT, bridge_settings, free_port, simulator, wait_until
@@ -231,6 +233,71 @@ async def test_a_browser_that_never_reads_does_not_slow_publishing(exchange_name
     assert dropped_alone == 0
     assert dropped_slow > 0  # the never-reading client's buffer overflowed: it lost rows
     assert bridge.explorer is not None and bridge.explorer.recorded == n
+
+
+_TCP_ESTABLISHED = 1
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (Linux ``tcp_info.tcpi_state``: 1 established, 7 closed, 8 close-wait)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+async def test_a_browser_that_stops_reading_is_disconnected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Explorer client that never reads is cut off once a write has been blocked for ``_SSE_WRITE_TIMEOUT``:
+    its connection and file descriptor are released at once (the unsent megabytes dropped, the client reset),
+    not held until the client leaves; nothing is logged as an error."""
+    monkeypatch.setattr("bridge.http._SSE_WRITE_TIMEOUT", 0.5)
+    caplog.set_level(logging.DEBUG)
+    await _stalled_reader_is_disconnected()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_browser_that_stops_reading_is_disconnected_under_uvloop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same under uvloop, the bridge's default loop."""
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.setattr("bridge.http._SSE_WRITE_TIMEOUT", 0.5)
+    caplog.set_level(logging.DEBUG)
+    uvloop.run(_stalled_reader_is_disconnected())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def _stalled_reader_is_disconnected() -> None:
+    hub = ExplorerHub(client_buffer=5000)
+    port = free_port()
+    runner = await start_http("127.0.0.1", port, CollectorRegistry(), lambda: {"ready": True}, explorer=hub)
+    server = runner.server
+    assert server is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, and never read
+    stop = asyncio.Event()
+
+    async def feed() -> None:  # ~1 MB of rows a frame: the kernel's buffers are full within a second or two
+        i = 0
+        while not stop.is_set():
+            for _ in range(5000):
+                hub.record(time.time(), "transaction.done", f"{i:096d}", "test", f"m{i}")
+                i += 1
+            await asyncio.sleep(0.05)
+
+    feeder = asyncio.create_task(feed())
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        sock.send(b"GET /explorer/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await wait_until(lambda: hub.clients == 1, 5)
+        assert await wait_until(lambda: not server.connections, 15), "the stalled connection is still held"
+        assert await wait_until(lambda: _tcp_state(sock) != _TCP_ESTABLISHED, 5), "the client was not disconnected"
+        assert hub.clients == 0
+    finally:
+        stop.set()
+        await feeder
+        sock.close()
+        await runner.cleanup()
 
 
 # -- the real browser --
