@@ -10,12 +10,27 @@ liveness probe on the lock connection demotes after ``heartbeat`` seconds withou
 before the broker can have deleted the queue (it needs at least about 1.5 x heartbeat), so the old leader
 stops publishing before a standby can take over.
 
-Spreading: a replica that already leads ``k`` realms waits ``k * spread_delay`` (bounded by ``poll``)
-before each attempt at a free realm, so a replica with fewer realms wins a free lock; with one realm or
-one replica it changes nothing (k = 0 at the first attempt). A replica also takes no second realm during
-the first ``settle`` seconds of its lock connection, so that replicas started together (a deploy) spread
-the realms even when one of them connects a little earlier; a lone replica leads its other realms after
-``settle`` seconds (their events wait in its spool meanwhile, nothing is lost).
+Spreading, per lock connection:
+
+* **Settle.** During the first ``settle`` seconds of its lock connection a replica leads at most one realm
+  (its first attempt that succeeds), so that replicas started together (a deploy) each get one even when
+  one of them connects a little earlier.
+* **Contention.** The connection has *seen another replica* once an attempt at a lock was refused with
+  RESOURCE_LOCKED, except a refusal at a realm this replica held on its previous lock connection (RabbitMQ
+  may still hold that lock for the old connection, e.g. a link that went silent, until its own heartbeat
+  detection: that is this replica, not another one).
+* **Spread delay.** Once it has seen another replica, a replica that leads ``k`` realms waits
+  ``min(poll, k * spread_delay)`` before an attempt at a realm it does not lead, unless that realm's last
+  attempt on this connection was refused, so a replica with fewer realms wins a free lock. No other wait:
+  each pass (every ``poll`` seconds) tries every realm it does not lead.
+
+So a lone replica leads its first realm at once and all its realms ``settle`` seconds after its lock
+connection opened, at start and after each reconnect (their events wait in its spool meanwhile, nothing is
+lost). Two replicas started together spread the realms: each takes one during settle, the first attempt
+of each at the other's realm is refused, and the spread delay applies from then on. Replicas whose lock
+connections open more than ``settle`` apart do not spread: the first one leads every realm. A standby
+polls every lock held elsewhere each ``poll`` seconds with no spread delay (it is not a race for a free
+lock), so it takes over every realm of a leader that went within about ``poll``, not one realm per ``poll``.
 """
 
 from __future__ import annotations
@@ -83,7 +98,8 @@ class Leadership:
         urls: one AMQP URL per cluster node.
         heartbeat: AMQP heartbeat of the lock connection, seconds; also the liveness-probe deadline.
         poll: seconds between attempts at a lock held by someone else.
-        spread_delay: extra wait per realm already led, before an attempt (bounded by ``poll``).
+        spread_delay: extra wait per realm already led, before an attempt, once the lock connection has seen
+            another replica (bounded by ``poll``; default ``poll / 4``).
         settle: seconds after connecting during which a replica leads at most one realm (default
             ``max(2, 2 * poll)``).
     """
@@ -119,6 +135,9 @@ class Leadership:
         self._refused_said = ""  # the last ACCESS_REFUSED logged (once, not at every attempt)
         self._resigned: dict[str, str] = {}  # realm label -> why this replica gives it up for good
         self._resign_now = asyncio.Event()  # a resignation waits for the lock loop
+        # Realms this replica held on its previous lock connection: RabbitMQ may still hold those locks for
+        # that connection (a link that went silent) for a while, so refusing them says nothing of other replicas.
+        self._held_before: frozenset[str] = frozenset()
 
     # -- public API --
 
@@ -193,6 +212,10 @@ class Leadership:
         log.info("leadership: lock connection on node %s", self._node)
         raw = self._raw = _raw(connection)
         settled_at = time.monotonic() + self._settle
+        contended = False  # another replica seen on this lock connection: a lock attempt was refused
+        own_old = self._held_before  # refused because our previous connection still holds them: no evidence
+        held: set[str] = set()  # taken on this connection
+        held_elsewhere: set[str] = set()  # refused at their last attempt on this connection
         told_standby: set[str] = set()
         channel: aiormq.abc.AbstractChannel | None = None
         probe = asyncio.create_task(self._probe(raw, lost))
@@ -209,7 +232,11 @@ class Leadership:
                     if self._roles[realm.label] is Role.LEADER:
                         continue
                     led = self._leading()
-                    delay = min(self._poll, self._spread * led)
+                    # The spread delay only helps when another replica may race for the same free lock: a
+                    # lone replica (no refusal yet) takes every free realm at once, and a lock refused at the
+                    # last attempt is a standby's poll (its holder may have gone: take it over within a poll).
+                    spread = contended and realm.label not in held_elsewhere
+                    delay = min(self._poll, self._spread * led) if spread else 0.0
                     if led:
                         delay = max(delay, settled_at - time.monotonic())
                     if delay and await _wait_any(stop, lost, delay):
@@ -225,10 +252,15 @@ class Leadership:
                         )
                     except aiormq.exceptions.ChannelLockedResource:
                         channel = None  # the broker closed it; a new one next time
+                        held_elsewhere.add(realm.label)
+                        if realm.label not in own_old:
+                            contended = True
                         if realm.label not in told_standby:  # once per lock connection: a role is visible at start
                             told_standby.add(realm.label)
                             log.info("leadership: realm %s is standby (another replica holds the lock)", realm.label)
                         continue
+                    held_elsewhere.discard(realm.label)
+                    held.add(realm.label)  # even if the link just went: that connection may keep the lock a while
                     if not lost.is_set():
                         self._set(realm.label, Role.LEADER, f"holds the lock on node {self._node}")
                 await _wait_any(stop, lost, self._poll, self._resign_now)
@@ -242,6 +274,7 @@ class Leadership:
             elif not lost.is_set():
                 log.warning("leadership: lock connection failed (%s)", type(exc).__name__, exc_info=True)
         finally:
+            self._held_before = frozenset(held - self._resigned.keys())
             probe.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await probe

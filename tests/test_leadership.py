@@ -16,7 +16,7 @@ import pytest
 
 from bridge.leadership import Leadership, RealmLock, Role, lock_queue_name
 from bridge.nodes import NoNodeAvailable, connect_first, connect_robust_nodes
-from tests.helpers import AMQP_URL, FreezableProxy, wait_until
+from tests.helpers import AMQP_URL, FreezableProxy, rabbitmqctl, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -140,6 +140,128 @@ async def test_two_realms_two_replicas_spread() -> None:
         await asyncio.sleep(1.5)
         assert settled()
         assert sum(one.is_leader(x) for x in "ab") == 1 and sum(two.is_leader(x) for x in "ab") == 1
+
+
+MANY = 30  # realms of one replica: with the old per-realm spread delay its last realm led after about 29 s
+
+
+def many_realms(n: int = MANY) -> list[RealmLock]:
+    return [realm(f"r{i:02d}") for i in range(1, n + 1)]
+
+
+async def close_on_the_broker(connection_name: str) -> None:
+    """Close one connection (found by its client-provided name) from the broker's side, like a dropped link."""
+    listed = await asyncio.to_thread(rabbitmqctl, "list_connections", "pid", "client_properties", "-q")
+    pids = [line.split("\t", 1)[0] for line in listed.splitlines() if f'"{connection_name}"' in line]
+    assert len(pids) == 1, listed
+    await asyncio.to_thread(rabbitmqctl, "close_connection", pids[0], "test: lock connection dropped")
+
+
+async def test_a_lone_replica_leads_all_its_realms_after_settle() -> None:
+    """One replica with many realms leads them all `settle` seconds after connecting, not one per poll.
+
+    With no other replica to spread to, the per-realm spread delay (up to `poll` before each attempt) only
+    delayed realms: 40 realms took 41 s and `OrangepillRealmWithoutLeader` (for: 30s) fired at every start.
+    """
+    realms = many_realms()
+    t0 = time.monotonic()
+    async with contender(f"test.{uuid.uuid4().hex[:8]}", realms, poll=1.0) as (lead, _):
+        assert await wait_until(lambda: lead.is_leader("r01"), timeout=10)
+        first = time.monotonic() - t0
+        await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=40, interval=0.05)
+        took = time.monotonic() - t0
+        print(f"lone replica, {MANY} realms: first led after {first:.2f}s, all after {took:.2f}s (settle 2s)")
+        assert all(lead.is_leader(r.label) for r in realms), lead.roles()
+        assert took < 2.0 + 3.0
+
+
+async def test_a_lone_replica_leads_all_its_realms_again_after_its_lock_connection_drops() -> None:
+    """The broker closes the lock connection of a lone replica: it reconnects and leads every realm again
+    within settle + margin (a broker blip used to cost one poll per realm again)."""
+    realms = many_realms()
+    name = f"test.{uuid.uuid4().hex[:8]}"
+    kw = {"client_properties": {"connection_name": f"{name}.lock"}}
+    lead = Leadership(name, realms, [AMQP_URL], poll=1.0, heartbeat=5.0, connect_kwargs=kw)
+    stop = asyncio.Event()
+    task = asyncio.create_task(lead.run(stop))
+    try:
+        assert await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=40), lead.roles()
+        first_raw = lead._raw
+        t0 = time.monotonic()
+        await close_on_the_broker(f"{name}.lock")
+        assert await wait_until(lambda: lead._raw is not first_raw and lead.health().connected, timeout=10)
+        await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=40, interval=0.05)
+        took = time.monotonic() - t0
+        print(f"lone replica, {MANY} realms: all led again {took:.2f}s after the broker closed its lock connection")
+        assert all(lead.is_leader(r.label) for r in realms), lead.roles()
+        assert took < 0.5 + 2.0 + 3.0  # reconnect pause + settle + margin
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def test_a_lone_replica_is_not_slowed_down_by_its_own_old_lock_connection() -> None:
+    """The lock link of a lone replica goes silent: it gives it up and reconnects at once, while RabbitMQ still holds
+    the old connection and its locks until its own heartbeat detection. Those refusals come from this replica's
+    previous connection, not from another replica: once RabbitMQ drops it, every realm is led again within a poll,
+    not one realm per poll."""
+    realms = many_realms()
+    proxy = await FreezableProxy().start()
+    lead = Leadership(f"test.{uuid.uuid4().hex[:8]}", realms, [proxy.url], poll=1.0, heartbeat=2.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(lead.run(stop))
+    try:
+        assert await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=40), lead.roles()
+        t0 = time.monotonic()
+        proxy.freeze()
+        assert await wait_until(lambda: proxy.links >= 2 and lead.health().connected, timeout=15)
+        reconnected = time.monotonic() - t0
+        await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=60, interval=0.05)
+        took = time.monotonic() - t0
+        print(f"lone replica, {MANY} realms: reconnected {reconnected:.2f}s after its link went silent, all led again"
+              f" after {took:.2f}s")  # fmt: skip
+        assert all(lead.is_leader(r.label) for r in realms), lead.roles()
+        # probe (<= H) + RabbitMQ's detection of the old connection (about 2 H, taken as 3 H) + a poll + margin
+        assert took < 2.0 + 3 * 2.0 + 1.0 + 3.0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await proxy.close()
+
+
+async def test_a_standby_takes_over_all_realms_of_a_stopped_leader_within_a_poll() -> None:
+    """A standby polls each lock held elsewhere every `poll` seconds with no spread delay, so when the leader of
+    many realms stops it leads them all within about a poll (the spread delay made that one realm per poll)."""
+    ex, realms = f"test.{uuid.uuid4().hex[:8]}", many_realms()
+    async with contender(ex, realms, poll=1.0) as (one, stop_one):
+        assert await wait_until(lambda: all(one.is_leader(r.label) for r in realms), timeout=40), one.roles()
+        async with contender(ex, realms, poll=1.0) as (two, _):
+            await asyncio.sleep(2.5)  # every lock refused at least twice: `two` has seen another replica
+            assert not any(two.is_leader(r.label) for r in realms)
+            t0 = time.monotonic()
+            stop_one.set()
+            await wait_until(lambda: all(two.is_leader(r.label) for r in realms), timeout=40, interval=0.05)
+            took = time.monotonic() - t0
+            print(f"standby took over {MANY} realms {took:.2f}s after the leader stopped (poll 1s)")
+            assert all(two.is_leader(r.label) for r in realms), two.roles()
+            assert took < 1.0 + 2.0
+
+
+async def test_six_realms_two_replicas_started_together_spread() -> None:
+    """Two replicas started together with six realms: each ends with at least two (the spread delay applies once
+    a refused attempt showed the other replica), and every realm has exactly one leader."""
+    ex = f"test.{uuid.uuid4().hex[:8]}"
+    realms = many_realms(6)
+    async with contender(ex, realms, poll=1.0) as (one, _), contender(ex, realms, poll=1.0) as (two, _):
+        def settled() -> bool:
+            return all([one.is_leader(r.label), two.is_leader(r.label)].count(True) == 1 for r in realms)
+
+        assert await wait_until(settled, timeout=20)
+        await asyncio.sleep(1.5)
+        assert settled()
+        counts = (sum(one.is_leader(r.label) for r in realms), sum(two.is_leader(r.label) for r in realms))
+        print(f"two replicas, six realms: {counts[0]} + {counts[1]}")
+        assert min(counts) >= 2, counts
 
 
 async def test_failed_attempts_do_not_leak_callbacks() -> None:
