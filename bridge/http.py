@@ -61,6 +61,7 @@ _BAD_REQUEST_LOG_EVERY: Final = 60.0
 _SSE_BATCH: Final = 0.1
 _SSE_STATUS_EVERY: Final = 1.0
 _SSE_WRITE_TIMEOUT: Final = 10.0
+_EXPLORER_LOG_EVERY: Final = 60.0
 _STATIC: Final = {
     "app.js": "text/javascript",
     "topic.js": "text/javascript",
@@ -93,6 +94,10 @@ class _RateLimitedWarning:
         held, self.suppressed, self._last = self.suppressed, 0, now
         suffix = f" ({held} more since the last such line)" if held else ""
         log.warning(fmt + "%s", *args, suffix)
+
+
+_EXPLORER_WARN = _RateLimitedWarning(_EXPLORER_LOG_EVERY)
+"""Explorer pages refused at the limit, or reset for not reading: one WARNING a minute at most."""
 
 
 class _ServerLogger(logging.Logger):
@@ -337,6 +342,7 @@ async def _sse(request: web.Request, hub: ExplorerHub) -> web.StreamResponse:
     """Server-sent events: a ``hello`` snapshot, then ``rows`` and ``status`` as they come."""
     client = hub.subscribe()
     if client is None:
+        _EXPLORER_WARN("explorer: %d pages open, the limit; refusing another (503)", hub.max_clients)
         raise web.HTTPServiceUnavailable(text="too many Explorer pages open\n")
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -366,8 +372,11 @@ async def _sse(request: web.Request, hub: ExplorerHub) -> web.StreamResponse:
                 rates = hub.rates(2)
                 await send("status", {"status": hub.status(), "last": rates[-1] if rates else None})
                 next_status = loop.time() + _SSE_STATUS_EVERY
-    except (ConnectionError, TimeoutError):
-        log.debug("explorer: a browser went away or stopped reading; closing its connection")
+    except (ConnectionError, TimeoutError) as exc:
+        if isinstance(exc, TimeoutError):
+            _EXPLORER_WARN("explorer: a page stopped reading for %g s; its connection was reset", _SSE_WRITE_TIMEOUT)
+        else:
+            log.debug("explorer: a browser went away; closing its connection")
         # Not a graceful close: that would wait (with no end) to flush megabytes to a peer that does not read,
         # holding the socket, its file descriptor and the buffers. aiohttp then ends the response quietly
         # (its write_eof meets a closed transport: a ConnectionError it ignores).

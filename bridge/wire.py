@@ -201,10 +201,21 @@ def parse_frame(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
         return Other(kind="text", detail=text_token)
     obj = _loads(raw)
     if not isinstance(obj, dict):
-        raise ProtocolError("not_object", f"frame is JSON {type(obj).__name__}, not an object")
+        raise ProtocolError("not_object", f"frame is a JSON {_json_type(obj)}, not an object")
     if _may_be_deep(raw):
         _check_depth(obj)
     return _from_object(obj)
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for a decoded value's type (``null``, not Python's ``NoneType``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "string" if isinstance(value, str) else "array"
 
 
 def _may_be_deep(raw: str | bytes) -> bool:

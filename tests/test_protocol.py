@@ -201,6 +201,17 @@ def test_invalid_frames_raise_protocol_error(raw: str, reason: str) -> None:
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [("null", "null"), ("true", "boolean"), ("42", "number"), ("1.5", "number"), ('"x"', "string"), ("[1]", "array")],
+)
+def test_a_frame_that_is_not_an_object_is_named_in_json_terms(raw: str, kind: str) -> None:
+    """The quarantine detail says "a JSON null", not Python's "NoneType"."""
+    with pytest.raises(ProtocolError) as info:
+        parse_frame(raw)
+    assert info.value.detail == f"frame is a JSON {kind}, not an object"
+
+
 def test_oversize_frame() -> None:
     """A frame over the size limit is refused as oversize before parsing."""
     big = '{"type":"notification","event":"a.b","data":"' + "x" * 2000 + '"}'
