@@ -264,6 +264,27 @@ async def test_six_realms_two_replicas_started_together_spread() -> None:
         assert min(counts) >= 2, counts
 
 
+async def test_many_realms_two_replicas_started_together_all_lead_soon_and_spread() -> None:
+    """Two replicas started together with 40 realms: every realm has a leader within settle + a few seconds (it took
+    37 s when each attempt after the fourth realm waited a poll, and OrangepillRealmWithoutLeader fires at 30 s), and
+    neither replica takes them all."""
+    ex = f"test.{uuid.uuid4().hex[:8]}"
+    realms = many_realms(40)
+    t0 = time.monotonic()
+    async with contender(ex, realms, poll=1.0) as (one, _), contender(ex, realms, poll=1.0) as (two, _):
+        def settled() -> bool:
+            return all([one.is_leader(r.label), two.is_leader(r.label)].count(True) == 1 for r in realms)
+
+        assert await wait_until(settled, timeout=40, interval=0.05)
+        took = time.monotonic() - t0
+        await asyncio.sleep(1.5)
+        assert settled()
+        counts = (sum(one.is_leader(r.label) for r in realms), sum(two.is_leader(r.label) for r in realms))
+        print(f"two replicas, 40 realms: every realm led after {took:.2f}s, split {counts[0]} + {counts[1]}")
+        assert took < 2.0 + 6.0, took
+        assert min(counts) >= 10, counts
+
+
 async def test_failed_attempts_do_not_leak_callbacks() -> None:
     """A standby's repeated RESOURCE_LOCKED attempts keep the lock connection's close-callback and channel counts flat."""
     ex, r = f"test.{uuid.uuid4().hex[:8]}", realm("a")
