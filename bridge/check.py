@@ -7,6 +7,7 @@ import enum
 import sys
 import time
 from dataclasses import dataclass
+from typing import Final
 
 import aio_pika
 import aiormq
@@ -43,6 +44,16 @@ class RealmCheck:
 
     result: KeyCheck
     detail: str
+
+
+_NOT_ANSWERED: Final = {
+    KeyCheck.UNREACHABLE: "unreachable ({detail})",
+    KeyCheck.SERVER_ERROR: "connected, but the server answered subscribe with an error not about the key ({detail}); "
+    "the bridge retries such answers",
+    KeyCheck.CLOSED: "connected, but the server closed the link before it answered subscribe ({detail})",
+    KeyCheck.NO_ANSWER: "connected, but {detail} (the server neither accepted nor rejected the key)",
+}
+"""What ``check`` says of a key the stream neither accepted nor rejected (exit 1), by result."""
 
 
 def _say(ok: bool, what: str) -> None:
@@ -102,26 +113,14 @@ async def _check_stream(settings: Settings) -> int:
     url = redact_url(settings.stream_url)
     for realm in settings.realms:
         check = await check_realm(settings, realm)
-        if check.result is KeyCheck.UNREACHABLE:
-            _say(False, f"stream {url} realm {realm.label}: unreachable ({check.detail})")
-            code = max(code, 1)
-        elif check.result is KeyCheck.SERVER_ERROR:
-            _say(False, f"stream {url} realm {realm.label}: connected, but the server answered subscribe with an "
-                        f"error not about the key ({check.detail}); the bridge retries such answers")  # fmt: skip
-            code = max(code, 1)
-        elif check.result is KeyCheck.CLOSED:
-            _say(False, f"stream {url} realm {realm.label}: connected, but the server closed the link before it "
-                        f"answered subscribe ({check.detail})")  # fmt: skip
-            code = max(code, 1)
-        elif check.result is KeyCheck.NO_ANSWER:
-            _say(False, f"stream {url} realm {realm.label}: connected, but {check.detail} "
-                        "(the server neither accepted nor rejected the key)")  # fmt: skip
-            code = max(code, 1)
-        elif check.result is KeyCheck.ACCEPTED:
+        if check.result is KeyCheck.ACCEPTED:
             _say(True, f"stream {url} realm {realm.label}: key accepted")
-        else:
+        elif check.result is KeyCheck.REJECTED:
             _say(False, f"stream {url} realm {realm.label} ({realm.fingerprint}): key REJECTED ({check.detail})")
             code = 2
+        else:
+            _say(False, f"stream {url} realm {realm.label}: " + _NOT_ANSWERED[check.result].format(detail=check.detail))
+            code = max(code, 1)
     return code
 
 

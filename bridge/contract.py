@@ -20,7 +20,7 @@ from pamqp.encode import field_table, short_string, table_integer
 
 from bridge.catalog import metric_label
 from bridge.errors import ProtocolError
-from bridge.secrets import clip, holds_secret, key_fingerprint, redact
+from bridge.secrets import clip, holds_secret, key_mark, redact
 from bridge.wire import REJECT_REASONS, Notification, Timestamp, dumps_exact, parse_frame, validate_routing_key
 
 __all__ = [
@@ -187,7 +187,7 @@ def event_message(
 def _key_forms(secrets: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
     """Each realm key as it reads inside a body the bridge encoded (orjson's escaping), and its mark."""
     return tuple(
-        (dumps_exact(key)[1:-1], f"<realm-key {key_fingerprint(key)}>".encode()) for key in secrets if key
+        (dumps_exact(key)[1:-1], key_mark(key).encode()) for key in secrets if key
     )
 
 

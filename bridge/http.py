@@ -30,7 +30,6 @@ import contextlib
 import logging
 import socket
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final
@@ -44,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from bridge.catalog import CATALOG, KNOWN_CHANNELS
 from bridge.explorer.hub import ExplorerHub
+from bridge.logs import RateLimitedWarning
 
 __all__ = ["Readiness", "start_http"]
 
@@ -78,25 +78,7 @@ _PAGE_CSP: Final = (
 )
 
 
-class _RateLimitedWarning:
-    """One WARNING line per period, saying how many were held back since."""
-
-    def __init__(self, period: float) -> None:
-        self.period = period
-        self._last = -period
-        self.suppressed = 0
-
-    def __call__(self, fmt: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.period:
-            self.suppressed += 1
-            return
-        held, self.suppressed, self._last = self.suppressed, 0, now
-        suffix = f" ({held} more since the last such line)" if held else ""
-        log.warning(fmt + "%s", *args, suffix)
-
-
-_EXPLORER_WARN = _RateLimitedWarning(_EXPLORER_LOG_EVERY)
+_EXPLORER_WARN = RateLimitedWarning(log, _EXPLORER_LOG_EVERY)
 """Explorer pages refused at the limit, or reset for not reading: one WARNING a minute at most."""
 
 
@@ -112,7 +94,7 @@ class _ServerLogger(logging.Logger):
     def __init__(self) -> None:
         super().__init__("bridge.http.server")
         self.parent = logging.getLogger("bridge.http")
-        self.warn_bad = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
+        self.warn_bad = RateLimitedWarning(log, _BAD_REQUEST_LOG_EVERY)
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else None
@@ -137,8 +119,8 @@ class _CappedSite(web.TCPSite):
         self.reserve = reserve  # connections accepted beyond the cap: probes only (see _probes_only)
         self.busy = busy  # connections with a request in a handler (see _track_busy)
         self._accepting: set[RequestHandler] = set()  # made, not yet told of their connection (not listed yet)
-        self._warn = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
-        self._warn_evict = _RateLimitedWarning(_BAD_REQUEST_LOG_EVERY)
+        self._warn = RateLimitedWarning(log, _BAD_REQUEST_LOG_EVERY)
+        self._warn_evict = RateLimitedWarning(log, _BAD_REQUEST_LOG_EVERY)
 
     def _idle(self, handler: RequestHandler) -> bool:
         """No request in a handler or parsed and waiting for one, and the connection still open.

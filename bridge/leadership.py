@@ -34,9 +34,9 @@ connection opened, at start and after each reconnect (their events wait in its s
 lost). Two replicas started together spread the realms: each takes one during settle, then its share at
 once, and the rest only after a poll each, which leaves them to the other (40 realms: 20 + 20 in 2.1 s).
 Replicas whose lock connections open more than ``settle`` apart do not spread: the first one leads every
-realm. A standby
-polls every lock held elsewhere each ``poll`` seconds with no spread delay (it is not a race for a free
-lock), so it takes over every realm of a leader that went within about ``poll``, not one realm per ``poll``.
+realm. A standby polls every lock held elsewhere each ``poll`` seconds with no spread delay (it is not a
+race for a free lock), so it takes over every realm of a leader that went within about ``poll``, not one
+realm per ``poll``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,26 @@ import orjson
 
 from bridge.secrets import LogScrubber
 
-__all__ = ["LibraryNoise", "setup_logging"]
+__all__ = ["LibraryNoise", "RateLimitedWarning", "setup_logging"]
+
+class RateLimitedWarning:
+    """One WARNING line per period on ``logger``, saying how many were held back since."""
+
+    def __init__(self, logger: logging.Logger, period: float) -> None:
+        self.logger = logger
+        self.period = period
+        self._last = -period
+        self.suppressed = 0
+
+    def __call__(self, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.period:
+            self.suppressed += 1
+            return
+        held, self.suppressed, self._last = self.suppressed, 0, now
+        suffix = f" ({held} more since the last such line)" if held else ""
+        self.logger.warning(fmt + "%s", *args, suffix)
+
 
 _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 

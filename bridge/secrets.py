@@ -29,6 +29,7 @@ __all__ = [
     "holds_secret",
     "host_port",
     "key_fingerprint",
+    "key_mark",
     "redact",
     "redact_url",
     "url_credentials_problem",
@@ -101,6 +102,11 @@ def key_fingerprint(realm_key: str | Secret) -> str:
     return "fp-" + digest[:12]
 
 
+def key_mark(realm_key: str | Secret) -> str:
+    """What stands where a realm key was redacted: ``<realm-key fp-…>``."""
+    return f"<realm-key {key_fingerprint(realm_key)}>"
+
+
 def _hex_variants(code: int, width: int) -> str:
     """A pattern for ``code`` as ``width`` hex digits in either case."""
     return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in f"{code:0{width}x}")
@@ -157,7 +163,7 @@ def redact(text: str, secrets: Iterable[str | Secret]) -> str:
         # Cheap test first: every escaped form holds a backslash, every raw one a raw piece.
         if "\\" not in text and value not in text and not any(p in text for p in pieces):
             continue
-        mark = f"<realm-key {key_fingerprint(value)}>"
+        mark = key_mark(value)
         text = _replace(text, [_widen(text, m.start(), m.end()) for m in _secret_pattern(value).finditer(text)], mark)
         text = _replace(text, _piece_spans(text, pieces, escaped_pieces), mark)
     return text

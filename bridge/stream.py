@@ -28,6 +28,7 @@ from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import Realm, Settings
 from bridge.contract import DETAIL_LIMIT, KIND_EVENT, Outbound, event_message, quarantine_message
 from bridge.errors import ProtocolError, RealmRejected, StreamError
+from bridge.logs import RateLimitedWarning
 from bridge.metrics import DisconnectReason, Metrics
 from bridge.secrets import clip, redact, redact_url
 from bridge.tls import stream_ssl_context
@@ -215,7 +216,7 @@ class StreamClient:
         self.on_first_accept: Callable[[], None] | None = None  # called once, at the first accepted subscribe
         self._warned_reasons: set[str] = set()
         self._error_log_at = -math.inf
-        self._key_in_body_at = -math.inf
+        self._warn_key_in_body = RateLimitedWarning(log, _KEY_IN_BODY_LOG_EVERY)  # an upstream echoing the key
         self._errors_unlogged = 0
 
     @property
@@ -488,7 +489,12 @@ class StreamClient:
             if msg.kind == KIND_EVENT:
                 self._metrics.event_received(msg.metric_kind, now)
                 if msg.key_removed:
-                    self._warn_key_in_body(msg.routing_key)
+                    self._warn_key_in_body(
+                        "stream realm=%s: a %s event carried the realm key in its body; it is published with the "
+                        "key replaced by its fingerprint (the upstream echoes the key: tell Orangepill, and rotate "
+                        "the key if consumers saw it before this bridge)",
+                        self._name, msg.routing_key,
+                    )  # fmt: skip
         for frame in result.frames:
             if isinstance(frame, Other):
                 self._metrics.frame_other(frame.kind)
@@ -498,19 +504,6 @@ class StreamClient:
                 # An info/subscribe/unsubscribe answer once subscribed (a server that answers each PING with info).
                 self._metrics.frame_other("answer")
         return result.frames
-
-    def _warn_key_in_body(self, event: str) -> None:
-        """The upstream echoed the realm key in an event: say so, at most once every ``_KEY_IN_BODY_LOG_EVERY``."""
-        now = time.monotonic()
-        if now - self._key_in_body_at < _KEY_IN_BODY_LOG_EVERY:
-            return
-        self._key_in_body_at = now
-        log.warning(
-            "stream realm=%s: a %s event carried the realm key in its body; it is published with the key "
-            "replaced by its fingerprint (the upstream echoes the key: tell Orangepill, and rotate the key "
-            "if consumers saw it before this bridge)",
-            self._name, event,
-        )  # fmt: skip
 
     def _error_frame(self, frame: ErrorFrame) -> None:
         """Count every error frame; log at most one line a second, with how many were not logged."""
