@@ -23,7 +23,9 @@ from bridge.app import Bridge
 from bridge.catalog import CATALOG
 from bridge.config import Settings
 from bridge.explorer.hub import ExplorerHub
-from bridge.http import _RateLimitedWarning, start_http
+from bridge.http import log as http_log
+from bridge.http import start_http
+from bridge.logs import RateLimitedWarning
 from bridge.metrics import Metrics
 from bridge.spool import Spool
 from tests.helpers import KEY, ROOT, bridge_settings, free_port, simulator, wait_until
@@ -250,7 +252,7 @@ async def test_a_browser_that_stops_reading_is_disconnected(
     its connection and file descriptor are released at once (the unsent megabytes dropped, the client reset),
     not held until the client leaves; nothing is logged as an error."""
     monkeypatch.setattr("bridge.http._SSE_WRITE_TIMEOUT", 0.5)
-    monkeypatch.setattr("bridge.http._EXPLORER_WARN", _RateLimitedWarning(60.0))  # a fresh one-a-minute limiter
+    monkeypatch.setattr("bridge.http._EXPLORER_WARN", RateLimitedWarning(http_log, 60.0))  # a fresh one-a-minute limiter
     caplog.set_level(logging.DEBUG)
     await _stalled_reader_is_disconnected()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -157,6 +157,30 @@ async def close_on_the_broker(connection_name: str) -> None:
     await asyncio.to_thread(rabbitmqctl, "close_connection", pids[0], "test: lock connection dropped")
 
 
+async def all_lead(replica: Leadership, realms: list[RealmLock], since: float, timeout: float = 40) -> float:
+    """Wait until ``replica`` leads every realm (asserted); the seconds from ``since`` until it did."""
+    await wait_until(lambda: all(replica.is_leader(r.label) for r in realms), timeout=timeout, interval=0.05)
+    took = time.monotonic() - since
+    assert all(replica.is_leader(r.label) for r in realms), replica.roles()
+    return took
+
+
+async def started_together(realms: list[RealmLock], timeout: float) -> tuple[float, tuple[int, int]]:
+    """Two replicas started together: seconds until every realm has exactly one leader (asserted, and still so
+    1.5 s later), and how many each leads."""
+    ex = f"test.{uuid.uuid4().hex[:8]}"
+    t0 = time.monotonic()
+    async with contender(ex, realms, poll=1.0) as (one, _), contender(ex, realms, poll=1.0) as (two, _):
+        def settled() -> bool:
+            return all([one.is_leader(r.label), two.is_leader(r.label)].count(True) == 1 for r in realms)
+
+        assert await wait_until(settled, timeout=timeout, interval=0.05)
+        took = time.monotonic() - t0
+        await asyncio.sleep(1.5)
+        assert settled()
+        return took, (sum(one.is_leader(r.label) for r in realms), sum(two.is_leader(r.label) for r in realms))
+
+
 async def test_a_lone_replica_leads_all_its_realms_after_settle() -> None:
     """One replica with many realms leads them all `settle` seconds after connecting, not one per poll.
 
@@ -168,10 +192,8 @@ async def test_a_lone_replica_leads_all_its_realms_after_settle() -> None:
     async with contender(f"test.{uuid.uuid4().hex[:8]}", realms, poll=1.0) as (lead, _):
         assert await wait_until(lambda: lead.is_leader("r01"), timeout=10)
         first = time.monotonic() - t0
-        await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=40, interval=0.05)
-        took = time.monotonic() - t0
+        took = await all_lead(lead, realms, t0)
         print(f"lone replica, {MANY} realms: first led after {first:.2f}s, all after {took:.2f}s (settle 2s)")
-        assert all(lead.is_leader(r.label) for r in realms), lead.roles()
         assert took < 2.0 + 3.0
 
 
@@ -190,10 +212,8 @@ async def test_a_lone_replica_leads_all_its_realms_again_after_its_lock_connecti
         t0 = time.monotonic()
         await close_on_the_broker(f"{name}.lock")
         assert await wait_until(lambda: lead._raw is not first_raw and lead.health().connected, timeout=10)
-        await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=40, interval=0.05)
-        took = time.monotonic() - t0
+        took = await all_lead(lead, realms, t0)
         print(f"lone replica, {MANY} realms: all led again {took:.2f}s after the broker closed its lock connection")
-        assert all(lead.is_leader(r.label) for r in realms), lead.roles()
         assert took < 0.5 + 2.0 + 3.0  # reconnect pause + settle + margin
     finally:
         stop.set()
@@ -216,11 +236,9 @@ async def test_a_lone_replica_is_not_slowed_down_by_its_own_old_lock_connection(
         proxy.freeze()
         assert await wait_until(lambda: proxy.links >= 2 and lead.health().connected, timeout=15)
         reconnected = time.monotonic() - t0
-        await wait_until(lambda: all(lead.is_leader(r.label) for r in realms), timeout=60, interval=0.05)
-        took = time.monotonic() - t0
+        took = await all_lead(lead, realms, t0, timeout=60)
         print(f"lone replica, {MANY} realms: reconnected {reconnected:.2f}s after its link went silent, all led again"
               f" after {took:.2f}s")  # fmt: skip
-        assert all(lead.is_leader(r.label) for r in realms), lead.roles()
         # probe (<= H) + RabbitMQ's detection of the old connection (about 2 H, taken as 3 H) + a poll + margin
         assert took < 2.0 + 3 * 2.0 + 1.0 + 3.0
     finally:
@@ -240,49 +258,27 @@ async def test_a_standby_takes_over_all_realms_of_a_stopped_leader_within_a_poll
             assert not any(two.is_leader(r.label) for r in realms)
             t0 = time.monotonic()
             stop_one.set()
-            await wait_until(lambda: all(two.is_leader(r.label) for r in realms), timeout=40, interval=0.05)
-            took = time.monotonic() - t0
+            took = await all_lead(two, realms, t0)
             print(f"standby took over {MANY} realms {took:.2f}s after the leader stopped (poll 1s)")
-            assert all(two.is_leader(r.label) for r in realms), two.roles()
             assert took < 1.0 + 2.0
 
 
 async def test_six_realms_two_replicas_started_together_spread() -> None:
-    """Two replicas started together with six realms: each ends with at least two (the spread delay applies once
-    a refused attempt showed the other replica), and every realm has exactly one leader."""
-    ex = f"test.{uuid.uuid4().hex[:8]}"
-    realms = many_realms(6)
-    async with contender(ex, realms, poll=1.0) as (one, _), contender(ex, realms, poll=1.0) as (two, _):
-        def settled() -> bool:
-            return all([one.is_leader(r.label), two.is_leader(r.label)].count(True) == 1 for r in realms)
-
-        assert await wait_until(settled, timeout=20)
-        await asyncio.sleep(1.5)
-        assert settled()
-        counts = (sum(one.is_leader(r.label) for r in realms), sum(two.is_leader(r.label) for r in realms))
-        print(f"two replicas, six realms: {counts[0]} + {counts[1]}")
-        assert min(counts) >= 2, counts
+    """Two replicas started together with six realms: each ends with at least two (each takes its share of two
+    replicas, three, at once; beyond it an attempt waits a poll), and every realm has exactly one leader."""
+    _, counts = await started_together(many_realms(6), timeout=20)
+    print(f"two replicas, six realms: {counts[0]} + {counts[1]}")
+    assert min(counts) >= 2, counts
 
 
 async def test_many_realms_two_replicas_started_together_all_lead_soon_and_spread() -> None:
     """Two replicas started together with 40 realms: every realm has a leader within settle + a few seconds (it took
     37 s when each attempt after the fourth realm waited a poll, and OrangepillRealmWithoutLeader fires at 30 s), and
     neither replica takes them all."""
-    ex = f"test.{uuid.uuid4().hex[:8]}"
-    realms = many_realms(40)
-    t0 = time.monotonic()
-    async with contender(ex, realms, poll=1.0) as (one, _), contender(ex, realms, poll=1.0) as (two, _):
-        def settled() -> bool:
-            return all([one.is_leader(r.label), two.is_leader(r.label)].count(True) == 1 for r in realms)
-
-        assert await wait_until(settled, timeout=40, interval=0.05)
-        took = time.monotonic() - t0
-        await asyncio.sleep(1.5)
-        assert settled()
-        counts = (sum(one.is_leader(r.label) for r in realms), sum(two.is_leader(r.label) for r in realms))
-        print(f"two replicas, 40 realms: every realm led after {took:.2f}s, split {counts[0]} + {counts[1]}")
-        assert took < 2.0 + 6.0, took
-        assert min(counts) >= 10, counts
+    took, counts = await started_together(many_realms(40), timeout=40)
+    print(f"two replicas, 40 realms: every realm led after {took:.2f}s, split {counts[0]} + {counts[1]}")
+    assert took < 2.0 + 6.0, took
+    assert min(counts) >= 10, counts
 
 
 async def test_failed_attempts_do_not_leak_callbacks() -> None:
